@@ -67,9 +67,16 @@ def raw_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(prog: str, commands: dict[str, str], argv: list[str] | None = None) -> int:
     """Dispatch ``prog COMMAND ...`` to ``module.add_arguments(parser)`` and ``module.run(args)``."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Import only the chosen command's module (each pulls in heavy libraries: torch, ray, ...);
+    # all of them only when listing commands.
+    chosen = [c for c in commands if c in argv[:1]]
     for name, module_name in commands.items():
+        if chosen and name not in chosen:
+            sub.add_parser(name)
+            continue
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip().splitlines()
         p = sub.add_parser(name, help=doc[0] if doc else None, description=module.__doc__,
