@@ -28,6 +28,10 @@ class ModelConfig:
     num_heads: int = 8  # self-attention across kernels
     ffn_dim: int = 2048
     mask_threshold: float = 0.5  # binarisation before mask pooling
+    # Pooling of features under a binarised mask (K^0 and every update stage): "mean" (this
+    # project's choice: K^0 stays at the scale of the additive prompts) or "sum" (K-Net's code,
+    # grows with mask area, which would make a prompt added to K^0 negligible).
+    kernel_pooling: str = "mean"
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""Hungarian matching of kernels to target masks (K-Net's ``MaskHungarianAssigner``).
+
+Cost of pairing kernel n with target l:
+    2 x focal class cost (only when class logits are given: the update stages)
+  + 4 x Dice cost  + 1 x mask BCE cost,
+on the mask grid. Costs are computed for the whole batch at once (every kernel of every image
+against the concatenation of all targets, DETR-style), then each image's block is solved with
+scipy's ``linear_sum_assignment``. Unmatched kernels are background.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+# The one place the cost weights live.
+COST_WEIGHTS: dict[str, float] = {"cls": 2.0, "dice": 4.0, "mask": 1.0}
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+
+Assignment = tuple[Tensor, Tensor]  # (kernel indices (M,), target indices (M,)) int64
+
+
+def dice_cost(pred_logits: Tensor, targets: Tensor) -> Tensor:
+    """pred_logits: (..., N, P) mask logits, P flattened pixels; targets: (T, P) in [0, 1].
+    Returns (..., N, T): 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), p = sigmoid(logits)."""
+    p = pred_logits.sigmoid()
+    numerator = 2 * p @ targets.T
+    denominator = p.sum(-1, keepdim=True) + targets.sum(-1)
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def mask_bce_cost(pred_logits: Tensor, targets: Tensor) -> Tensor:
+    """pred_logits: (..., N, P); targets: (T, P) soft in [0, 1] -> (..., N, T), the mean
+    per-pixel binary cross-entropy of each prediction against each target."""
+    pos = F.softplus(-pred_logits)  # -log sigmoid(x): cost where the target is 1
+    neg = F.softplus(pred_logits)  # -log(1 - sigmoid(x)): cost where the target is 0
+    return (pos @ targets.T + neg @ (1 - targets).T) / pred_logits.shape[-1]
+
+
+def focal_class_cost(class_logits: Tensor, labels: Tensor) -> Tensor:
+    """class_logits: (..., N, C); labels: (T,) int64 -> (..., N, T) (mmdet's FocalLossCost)."""
+    p = class_logits.sigmoid()
+    eps = 1e-8
+    neg = -(1 - p + eps).log() * (1 - FOCAL_ALPHA) * p.pow(FOCAL_GAMMA)
+    pos = -(p + eps).log() * FOCAL_ALPHA * (1 - p).pow(FOCAL_GAMMA)
+    return (pos - neg)[..., labels]
+
+
+class HungarianMatcher:
+    """Callable: predictions + targets -> one assignment per image (no gradient)."""
+
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
+        self.weights = dict(COST_WEIGHTS if weights is None else weights)
+
+    @torch.no_grad()
+    def cost(
+        self,
+        mask_logits: Tensor,
+        target_masks: Tensor,
+        class_logits: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """mask_logits: (B, N, h, w); target_masks: (T, h, w) soft targets; class_logits:
+        (B, N, C) or None; labels: (T,) int64 (needed with class_logits).
+        Returns the weighted cost (B, N, T), float32."""
+        preds = mask_logits.detach().float().flatten(2)  # (B, N, P)
+        targets = target_masks.detach().float().flatten(1)  # (T, P)
+        total = self.weights["dice"] * dice_cost(preds, targets)
+        total = total + self.weights["mask"] * mask_bce_cost(preds, targets)
+        if class_logits is not None:
+            if labels is None:
+                raise ValueError("class_logits given without labels")
+            total = total + self.weights["cls"] * focal_class_cost(
+                class_logits.detach().float(), labels
+            )
+        return total
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        mask_logits: Tensor,
+        target_masks: list[Tensor],
+        class_logits: Tensor | None = None,
+        labels: list[Tensor] | None = None,
+    ) -> list[Assignment]:
+        """mask_logits: (B, N, h, w) logits; target_masks: B tensors (L_b, h, w) in [0, 1];
+        class_logits: (B, N, C) or None (initial stage: no class cost); labels: B tensors (L_b,).
+
+        Returns B pairs (kernel_idx, target_idx), each (min(N, L_b),) int64 on mask_logits'
+        device, sorted by kernel index.
+        """
+        batch, _, h, w = mask_logits.shape
+        if len(target_masks) != batch:
+            raise ValueError(f"{len(target_masks)} target sets for a batch of {batch}")
+        sizes = [len(t) for t in target_masks]
+        device = mask_logits.device
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in range(batch)]
+        all_targets = torch.cat([t.reshape(-1, h, w) for t in target_masks])
+        all_labels = torch.cat(labels) if labels is not None else None
+        costs = self.cost(mask_logits, all_targets, class_logits, all_labels)  # (B, N, T)
+        costs = torch.nan_to_num(costs, nan=1e6, posinf=1e6, neginf=-1e6).cpu()
+        assignments = []
+        for b, block in enumerate(costs.split(sizes, dim=-1)):
+            if sizes[b] == 0:
+                assignments.append((empty, empty))
+                continue
+            rows, cols = linear_sum_assignment(block[b].numpy())
+            assignments.append(
+                (
+                    torch.as_tensor(rows, dtype=torch.int64, device=device),
+                    torch.as_tensor(cols, dtype=torch.int64, device=device),
+                )
+            )
+        return assignments

@@ -1,0 +1,111 @@
+"""What the engine trains: K-Net + criterion (+ prompt-kernel matching, + kernel supervision).
+
+One forward pass: K-Net runs with prompt-kernel matching injected between the kernel head and the
+update stages (when enabled), the set criterion matches and scores every stage, and kernel
+supervision (when enabled) pulls each matched kernel K^i_n toward its mask's projected seed. The
+returned dict holds weighted losses ("loss_*", summed by the engine) and detached scalars to log
+("stat_*").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import ModelConfig
+from trainer.losses import SetCriterion
+from trainer.model.knet import KNet
+from trainer.prompts import KernelSupervision, PromptKernelMatching
+
+if TYPE_CHECKING:
+    from pipeline.backbones import Backbone
+
+
+class Objective(nn.Module):
+    """Wraps a KNet with its training losses.
+
+    Args:
+        knet: the model (what checkpoints save as "model").
+        criterion: ``SetCriterion``.
+        prompt_matching: ``PromptKernelMatching`` or None (switched off).
+        kernel_supervision: ``KernelSupervision`` or None (switched off); its Linear is a
+            pre-training-only module (checkpoint "extras").
+    """
+
+    def __init__(
+        self,
+        knet: KNet,
+        criterion: SetCriterion,
+        prompt_matching: PromptKernelMatching | None = None,
+        kernel_supervision: KernelSupervision | None = None,
+    ) -> None:
+        super().__init__()
+        self.knet = knet
+        self.criterion = criterion
+        self.prompt_matching = prompt_matching
+        self.kernel_supervision = kernel_supervision
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """images: (B, 3, H, W) padded to ``knet.size_divisor``; targets: per image "masks"
+        (L, H, W), "boxes" (L, 4), "labels" (L,), and "seeds" (L, Cs) with kernel supervision.
+
+        Returns "loss_*" weighted scalars and "stat_*" detached scalars: stat_num_targets (mean
+        masks per image), and when enabled stat_prompt_cos, stat_prompt_drop,
+        stat_prompt_distinct (prompts) and stat_target_spread (kernel supervision).
+        """
+        stats: dict[str, Tensor] = {}
+        inject = None
+        if self.prompt_matching is not None:
+            matching = self.prompt_matching
+            boxes = [t["boxes"] for t in targets]
+            stride = self.knet.strides[-1]  # P5's stride, read from the model
+
+            def inject(kernels: Tensor, pyramid: list[Tensor]) -> Tensor:
+                out, prompt_stats = matching(kernels, pyramid[-1], boxes, stride)
+                stats.update(prompt_stats)
+                return out
+
+        outputs = self.knet(images, inject)
+        losses, assignments = self.criterion(outputs, targets)
+        if self.kernel_supervision is not None:
+            if any("seeds" not in t for t in targets):
+                raise ValueError("kernel supervision needs targets with 'seeds'")
+            sup_losses, sup_stats = self.kernel_supervision(
+                [s["kernels"] for s in outputs["stages"]],
+                assignments[1:],
+                [t["seeds"] for t in targets],
+            )
+            losses.update(sup_losses)
+            stats.update(sup_stats)
+        stats["num_targets"] = torch.tensor(
+            sum(len(t["masks"]) for t in targets) / max(len(targets), 1)
+        )
+        result = dict(losses)
+        for name, value in stats.items():
+            result[f"stat_{name}"] = value.detach().float().to(images.device)
+        return result
+
+
+def build_objective(
+    backbone: Backbone,
+    model_cfg: ModelConfig,
+    num_classes: int,
+    *,
+    prompts: bool,
+    kernel_supervision: bool,
+    prompt_slots: int = 20,
+    prompt_keep: float = 0.9,
+) -> Objective:
+    """K-Net over ``backbone`` with its criterion; prompt matching and kernel supervision as
+    switched (pre-training: both on by default; fine-tuning: both off)."""
+    knet = KNet(backbone, model_cfg, num_classes)
+    criterion = SetCriterion(num_classes)
+    matching = PromptKernelMatching(prompt_slots, prompt_keep) if prompts else None
+    supervision = (
+        KernelSupervision(int(backbone.embed_dim), model_cfg.channels)
+        if kernel_supervision
+        else None
+    )
+    return Objective(knet, criterion, matching, supervision)
