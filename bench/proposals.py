@@ -1,0 +1,371 @@
+"""Benchmark stage one on the demo images: where does proposals throughput go?
+
+    python bench/proposals.py [--config configs/demo.toml] [--set section.key=value ...]
+                              [--num-images 32] [--mem-sizes 32,128] [--ray-workers 1,2]
+                              [--profile-images 16] [--no-ray] [--out bench/results/proposals.json]
+
+Measured in one run, on one device, with the config's batch size (ratios, never pass/fail):
+1. bare backbone forward throughput (images decoded, resized and batched beforehand);
+2. end-to-end throughput through the local executor (decode, resize, forward, saliency, RLE,
+   shard write) and its ratio to (1);
+3. the Ray executor with 1 and 2 workers (actor start-up excluded, reported separately);
+4. peak RSS of a whole ``proposals`` run at two dataset sizes (goal: flat);
+5. where the time goes: each stage run alone (fractions), plus the top cProfile entries of the
+   end-to-end loop's main thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import json
+import math
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pipeline import cli  # noqa: E402
+from pipeline.config import load_pipeline_config  # noqa: E402
+from pipeline.images import (  # noqa: E402
+    decode_image,
+    list_images,
+    normalise,
+    pad_batch,
+    resize_keep_ratio,
+)
+from pipeline.proposals import (  # noqa: E402
+    ProposalWorker,
+    _ray_init,
+    make_plan,
+    masks_to_rles,
+    run_local,
+    run_ray,
+)
+from pipeline.saliency import propose  # noqa: E402
+from pipeline.shards import ImageRecord, write_shard  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(items: list, shard_size: int, batch_size: int) -> list[list]:
+    """The batches the worker forms: per shard, consecutive chunks of batch_size."""
+    return [
+        s[i : i + batch_size]
+        for s in make_plan(items, shard_size)
+        for i in range(0, len(s), batch_size)
+    ]
+
+
+def bare_backbone(worker: ProposalWorker, items: list, shard_size: int) -> dict:
+    """(1) forward passes only, on batches preloaded in memory (on the device)."""
+    cfg, net, dev = worker.cfg, worker.backbone, worker.device
+    tensors = {}
+    for it in items:
+        img, _ = resize_keep_ratio(
+            decode_image(it.path, worker.min_side), cfg.short_side, cfg.max_side
+        )
+        tensors[it.file_name] = normalise(img)
+    batches = [
+        pad_batch([tensors[it.file_name] for it in b], net.size_divisor).to(dev)
+        for b in _batches(items, shard_size, cfg.batch_size)
+    ]
+    with torch.inference_mode():
+        net.saliency_features(batches[0])  # warm-up (allocator, kernels)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for x in batches:
+            net.saliency_features(x)
+        _sync(dev)
+    seconds = time.perf_counter() - t0
+    return {"images": len(items), "seconds": seconds, "images_per_s": len(items) / seconds}
+
+
+def end_to_end(worker: ProposalWorker, items: list, shard_size: int, out: Path) -> dict:
+    """(2) the local executor over the same images, writing real shards."""
+    jobs = list(enumerate(make_plan(items, shard_size)))
+    worker.out_dir = out / "warmup"
+    run_local(worker, jobs[:1], lambda s: None)  # warm-up on one shard
+    worker.out_dir = out / "local"
+    summaries: list[dict] = []
+    t0 = time.perf_counter()
+    failed = run_local(worker, jobs, summaries.append)
+    seconds = time.perf_counter() - t0
+    masks = sum(s["masks"] for s in summaries)
+    return {
+        "images": len(items),
+        "seconds": seconds,
+        "images_per_s": len(items) / seconds,
+        "masks_per_image": masks / max(1, len(items)),
+        "failed_shards": len(failed),
+    }
+
+
+def ray_runs(cfg, items: list, out: Path, worker_counts: list[int], fingerprint: str) -> dict:
+    """(3) the Ray executor at each worker count (actor start-up timed separately)."""
+    ray, started = _ray_init(max(worker_counts))
+    results = {}
+    try:
+        jobs = list(enumerate(make_plan(items, cfg.proposals.shard_size)))
+        for n in worker_counts:
+            stats: dict = {}
+            t0 = time.perf_counter()
+            failed = run_ray(
+                cfg.backbone,
+                cfg.proposals,
+                out / f"ray{n}",
+                jobs,
+                n,
+                fingerprint,
+                lambda s: None,
+                stats,
+            )
+            wall = time.perf_counter() - t0
+            work = wall - stats.get("spawn_s", 0.0)
+            results[str(n)] = {
+                "actors": stats.get("actors"),
+                "spawn_s": stats.get("spawn_s"),
+                "seconds": work,
+                "images_per_s": len(items) / work,
+                "failed_shards": len(failed),
+            }
+    finally:
+        if started:
+            ray.shutdown()
+    return results
+
+
+def peak_rss(args: argparse.Namespace, images: str, sizes: list[int], out: Path) -> dict:
+    """(4) peak resident memory of a whole local ``proposals`` run, in a fresh process each."""
+    res = {}
+    for n in sizes:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_rss-child",
+            "--config",
+            args.config,
+            "--images",
+            images,
+            "--num-images",
+            str(n),
+            "--out",
+            str(out / f"rss{n}"),
+        ]
+        for o in args.overrides:
+            cmd += ["--set", o]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory run with {n} images failed:\n{proc.stderr[-2000:]}")
+        res[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return res
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    argv = [
+        "proposals",
+        "--config",
+        args.config,
+        "--images",
+        args.images,
+        "--out",
+        args.out,
+        "--limit",
+        str(args.num_images),
+        "--executor",
+        "local",
+    ]
+    for o in args.overrides:
+        argv += ["--set", o]
+    rc = cli.main("pipeline", {"proposals": "pipeline.proposals"}, argv)
+    if rc:
+        sys.exit(rc)
+    mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    print(json.dumps({"peak_rss_mb": round(mb, 1)}))
+
+
+def stage_profile(worker: ProposalWorker, items: list, out: Path) -> dict:
+    """(5) each stage alone, sequentially, as fractions of their sum; then cProfile's view."""
+    cfg, net, dev = worker.cfg, worker.backbone, worker.device
+    t = dict.fromkeys(("decode", "resize_normalise", "forward", "saliency", "rle", "write"), 0.0)
+    records = []
+    for b in _batches(items, len(items), cfg.batch_size):
+        t0 = time.perf_counter()
+        imgs = [decode_image(it.path, worker.min_side) for it in b]
+        t1 = time.perf_counter()
+        resized = [resize_keep_ratio(im, cfg.short_side, cfg.max_side)[0] for im in imgs]
+        tensors = [normalise(r) for r in resized]
+        x = pad_batch(tensors, net.size_divisor).to(dev)
+        _sync(dev)
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            feats = net.saliency_features(x)
+            _sync(dev)
+            t3 = time.perf_counter()
+            stride = net.saliency_stride
+            sizes = [r.shape[:2] for r in resized]
+            valid = [(math.ceil(h / stride), math.ceil(w / stride)) for h, w in sizes]
+            props = propose(feats, valid, sizes, [im.shape[:2] for im in imgs], float(stride), cfg)
+            _sync(dev)
+        t4 = time.perf_counter()
+        rles = [masks_to_rles(p.masks.cpu().numpy()) for p in props]
+        t5 = time.perf_counter()
+        for it, im, p, r in zip(b, imgs, props, rles):
+            records.append(
+                ImageRecord(
+                    it.file_name,
+                    it.image_id,
+                    im.shape[0],
+                    im.shape[1],
+                    0 if r else 1,
+                    rles=r,
+                    boxes=p.boxes.cpu().numpy(),
+                    scores=p.scores.cpu().numpy(),
+                    seeds=p.seeds.cpu().numpy().astype("float16"),
+                    seed_pos=p.seed_pos.cpu().numpy().astype("int16"),
+                )
+            )
+        for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            t[k] += v
+    t0 = time.perf_counter()
+    write_shard(out / "profile" / "shard-00000.h5", records, worker.meta)
+    t["write"] = time.perf_counter() - t0
+    total = sum(t.values())
+    stages = {k: round(v / total, 4) for k, v in t.items()}
+
+    worker.out_dir = out / "cprofile"
+    prof = cProfile.Profile()
+    prof.enable()
+    worker.process_shard(0, items)
+    prof.disable()
+    st = pstats.Stats(prof)
+    whole = max(v[3] for v in st.stats.values())  # the outermost cumulative time
+    top = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]
+    entries = [
+        {
+            "function": f"{Path(f).name}:{line}({fn})",
+            "self_fraction": round(v[2] / whole, 4),
+            "cumulative_fraction": round(v[3] / whole, 4),
+        }
+        for (f, line, fn), v in top
+    ]
+    return {
+        "stage_seconds": {k: round(v, 4) for k, v in t.items()},
+        "stage_fractions": stages,
+        "cprofile_top_self": entries,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default="configs/demo.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--images", default=None, help="image folder (default data.train_images)")
+    p.add_argument("--num-images", type=int, default=32, help="images for (1), (2), (3)")
+    p.add_argument("--mem-sizes", default="32,128", help="dataset sizes for (4)")
+    p.add_argument("--ray-workers", default="1,2", help="worker counts for (3)")
+    p.add_argument("--profile-images", type=int, default=16, help="images for (5)")
+    p.add_argument("--no-ray", action="store_true", help="skip (3)")
+    p.add_argument("--out", default="bench/results/proposals.json")
+    p.add_argument("--_rss-child", dest="rss_child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rss_child:
+        rss_child(args)
+        return 0
+
+    cfg, _ = load_pipeline_config(args.config, args.overrides)
+    images = args.images or cfg.data.train_images
+    if not Path(images).is_dir():
+        print(f"bench: demo images not found at {images}; run `make data` first", file=sys.stderr)
+        return 2
+    try:
+        items = list_images(images)
+    except cli.UserError as e:
+        print(f"bench: {e}; run `make data` first", file=sys.stderr)
+        return 2
+    mem_sizes = [int(s) for s in args.mem_sizes.split(",") if s]
+    ray_workers = [int(s) for s in args.ray_workers.split(",") if s]
+    bench_items = items[: args.num_images]
+    shard_size = cfg.proposals.shard_size
+
+    worker = ProposalWorker(cfg.backbone, cfg.proposals, "unused")
+    device = str(worker.device)
+    cuda = device.startswith("cuda")
+    report = {
+        "device": torch.cuda.get_device_name(worker.device) if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "decode_threads": worker.decode_threads,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "images_dir": images,
+        "num_images": len(bench_items),
+        "batch_size": cfg.proposals.batch_size,
+        "config": dataclasses.asdict(cfg),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-proposals-") as tmp:
+        out = Path(tmp)
+        report["bare_backbone"] = bare_backbone(worker, bench_items, shard_size)
+        report["end_to_end_local"] = end_to_end(worker, bench_items, shard_size, out)
+        report["profile"] = stage_profile(worker, items[: args.profile_images], out)
+        fingerprint = worker.fingerprint
+        del worker
+        if not args.no_ray:
+            report["ray"] = ray_runs(cfg, bench_items, out, ray_workers, fingerprint)
+        report["peak_rss_mb"] = peak_rss(args, images, mem_sizes, out)
+
+    bare = report["bare_backbone"]["images_per_s"]
+    e2e = report["end_to_end_local"]["images_per_s"]
+    ratios = {"end_to_end_over_bare": round(e2e / bare, 4)}
+    if "ray" in report and len(ray_workers) >= 2:
+        a, b = report["ray"][str(ray_workers[0])], report["ray"][str(ray_workers[-1])]
+        ratios[f"ray_{ray_workers[-1]}_over_{ray_workers[0]}_workers"] = round(
+            b["images_per_s"] / a["images_per_s"], 4
+        )
+    rss = report["peak_rss_mb"]
+    if len(mem_sizes) >= 2:
+        ratios[f"rss_{mem_sizes[-1]}_over_{mem_sizes[0]}"] = round(
+            rss[str(mem_sizes[-1])] / rss[str(mem_sizes[0])], 4
+        )
+    report["ratios"] = ratios
+
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dest = dest.with_name(dest.name + ".tmp")
+    tmp_dest.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp_dest, dest)
+    fr = report["profile"]["stage_fractions"]
+    top = max(fr, key=fr.get)
+    ray_txt = ""
+    if "ray" in report:
+        ray_txt = (
+            "; ray "
+            + ", ".join(f"{k} worker(s) {v['images_per_s']:.2f}" for k, v in report["ray"].items())
+            + " img/s"
+        )
+    print(
+        f"bench proposals on {report['device']} (batch {cfg.proposals.batch_size}, "
+        f"{report['torch_threads']} threads): bare backbone {bare:.2f} img/s, end-to-end "
+        f"{e2e:.2f} img/s (x{ratios['end_to_end_over_bare']:.2f}){ray_txt}; peak RSS "
+        + ", ".join(f"{k} img {v:.0f} MB" for k, v in rss.items())
+        + f"; largest stage {top} {fr[top]:.0%} -> {dest}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
