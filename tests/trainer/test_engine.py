@@ -1,0 +1,358 @@
+"""The training engine with a tiny objective: schedule, exact resume, non-finite stop, atomic
+checkpoints, partial loading, logging outputs, and a two-process DDP run on gloo."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipeline.cli import UserError
+from trainer.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from trainer.datasets import build_loader, make_sample
+from trainer.engine import (
+    build_optimizer,
+    build_scheduler,
+    read_metrics,
+    shutdown_distributed,
+    train,
+)
+from trainer.transforms import Augment
+
+
+class TinyDataset(torch.utils.data.Dataset):
+    """Random-looking images with one or two box masks, augmented from the sampler's seed."""
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        base = np.random.default_rng(100 + index)
+        image = base.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+        masks = np.zeros((1 + index % 2, 20, 24), np.uint8)
+        masks[0, 2:12, 3 + index : 15 + index] = 1
+        if masks.shape[0] > 1:
+            masks[1, 10:18, 1:9] = 1
+        labels = np.zeros(masks.shape[0], np.int64)
+        seeds = base.standard_normal((masks.shape[0], 4)).astype(np.float16)
+        augment = Augment(20, 40, flip=0.5)
+        return make_sample(
+            image, masks, labels, seeds, augment, np.random.default_rng(seed), {"image_id": index}
+        )
+
+
+class TinyObjective(nn.Module):
+    """Shaped like the real Objective: ``knet`` (with a frozen ``backbone``) plus an extra,
+    pre-training-only module; uses torch, NumPy and Python randomness in forward."""
+
+    def __init__(self, nan_at: int | None = None):
+        super().__init__()
+        self.knet = nn.Module()
+        self.knet.backbone = nn.Conv2d(3, 6, 3, padding=1)
+        self.knet.backbone.requires_grad_(False)
+        self.knet.head = nn.Conv2d(6, 1, 1)
+        self.knet.num_classes = 1
+        self.extra = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.3)
+        self.nan_at = nan_at
+        self.calls = 0
+
+    def forward(self, images, targets):
+        self.calls += 1
+        logits = self.knet.head(self.drop(torch.relu(self.knet.backbone(images))))[:, 0]
+        union = torch.stack([t["masks"].amax(0) for t in targets])
+        loss_mask = nn.functional.binary_cross_entropy_with_logits(logits, union)
+        seeds = torch.cat([t["seeds"] for t in targets])
+        loss_extra = (self.extra(seeds).pow(2).mean() - 1.0).abs()
+        if self.nan_at is not None and self.calls == self.nan_at:
+            loss_mask = loss_mask * float("nan")
+        noise = float(np.random.random() + random.random())  # noqa: NPY002 (tests RNG restore)
+        return {
+            "loss_mask": loss_mask,
+            "loss_extra": 0.5 * loss_extra,
+            "stat_noise": torch.tensor(noise),
+            "stat_seeds": seeds.mean().detach(),
+        }
+
+
+def _setup(seed: int = 0, nan_at: int | None = None, workers: int = 0):
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the entry points seed the global generators too)
+    random.seed(seed)
+    objective = TinyObjective(nan_at)
+    loader = build_loader(
+        TinyDataset(), 2, size_divisor=8, device="cpu", num_workers=workers, seed=seed
+    )
+    optimizer = build_optimizer(objective, 1e-2, 0.05)
+    scheduler = build_scheduler(optimizer, 2, 0.1, [4], 0.5)
+    return objective, loader, optimizer, scheduler
+
+
+def _train(
+    out, iters, *, resume=False, ckpt_every=3, nan_at=None, workers=0, log_every=1, config=None
+):
+    objective, loader, optimizer, scheduler = _setup(nan_at=nan_at, workers=workers)
+    # Draws between setup and training must not matter on resume (the RNG state is restored).
+    torch.rand(3)
+    result = train(
+        objective,
+        loader,
+        optimizer,
+        scheduler,
+        iters=iters,
+        out_dir=out,
+        device="cpu",
+        clip_grad=1.0,
+        amp=False,
+        log_every=log_every,
+        ckpt_every=ckpt_every,
+        resume=resume,
+        config=config or {"name": "tiny"},
+    )
+    return objective, result
+
+
+def _train_records(out):
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_warmup_then_step_schedule():
+    objective = TinyObjective()
+    objective.knet.backbone.requires_grad_(True)
+    optimizer = build_optimizer(objective, 1.0, 0.05, backbone_lr_mult=0.25)
+    names = [g["name"] for g in optimizer.param_groups]
+    assert names == ["heads", "backbone"]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 6
+    scheduler = build_scheduler(optimizer, 10, 0.001, [20, 30], 0.1)
+    lrs = []
+    for _ in range(32):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    expected = {
+        0: 0.001,
+        5: 0.001 + 0.999 * 0.5,
+        9: 0.001 + 0.999 * 0.9,
+        10: 1.0,
+        19: 1.0,
+        20: 0.1,
+        29: 0.1,
+        30: 0.01,
+        31: 0.01,
+    }
+    for it, factor in expected.items():
+        assert lrs[it] == pytest.approx([factor, 0.25 * factor], rel=1e-9), it
+    frozen = TinyObjective()
+    assert len(build_optimizer(frozen, 1.0, 0.0).param_groups) == 1  # frozen backbone left out
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight, _ = _train(tmp_path / "a", 6)
+    _train(tmp_path / "b", 3)
+    resumed, result = _train(tmp_path / "b", 6, resume=True)
+    a, b = _train_records(tmp_path / "a"), _train_records(tmp_path / "b")
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_mask", "loss_extra", "stat_noise", "stat_seeds", "lr"):
+            assert ra[key] == rb[key], (ra["iter"], key)
+    assert len({r["loss"] for r in a}) == 6
+    for pa, pb in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(pa, pb)
+    assert result["iteration"] == 6
+    # Already complete: a further resume trains nothing.
+    _, again = _train(tmp_path / "b", 6, resume=True)
+    assert again["iteration"] == 6 and again["last_record"] == {}
+
+
+def test_resume_with_worker_and_log_window(tmp_path):
+    """A DataLoader worker and a logging window that straddles the checkpoint."""
+    _train(tmp_path / "a", 6, workers=1, log_every=4, ckpt_every=2)
+    _train(tmp_path / "b", 2, workers=1, log_every=4, ckpt_every=2)
+    _train(tmp_path / "b", 6, workers=1, log_every=4, ckpt_every=2, resume=True)
+    a, b = _train_records(tmp_path / "a"), _train_records(tmp_path / "b")
+    assert [r["iter"] for r in b] == [2, 4, 6]  # iters 2 (end of first run), 4, 6
+    assert [r["iter"] for r in a] == [4, 6]
+    for ra, rb in zip(a, b[1:]):
+        assert ra["loss"] == rb["loss"] and ra["loss_mask"] == rb["loss_mask"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="non-finite loss at iteration 5 .*loss_mask"):
+        _train(out, 8, ckpt_every=2, nan_at=5)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["iter_0000002.pt", "iter_0000004.pt", "last.pt"]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 4
+    assert [r["iter"] for r in _train_records(out)] == [1, 2, 3, 4]
+    # A killed run (metrics written past the checkpoint) resumes to the uninterrupted result.
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"kind": "train", "iter": 5, "loss": 0.0}) + "\n")
+    _train(out, 8, ckpt_every=2, resume=True)
+    _train(tmp_path / "straight", 8, ckpt_every=2)
+    assert [r["loss"] for r in _train_records(out)] == [
+        r["loss"] for r in _train_records(tmp_path / "straight")
+    ]
+
+
+def test_outputs_and_checkpoint_contents(tmp_path):
+    out = tmp_path / "run"
+    _, result = _train(out, 4, ckpt_every=2, log_every=2)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert set(state) >= {
+        "model",
+        "extras",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "iteration",
+        "config",
+        "num_classes",
+        "loader",
+    }
+    assert set(state["model"]) == {"backbone.weight", "backbone.bias", "head.weight", "head.bias"}
+    assert set(state["extras"]) == {"extra.weight", "extra.bias"}
+    assert state["num_classes"] == 1 and state["config"] == {"name": "tiny"}
+    assert state["loader"]["epoch"] == 1 and state["loader"]["position"] == 1  # 8 of 7 samples
+    record = _train_records(out)[-1]
+    for key in (
+        "lr",
+        "loss",
+        "loss_mask",
+        "loss_extra",
+        "stat_noise",
+        "data_wait",
+        "images_per_s",
+        "grad_norm",
+    ):
+        assert key in record and np.isfinite(record[key])
+    assert 0.0 <= record["data_wait"] <= 1.0 and 0.0 <= result["data_wait_share"] <= 1.0
+    assert (out / "loss_curves.png").stat().st_size > 0
+    assert any((out / "tensorboard").iterdir())
+    leftovers = [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
+    with pytest.raises(UserError, match="--resume"):
+        _train(out, 4)  # a fresh start must not overwrite an earlier run silently
+    (out / "checkpoints" / "last.pt").unlink()  # resume falls back to the newest iter_*.pt
+    changed = {"name": "tiny", "pretrain": {"lr": 1.0, "iters": 6}}
+    with pytest.warns(UserWarning, match=r"changed settings \(pretrain.lr\)"):
+        _, more = _train(out, 6, ckpt_every=2, log_every=2, resume=True, config=changed)
+    assert more["trained"] == 2 and [r["iter"] for r in _train_records(out)] == [2, 4, 6]
+
+
+def test_eval_fn_records(tmp_path):
+    objective, loader, optimizer, scheduler = _setup()
+    seen = []
+
+    def eval_fn(iteration):
+        seen.append((iteration, objective.training, torch.is_grad_enabled()))
+        return {"AP": 0.1 * iteration}
+
+    with pytest.warns(UserWarning, match="CUDA only"):
+        _eval_run(objective, loader, optimizer, scheduler, tmp_path, eval_fn)
+    assert seen == [(2, False, False), (4, False, False), (5, False, False)]
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [(r["iter"], r["AP"]) for r in evals] == [(2, 0.2), (4, 0.4), (5, 0.5)]
+
+
+def _eval_run(objective, loader, optimizer, scheduler, tmp_path, eval_fn):
+    train(
+        objective,
+        loader,
+        optimizer,
+        scheduler,
+        iters=5,
+        out_dir=tmp_path,
+        device="cpu",
+        clip_grad=0.0,
+        amp=True,
+        log_every=5,
+        ckpt_every=5,
+        resume=False,
+        config={},
+        eval_fn=eval_fn,
+        eval_every=2,
+    )
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"iteration": 1, "w": torch.ones(2)})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save_checkpoint(path, {"iteration": 2, "w": torch.zeros(2), "bad": Unpicklable()})
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+    path.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+
+
+def test_load_matching_skips_only_allowed():
+    source = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    target = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))
+    state = source.state_dict()
+    skipped = load_matching(target, state, allowed_skips=("1.",))
+    assert skipped == ["1.bias", "1.weight"]
+    assert torch.equal(target[0].weight, source[0].weight)
+    with pytest.raises(UserError, match="shape-mismatched: 1.weight"):
+        load_matching(target, state, allowed_skips=())
+    with pytest.raises(UserError, match="unexpected: extra"):
+        load_matching(target, {**state, "extra": torch.ones(1)}, allowed_skips=("1.",))
+
+
+# --------------------------------------------------------------------------------------------
+# DDP on gloo
+
+
+def _ddp_worker(rank: int, world: int, out: str) -> None:
+    # A file rendezvous: no fixed port that another process on the machine could hold.
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        objective, loader, optimizer, scheduler = _setup()
+        train(
+            objective,
+            loader,
+            optimizer,
+            scheduler,
+            iters=3,
+            out_dir=out,
+            device="cpu",
+            clip_grad=1.0,
+            amp=False,
+            log_every=1,
+            ckpt_every=3,
+            resume=False,
+            config={},
+        )
+        weights = objective.knet.head.weight.detach().clone()
+        gathered = [torch.zeros_like(weights) for _ in range(world)]
+        torch.distributed.all_gather(gathered, weights)
+        assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+    except BaseException:
+        shutdown_distributed(barrier=False)
+        raise
+    shutdown_distributed()
+
+
+def test_ddp_two_processes_on_gloo(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    records = _train_records(tmp_path)
+    assert [r["iter"] for r in records] == [1, 2, 3]
+    assert records[0]["images_per_s"] > 0
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert len(state["rng_ranks"]) == 2 and state["loader"]["world_size"] == 2
+    assert state["loader"]["position"] == 2  # 3 batches of 2 of rank 0's 4 per epoch

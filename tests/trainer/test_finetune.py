@@ -1,0 +1,344 @@
+"""Fine-tuning: init loading with the exact skipped keys, and a short end-to-end run.
+
+The end-to-end tests use a tiny COCO set made here (a few 64 x 64 images, two categories with
+non-contiguous ids), a random-weight ResNet-50 and a tiny K-Net; the pre-training checkpoint is
+written by the real engine from a class-agnostic objective with prompts and kernel supervision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+
+from pipeline.backbones import build_backbone
+from pipeline.cli import UserError, main
+from pipeline.config import BackboneConfig
+from trainer.__main__ import COMMANDS
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import ModelConfig, load_config
+from trainer.finetune import load_init, resolve, run_name
+from trainer.model.knet import KNet
+
+TINY_MODEL = ModelConfig(num_kernels=6, channels=16, num_stages=2, num_heads=2, ffn_dim=32)
+CATEGORY_IDS = (2, 7)
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return build_backbone(BackboneConfig(kind="resnet50", weights="random"))
+
+
+def test_load_init_skips_exactly_the_class_layers(tmp_path, backbone):
+    torch.manual_seed(0)
+    one = KNet(backbone, TINY_MODEL, num_classes=1)
+    path = tmp_path / "pre.pt"
+    save_checkpoint(path, {"model": one.state_dict()})
+    three = KNet(backbone, TINY_MODEL, num_classes=3)
+    skipped = load_init(three, path)
+    class_keys = sorted(k for k in three.state_dict() if k.startswith(KNet.CLASS_LAYER_PREFIXES))
+    # semantic conv (weight, bias) + one class head (weight, bias) per update stage.
+    assert len(class_keys) == 2 + 2 * TINY_MODEL.num_stages
+    assert skipped == class_keys
+    for name, value in three.state_dict().items():
+        if name not in skipped:
+            torch.testing.assert_close(value, one.state_dict()[name], rtol=0, atol=0)
+    # Same class count: nothing skipped.
+    assert load_init(KNet(backbone, TINY_MODEL, num_classes=1), path) == []
+    # Anything but a class layer that does not fit is an error naming it.
+    extra = dict(one.state_dict())
+    extra["stages.0.surprise"] = torch.zeros(3)
+    save_checkpoint(tmp_path / "extra.pt", {"model": extra})
+    with pytest.raises(UserError, match="unexpected: stages.0.surprise"):
+        load_init(three, tmp_path / "extra.pt")
+    missing = {k: v for k, v in one.state_dict().items() if not k.startswith("neck.")}
+    save_checkpoint(tmp_path / "missing.pt", {"model": missing})
+    with pytest.raises(UserError, match="missing: neck."):
+        load_init(three, tmp_path / "missing.pt")
+    wider = KNet(backbone, ModelConfig(**{**vars(TINY_MODEL), "ffn_dim": 48}), num_classes=1)
+    save_checkpoint(tmp_path / "wider.pt", {"model": wider.state_dict()})
+    with pytest.raises(UserError, match="shape-mismatched"):
+        load_init(three, tmp_path / "wider.pt")
+
+
+def test_resolve_names_and_defaults(tmp_path):
+    toml = tmp_path / "tiny.toml"
+    toml.write_text("[finetune]\nfrac = 0.1\n")
+    cfg = load_config(toml)
+    r = resolve(cfg, tag="sp")
+    assert r.finetune.out == str(Path("runs/tiny") / "finetune-0.1-sp")
+    assert r.finetune.init == str(Path("runs/tiny/pretrain/checkpoints/last.pt"))
+    assert cfg.finetune.out == ""  # the input config is left alone
+    r = resolve(cfg, frac=0.05, init="None", iters=7)
+    assert r.finetune.out == str(Path("runs/tiny/finetune-0.05")) and r.finetune.init == "none"
+    assert r.finetune.iters == 7 and run_name(0.05, "baseline") == "finetune-0.05-baseline"
+    with pytest.raises(UserError, match="frac"):
+        resolve(cfg, frac=1.5)
+    with pytest.raises(UserError, match="iters"):
+        resolve(cfg, iters=0)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+
+
+def _write_coco(root: Path, split: str, num_images: int, seed: int) -> Path:
+    """Random-noise images with 1-2 rectangles/ellipses each, masks as compressed RLE."""
+    rng = np.random.default_rng(seed)
+    folder = root / split
+    folder.mkdir(parents=True)
+    images, anns = [], []
+    for i in range(num_images):
+        image_id = 100 + 3 * i
+        img = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+        for _ in range(int(rng.integers(1, 3))):
+            m = np.zeros((SIZE, SIZE), np.uint8)
+            x0, y0 = rng.integers(0, SIZE // 2, 2)
+            w, h = rng.integers(12, SIZE // 2, 2)
+            if rng.random() < 0.5:
+                m[y0 : y0 + h, x0 : x0 + w] = 1
+            else:
+                cv2.ellipse(
+                    m,
+                    (int(x0 + w // 2), int(y0 + h // 2)),
+                    (int(w // 2), int(h // 2)),
+                    0,
+                    0,
+                    360,
+                    1,
+                    -1,
+                )
+            img[m > 0] = rng.integers(0, 255, 3)
+            rle = mask_util.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode()
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": int(rng.choice(CATEGORY_IDS)),
+                    "segmentation": rle,
+                    "area": float(m.sum()),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+        cv2.imwrite(str(folder / f"{image_id}.png"), img[:, :, ::-1])
+        images.append(
+            {"id": image_id, "file_name": f"{image_id}.png", "height": SIZE, "width": SIZE}
+        )
+    cats = [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS]
+    path = root / "annotations" / f"instances_{split}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path
+
+
+def _write_pretrain_checkpoint(cfg, out_dir: Path) -> Path:
+    """A real stage-two checkpoint: class-agnostic objective with prompts and kernel supervision,
+    one engine iteration on a hand-made batch with seeds."""
+    from trainer.engine import build_optimizer, build_scheduler, train
+    from trainer.model.objective import build_objective
+
+    torch.manual_seed(1)
+    backbone = build_backbone(cfg.backbone)
+    objective = build_objective(
+        backbone, cfg.model, num_classes=1, prompts=True, kernel_supervision=True
+    )
+    images = torch.randn(2, 3, SIZE, SIZE)
+    targets = []
+    for _ in range(2):
+        masks = torch.zeros(2, SIZE, SIZE)
+        masks[0, 8:40, 8:30] = 1
+        masks[1, 30:60, 20:50] = 1
+        boxes = torch.tensor([[8.0, 8, 30, 40], [20.0, 30, 50, 60]])
+        targets.append(
+            {
+                "masks": masks,
+                "boxes": boxes,
+                "labels": torch.zeros(2, dtype=torch.long),
+                "seeds": torch.nn.functional.normalize(torch.randn(2, 2048), dim=1),
+            }
+        )
+    optimizer = build_optimizer(objective, 1e-4, 0.05)
+    scheduler = build_scheduler(optimizer, 0, 0.001, [], 0.1)
+    train(
+        objective,
+        [(images, targets)],
+        optimizer,
+        scheduler,
+        iters=1,
+        out_dir=out_dir,
+        device="cpu",
+        clip_grad=1.0,
+        amp=False,
+        log_every=1,
+        ckpt_every=1,
+        resume=False,
+        config={"name": "pretrain-test"},
+    )
+    return out_dir / "checkpoints" / "last.pt"
+
+
+TINY_SETTINGS = [
+    "backbone.kind=resnet50",
+    "backbone.weights=random",
+    "model.num_kernels=6",
+    "model.channels=16",
+    "model.num_stages=2",
+    "model.num_heads=2",
+    "model.ffn_dim=32",
+    "finetune.batch_size=2",
+    "finetune.short_side=64",
+    "finetune.max_side=64",
+    "finetune.num_workers=0",
+    "finetune.log_every=1",
+    "finetune.ckpt_every=2",
+    "finetune.eval_every=2",
+    "finetune.warmup_iters=1",
+    "finetune.lr_steps=[]",
+    "finetune.rotate_prob=1.0",
+]
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch):
+    """A project folder with a tiny COCO set, a config and a pre-training checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    _write_coco(data, "train", num_images=8, seed=0)
+    _write_coco(data, "val", num_images=3, seed=1)
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(
+        "[data]\n"
+        f'train_images = "{data / "train"}"\n'
+        f'train_json = "{data / "annotations" / "instances_train.json"}"\n'
+        f'val_images = "{data / "val"}"\n'
+        f'val_json = "{data / "annotations" / "instances_val.json"}"\n'
+    )
+    cfg = load_config(toml, [f"{s}" for s in TINY_SETTINGS])
+    ckpt = _write_pretrain_checkpoint(cfg, tmp_path / "runs" / "tiny" / "pretrain")
+    return toml, ckpt
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main("trainer", COMMANDS, list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _sets() -> list[str]:
+    return [arg for s in TINY_SETTINGS for arg in ("--set", s)]
+
+
+def test_finetune_and_evaluate_end_to_end(tiny_project):
+    toml, ckpt = tiny_project
+    code, out, err = _cli(
+        "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3"
+    )
+    assert code == 0, err
+    run = Path("runs/tiny/finetune-0.5")
+    # Split: 4 of the 8 training images, all their annotations.
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["images"]) == 4
+    train = json.loads(Path("data/annotations/instances_train.json").read_text())
+    chosen = {im["id"] for im in split["images"]}
+    assert split["annotations"] == [a for a in train["annotations"] if a["image_id"] in chosen]
+    # Init from the default pre-training checkpoint, skipping exactly the class layers.
+    assert f"initialised from {ckpt.relative_to(Path.cwd())}" in err
+    skipped = (
+        "class_heads.0.bias, class_heads.0.weight, class_heads.1.bias, "
+        "class_heads.1.weight, kernel_head.semantic_conv.bias, "
+        "kernel_head.semantic_conv.weight"
+    )
+    assert f"skipped 6 tensors (class layers): {skipped}" in err
+    assert "backbone identical to backbone.weights" not in err  # random weights differ per build
+    # AP recorded at iterations 2 and 3 (eval_every=2, and at the end).
+    curve = json.loads((run / "ap_curve.json").read_text())
+    assert [r["iteration"] for r in curve] == [2, 3]
+    assert all(0.0 <= r["AP"] <= 1.0 and r["images"] == 3 for r in curve)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["final"]["iteration"] == 3 and metrics["iterations"] == 3
+    assert metrics["best"]["AP"] == max(r["AP"] for r in curve)
+    assert metrics["skipped"] == skipped.split(", ") and metrics["num_classes"] == 2
+    assert metrics["train_seconds"] > 0
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "config.toml").is_file()
+    assert "| finetune-0.5 (final) |" in out
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["num_classes"] == 2 and state["config"]["finetune"]["frac"] == 0.5
+
+    # The evaluate command on that checkpoint reproduces the final evaluation.
+    code, out, err = _cli(
+        "evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", "eval.json"
+    )
+    assert code == 0, err
+    report = json.loads(Path("eval.json").read_text())
+    for key in ("AP", "AP50", "AP75"):
+        assert report["metrics"][key] == pytest.approx(metrics["final"][key], abs=1e-9)
+    detections = json.loads(Path("eval-segm.json").read_text())
+    assert {d["category_id"] for d in detections} <= set(CATEGORY_IDS)
+    assert len(detections) == report["metrics"]["detections"]
+
+    # Without --resume an existing run is refused; with it a finished run is only re-read.
+    code, _, err = _cli(
+        "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3"
+    )
+    assert code == 2 and "--resume" in err
+    code, _, err = _cli(
+        "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3", "--resume"
+    )
+    assert code == 0, err
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["final"] == metrics["final"]
+
+
+def test_finetune_bad_init_is_a_clear_error(tiny_project, tmp_path):
+    toml, _ = tiny_project
+    code, _, err = _cli(
+        "finetune",
+        "--config",
+        str(toml),
+        *_sets(),
+        "--frac",
+        "0.5",
+        "--iters",
+        "1",
+        "--init",
+        str(tmp_path / "nope.pt"),
+    )
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_compare_runs_both_and_reuses_them(tiny_project):
+    toml, _ = tiny_project
+    # Whole backbone frozen here (faster; the end-to-end test above trains stages 2-4).
+    sets = [*_sets(), "--set", "finetune.frozen_stages=-1"]
+    args = ("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "2")
+    code, out, err = _cli(*args)
+    assert code == 0, err
+    folder = Path("runs/tiny/compare-0.5")
+    text = (folder / "results.md").read_text()
+    assert "Saliency Prompt (pre-trained K-Net)" in text and "baseline (backbone only)" in text
+    assert "| run | AP | AP50 | AP75 | APs | APm | APl | iterations | time (s) |" in text
+    assert (folder / "ap_vs_iter.png").stat().st_size > 0
+    sp = json.loads(Path("runs/tiny/finetune-0.5-sp/metrics.json").read_text())
+    base = json.loads(Path("runs/tiny/finetune-0.5-baseline/metrics.json").read_text())
+    assert sp["init"].endswith("last.pt") and base["init"] == "none" and base["skipped"] == []
+    assert sp["split"]["num_images"] == base["split"]["num_images"] == 4
+    assert "| run | AP |" in out
+    # A second call reuses both finished runs.
+    code, out, err = _cli(*args)
+    assert code == 0, err
+    assert err.count("reusing the finished run") == 2
+    # Different settings in an existing folder are refused, not silently mixed.
+    code, _, err = _cli("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "3")
+    assert code == 2 and "other settings" in err and "finetune.iters" in err

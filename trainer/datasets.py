@@ -1,0 +1,493 @@
+"""Training data: pseudo masks from proposal shards, labelled COCO, the batch, the loader.
+
+- :class:`ShardDataset`: stage two. One sample per image whose proposals status is OK (at least
+  one mask); masks decoded from the shards' RLE, seeds S_l (fp16 on disk) as float32, labels 0.
+- :class:`CocoDataset`: stage three and evaluation. Category ids mapped to contiguous indices in
+  sorted-id order, crowd annotations ignored.
+- :func:`collate` builds the trainer :class:`Batch` (interfaces.md "Trainer batch").
+- :func:`build_loader`: DataLoader workers decode and augment ahead of the step; training uses
+  an infinite, epoch-seeded, resumable sampler (:class:`InfiniteSampler`) sharded over
+  torch.distributed ranks.
+
+Samples are addressed by ``(index, sample_seed)`` pairs: the sampler derives the seed from
+(seed, epoch, position), and the augmentation draws only from it, so a resumed run or a
+different worker count reproduces the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_utils
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.cli import UserError
+from pipeline.images import UnreadableImage, decode_image, normalise
+from pipeline.shards import STATUS_OK, ShardReader, list_shards, read_meta
+from trainer.transforms import Augment, masks_to_boxes, pad_to
+
+SampleKey = tuple[int, int]  # (dataset index, augmentation seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and batches
+
+
+def _split_key(key: int | SampleKey) -> tuple[int, np.random.Generator]:
+    """A sampler key -> (index, generator). A bare index (evaluation) seeds with the index."""
+    if isinstance(key, (tuple, list)):
+        index, seed = int(key[0]), int(key[1])
+    else:
+        index = seed = int(key)
+    return index, np.random.default_rng(seed)
+
+
+def make_sample(
+    image: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    seeds: np.ndarray | None,
+    augment: Augment,
+    rng: np.random.Generator,
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """Augment one image with its (L, H, W) masks, drop masks that vanished, build the sample.
+
+    Returns {"image": (3,h,w) float32 normalised, "target": {"masks": (L',h,w) uint8,
+    "boxes": (L',4) float32, "labels": (L',) int64[, "seeds": (L',Cs) float32]}, "info": dict}.
+    """
+    orig_size = image.shape[:2]
+    image, masks, aug = augment(image, masks, rng)
+    keep = masks.any(axis=(1, 2))  # a resize or rotation can erase a mask
+    masks = masks[keep]
+    target = {
+        "masks": torch.from_numpy(np.ascontiguousarray(masks)),
+        "boxes": torch.from_numpy(masks_to_boxes(masks)),
+        "labels": torch.from_numpy(labels[keep].astype(np.int64)),
+    }
+    if seeds is not None:
+        target["seeds"] = torch.from_numpy(seeds[keep].astype(np.float32))
+    info = {**info, "orig_size": tuple(orig_size), "image_size": tuple(image.shape[:2]), **aug}
+    return {"image": normalise(image), "target": target, "info": info}
+
+
+@dataclass
+class Batch:
+    """The trainer batch (interfaces.md). After :meth:`to` it is exactly the contract:
+
+    images: (B,3,Hp,Wp) float32 ImageNet-normalised, zero-padded bottom/right, Hp and Wp
+        multiples of the model's size_divisor.
+    targets: per image {"masks": (L,Hp,Wp) float32 {0,1}, "boxes": (L,4) float32 x0,y0,x1,y1,
+        "labels": (L,) int64, "seeds": (L,Cs) float32 (shards only)}.
+    infos: per image {"image_id", "file_name", "orig_size" (H,W) on disk, "image_size" (h,w)
+        resized image inside the padding, "input_size" (Hp,Wp), "scale", "flipped", "angle"}.
+
+    Before :meth:`to` the masks are uint8 (4x less to move between processes and to the device).
+    """
+
+    images: Tensor
+    targets: list[dict[str, Tensor]]
+    infos: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Move to ``device``; masks become float32 there."""
+        targets = []
+        for t in self.targets:
+            moved = {k: v.to(device, non_blocking=non_blocking) for k, v in t.items()}
+            moved["masks"] = moved["masks"].float()
+            targets.append(moved)
+        return Batch(self.images.to(device, non_blocking=non_blocking), targets, self.infos)
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) so host-to-GPU copies can be asynchronous."""
+        targets = [{k: v.pin_memory() for k, v in t.items()} for t in self.targets]
+        return Batch(self.images.pin_memory(), targets, self.infos)
+
+
+@dataclass(frozen=True)
+class Collate:
+    """Picklable collate function: samples -> :class:`Batch` padded to ``size_divisor``."""
+
+    size_divisor: int
+
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
+        d = self.size_divisor
+        hp = math.ceil(max(s["image"].shape[1] for s in samples) / d) * d
+        wp = math.ceil(max(s["image"].shape[2] for s in samples) / d) * d
+        images = torch.stack([pad_to(s["image"], hp, wp) for s in samples])
+        targets, infos = [], []
+        for s in samples:
+            t = dict(s["target"])
+            t["masks"] = pad_to(t["masks"], hp, wp)
+            targets.append(t)
+            infos.append({**s["info"], "input_size": (hp, wp)})
+        return Batch(images, targets, infos)
+
+
+def collate(samples: list[dict[str, Any]], size_divisor: int) -> Batch:
+    """Functional form of :class:`Collate`."""
+    return Collate(size_divisor)(samples)
+
+
+def _load_image(path: Path, height: int, width: int) -> np.ndarray:
+    """Decode an image that the index says exists with size (height, width)."""
+    try:
+        image = decode_image(path)
+    except (UnreadableImage, FileNotFoundError, OSError) as e:
+        raise UserError(f"cannot read training image {path}: {e}") from None
+    if image.shape[:2] != (height, width):
+        raise UserError(
+            f"{path} is {image.shape[1]}x{image.shape[0]} but its labels are for "
+            f"{width}x{height}: the image changed after the labels/proposals were made"
+        )
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# Stage two: proposal shards
+
+
+def proposals_image_root(folder: str | Path) -> Path | None:
+    """The image root a proposals folder was made from, as recorded in the folder.
+
+    An ``image_root`` entry of its plan.json or summary.json wins; otherwise the recorded
+    ``config.toml``: ``proposals.images`` if it names a folder, else (a COCO JSON, or empty)
+    ``data.train_images``. Relative paths are taken as the proposals command took them (from the
+    working directory). None when nothing is recorded.
+    """
+    folder = Path(folder)
+    for name in ("plan.json", "summary.json"):
+        try:
+            recorded = json.loads((folder / name).read_text()).get("image_root")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if recorded:
+            return Path(recorded).expanduser()
+    try:
+        raw = tomllib.loads((folder / "config.toml").read_text())
+    except (tomllib.TOMLDecodeError, OSError):
+        return None
+    images = str(raw.get("proposals", {}).get("images", "") or "")
+    if images and not images.lower().endswith(".json"):
+        return Path(images).expanduser()
+    train_images = raw.get("data", {}).get("train_images", "")
+    return Path(train_images).expanduser() if train_images else None
+
+
+class ShardDataset(Dataset):
+    """Pseudo-mask samples from a proposals folder (pipeline/shards.py), one per usable image.
+
+    Images whose status is not OK (no mask survived, unreadable) are skipped when the index is
+    built; ``skipped`` counts them by status. Each shard is read through its own
+    :class:`ShardReader`, closed after indexing so each DataLoader worker opens its own handle.
+
+    A sample's target: masks (L,h,w) uint8, boxes (L,4), labels (L,) all 0, seeds (L,C) float32.
+    """
+
+    def __init__(self, folder: str | Path, augment: Augment, image_root: str | Path | None = None):
+        self.folder = Path(folder)
+        paths = list_shards(self.folder)
+        if not paths:
+            raise UserError(
+                f"no proposal shards in {self.folder}: run `python -m pipeline proposals` first "
+                "or pass --shards"
+            )
+        root = Path(image_root).expanduser() if image_root else proposals_image_root(self.folder)
+        if root is None:
+            raise UserError(
+                f"{self.folder} records no image root (config.toml): pass the image folder"
+            )
+        self.image_root = root
+        self.augment = augment
+        self.metas = [read_meta(p) for p in paths]
+        self.readers = [ShardReader(p) for p in paths]
+        self.index: list[tuple[int, int]] = []  # (shard, record) of every usable image
+        self.skipped: dict[int, int] = {}
+        for s, reader in enumerate(self.readers):
+            table = reader.image_table()  # status and mask counts only, no mask is read
+            reader.close()  # no handle may cross a fork into the workers
+            usable = (table["status"] == STATUS_OK) & (table["mask_count"] > 0)
+            self.index += [(s, int(r)) for r in np.flatnonzero(usable)]
+            for status in table["status"][~usable].tolist():
+                self.skipped[int(status)] = self.skipped.get(int(status), 0) + 1
+        if not self.index:
+            raise UserError(f"{self.folder}: no image has a proposal mask (all empty/unreadable)")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Attributes of the first shard (fingerprint, backbone, embed_dim, ...)."""
+        return self.metas[0]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, rng = _split_key(key)
+        s, r = self.index[index]
+        record = self.readers[s].record(r)
+        image = _load_image(self.image_root / record.file_name, record.height, record.width)
+        masks = record.decode_masks()
+        labels = np.zeros(masks.shape[0], np.int64)  # class-agnostic pre-training
+        info = {"image_id": record.image_id, "file_name": record.file_name}
+        return make_sample(image, masks, labels, record.seeds, self.augment, rng, info)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage three: labelled COCO
+
+
+def _annotation_rle(segmentation: Any, height: int, width: int) -> dict:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as one compressed RLE."""
+    if isinstance(segmentation, list):  # polygons: one RLE per part, merged
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+class CocoDataset(Dataset):
+    """Instance masks from a COCO JSON and an image root.
+
+    ``cat_ids[i]`` is the COCO category id of contiguous class ``i`` (sorted ids). Crowd
+    annotations are ignored. With ``train=True`` images without any non-crowd annotation are
+    skipped (nothing to learn from); with ``train=False`` every selected image is kept (it still
+    counts for AP) and ``with_masks=False`` skips decoding masks the evaluator does not need.
+    ``image_ids`` restricts the dataset (a low-data split). Items are sorted by image id.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_root: str | Path,
+        augment: Augment,
+        *,
+        image_ids: Sequence[int] | None = None,
+        train: bool = True,
+        with_masks: bool = True,
+    ):
+        ann_file = Path(ann_file)
+        if not ann_file.is_file():
+            raise UserError(f"annotation file not found: {ann_file}")
+        try:
+            data = json.loads(ann_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{ann_file}: not valid JSON ({e})") from None
+        self.image_root = Path(image_root).expanduser()
+        self.augment = augment
+        self.with_masks = with_masks
+        self.cat_ids = sorted(int(c["id"]) for c in data.get("categories", []))
+        if not self.cat_ids:
+            raise UserError(f"{ann_file}: no categories")
+        label_of = {c: i for i, c in enumerate(self.cat_ids)}
+        per_image: dict[int, list[tuple[Any, int]]] = {}
+        for ann in data.get("annotations", []):
+            if ann.get("iscrowd", 0):
+                continue
+            per_image.setdefault(int(ann["image_id"]), []).append(
+                (ann["segmentation"], label_of[int(ann["category_id"])])
+            )
+        images = sorted(data.get("images", []), key=lambda im: int(im["id"]))
+        if image_ids is not None:
+            wanted = {int(i) for i in image_ids}
+            images = [im for im in images if int(im["id"]) in wanted]
+        if train:
+            images = [im for im in images if per_image.get(int(im["id"]))]
+        if not images:
+            raise UserError(f"{ann_file}: no usable images (after split/annotation filtering)")
+        # Keep only what a sample needs: the parsed JSON can be large and workers are forked.
+        self.images = [
+            (str(im["file_name"]), int(im["id"]), int(im["height"]), int(im["width"]))
+            for im in images
+        ]
+        self.annotations = [per_image.get(image_id, []) for _, image_id, _, _ in self.images]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, rng = _split_key(key)
+        file_name, image_id, height, width = self.images[index]
+        image = _load_image(self.image_root / file_name, height, width)
+        anns = self.annotations[index] if self.with_masks else []
+        if anns:
+            rles = [_annotation_rle(segm, height, width) for segm, _ in anns]
+            masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
+        else:
+            masks = np.zeros((0, height, width), np.uint8)
+        labels = np.array([label for _, label in anns], np.int64)
+        info = {"image_id": image_id, "file_name": file_name}
+        return make_sample(image, masks, labels, None, self.augment, rng, info)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and loading
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of the initialised process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class InfiniteSampler(Sampler):
+    """Endless (index, sample_seed) keys: epoch e visits a permutation seeded by (seed, e).
+
+    With ``world_size`` > 1 every epoch's order is padded to a multiple of world_size (its head
+    repeated, as DistributedSampler does) and rank r takes positions r, r + world, ... .
+    The state is (epoch, position) on this rank, derived from ``start`` = samples this rank has
+    consumed, so setting ``start`` before iterating continues exactly where a run stopped.
+    """
+
+    def __init__(
+        self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
+        if size <= 0:
+            raise ValueError("InfiniteSampler needs a non-empty dataset")
+        self.size, self.seed, self.shuffle = size, int(seed), shuffle
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(size / world_size)  # samples per epoch on one rank
+        self.start = 0
+
+    def state_at(self, consumed: int) -> dict[str, int]:
+        epoch, position = divmod(consumed, self.per_rank)
+        return {"epoch": epoch, "position": position}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's (per_rank,) dataset indices for ``epoch``."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        else:
+            order = np.arange(self.size)
+        total = self.per_rank * self.world_size
+        if total > self.size:
+            order = np.concatenate([order, np.resize(order, total - self.size)])
+        return order[self.rank :: self.world_size]
+
+    def sample_seed(self, epoch: int, position: int) -> int:
+        """Augmentation seed of global position ``position`` of ``epoch`` (rank independent)."""
+        return int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0])
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        state = self.state_at(self.start)
+        epoch, position = state["epoch"], state["position"]
+        while True:
+            order = self.epoch_order(epoch)
+            for p in range(position, self.per_rank):
+                global_position = p * self.world_size + self.rank
+                yield int(order[p]), self.sample_seed(epoch, global_position)
+            epoch, position = epoch + 1, 0
+
+
+class InfiniteLoader:
+    """Endless batches from a DataLoader over an :class:`InfiniteSampler`, resumable.
+
+    Counts the batches handed out (not the ones the workers prefetched), so
+    :meth:`state_dict` is the exact point the training loop reached.
+    """
+
+    def __init__(self, loader: DataLoader, sampler: InfiniteSampler, batch_size: int):
+        self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
+        self.consumed = 0  # samples handed out on this rank
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.loader.dataset
+
+    @property
+    def batches_per_epoch(self) -> float:
+        return self.sampler.per_rank / self.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.sampler.start = self.consumed
+        for batch in self.loader:
+            self.consumed += self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        state = self.sampler.state_at(self.consumed)
+        state.update(
+            size=self.sampler.size,
+            world_size=self.sampler.world_size,
+            batch_size=self.batch_size,
+            seed=self.sampler.seed,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved (epoch, position); takes effect at the next ``iter()``."""
+        mine = self.state_dict()
+        changed = [k for k in ("size", "world_size", "seed") if k in state and state[k] != mine[k]]
+        if changed:
+            warnings.warn(
+                f"resuming with a different {', '.join(changed)} than the checkpoint: the data "
+                "order will not continue exactly",
+                stacklevel=2,
+            )
+        self.consumed = int(state["epoch"]) * self.sampler.per_rank + int(state["position"])
+
+
+def _worker_init(worker_id: int) -> None:
+    # DataLoader already limits torch to one thread per worker; OpenCV would start a pool per core.
+    cv2.setNumThreads(1)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    size_divisor: int,
+    device: torch.device | str,
+    num_workers: int = 2,
+    seed: int = 0,
+    infinite: bool = True,
+    shuffle: bool = True,
+    prefetch_factor: int = 2,
+) -> InfiniteLoader | DataLoader:
+    """A loader of :class:`Batch` es.
+
+    infinite=True (training): an :class:`InfiniteLoader` (epoch-seeded shuffling, resumable
+    state, sharded over ranks when torch.distributed is initialised). infinite=False
+    (evaluation): one ordered pass, each rank taking every world_size-th image, last batch kept.
+    Workers are persistent, pin_memory is used only for a CUDA device.
+    """
+    device = torch.device(device)
+    rank, world = dist_info()
+    common: dict[str, Any] = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=Collate(size_divisor),
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        # An explicit generator: creating a loader iterator must not draw from the global torch
+        # RNG, or a resumed run (which creates one more) would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if num_workers > 0:
+        common.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    if infinite:
+        sampler = InfiniteSampler(
+            len(dataset), seed=seed, shuffle=shuffle, rank=rank, world_size=world
+        )
+        return InfiniteLoader(DataLoader(dataset, sampler=sampler, **common), sampler, batch_size)
+    indices = list(range(rank, len(dataset), world))
+    return DataLoader(dataset, sampler=indices, **common)

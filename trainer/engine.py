@@ -1,0 +1,582 @@
+"""The training loop shared by pre-training and fine-tuning (interfaces.md "trainer engine").
+
+``train`` runs a fixed number of iterations over an endless loader: AdamW with a linear warm-up
+then step-decay schedule, gradient clipping, optional mixed precision (bf16 autocast on CUDA),
+a progress bar, ``metrics.jsonl`` + TensorBoard every ``log_every`` iterations, atomic
+checkpoints, exact resume, and DDP when launched by ``torchrun``.
+
+Exact resume: a checkpoint holds the model, optimizer, scheduler, scaler, the Python / NumPy /
+torch RNG states, the sampler position and the partial logging window, saved after everything an
+iteration does (step, log, evaluation). A resumed run therefore computes the same losses as an
+uninterrupted one (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from pipeline.cli import UserError
+from trainer.checkpoint import (
+    capture_rng_state,
+    link_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from trainer.datasets import dist_info
+
+BACKBONE_PREFIX = "knet.backbone."
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def build_optimizer(
+    objective: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; ``knet.backbone.*`` ones get ``lr * backbone_lr_mult``.
+
+    Groups are named ("heads", "backbone") so logs can tell their learning rates apart.
+    """
+    heads, backbone = [], []
+    for name, p in objective.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith(BACKBONE_PREFIX) else heads).append(p)
+    groups = []
+    if heads:
+        groups.append({"params": heads, "lr": lr, "name": "heads"})
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
+    if not groups:
+        raise UserError("the model has no trainable parameter")
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+class WarmupStepSchedule:
+    """lr factor at iteration t: gamma ** #{s in steps: t >= s}, times the linear warm-up
+    ratio + (1 - ratio) * t / warmup_iters while t < warmup_iters (mmcv's "linear" warm-up)."""
+
+    def __init__(self, warmup_iters: int, warmup_ratio: float, steps: Iterable[int], gamma: float):
+        self.warmup_iters = int(warmup_iters)
+        self.warmup_ratio = float(warmup_ratio)
+        self.steps = sorted(int(s) for s in steps)
+        self.gamma = float(gamma)
+
+    def __call__(self, t: int) -> float:
+        factor = self.gamma ** sum(1 for s in self.steps if t >= s)
+        if t < self.warmup_iters:
+            factor *= self.warmup_ratio + (1.0 - self.warmup_ratio) * t / self.warmup_iters
+        return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    warmup_iters: int,
+    warmup_ratio: float,
+    lr_steps: Iterable[int],
+    gamma: float,
+) -> LambdaLR:
+    """Per-iteration LambdaLR (call ``step()`` once after every optimiser step)."""
+    return LambdaLR(optimizer, WarmupStepSchedule(warmup_iters, warmup_ratio, lr_steps, gamma))
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+def init_distributed() -> torch.device:
+    """Join the ``torchrun`` process group when WORLD_SIZE is set; return this process's device.
+
+    NCCL with one GPU per process (LOCAL_RANK) when CUDA is present, gloo on CPU.
+    """
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Leave the process group. After a normal end the barrier first keeps one rank from tearing
+    down its connections while another still uses them; after an error (barrier=False) the
+    other ranks may never arrive, so the group is destroyed at once."""
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint state
+
+
+def _split_state(objective: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(knet state, everything else) of an objective; a model without ``knet`` is all 'model'."""
+    full = objective.state_dict()
+    if not isinstance(getattr(objective, "knet", None), nn.Module):
+        return full, {}
+    model = {k[len("knet.") :]: v for k, v in full.items() if k.startswith("knet.")}
+    extras = {k: v for k, v in full.items() if not k.startswith("knet.")}
+    return model, extras
+
+
+def _load_objective(objective: nn.Module, state: dict[str, Any]) -> None:
+    if isinstance(getattr(objective, "knet", None), nn.Module):
+        full = {f"knet.{k}": v for k, v in state["model"].items()}
+        full.update(state.get("extras") or {})
+    else:
+        full = state["model"]
+    objective.load_state_dict(full)
+
+
+def checkpoint_path(out_dir: str | Path, iteration: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"iter_{iteration:07d}.pt"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """``checkpoints/last.pt``, else the highest ``iter_*.pt``, else None."""
+    folder = Path(out_dir) / "checkpoints"
+    if (folder / "last.pt").is_file():
+        return folder / "last.pt"
+    numbered = sorted(folder.glob("iter_*.pt")) if folder.is_dir() else []
+    return numbered[-1] if numbered else None
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``iters`` excluded: extending
+    a run is the usual reason to resume with another config)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            if isinstance(a or {}, dict) and isinstance(b or {}, dict):
+                changed += config_changes(a or {}, b or {}, f"{prefix}{key}.")
+            else:
+                changed.append(f"{prefix}{key}")
+        elif a != b and key != "iters":
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+
+
+class _Window:
+    """Sums over the iterations since the last log line (saved in checkpoints for exact logs)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.data_time = 0.0
+        self.step_time = 0.0
+        self.images = 0
+
+    def add(self, values: dict[str, float], data_time: float, step_time: float, images: int):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.data_time += data_time
+        self.step_time += step_time
+        self.images += images
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.__dict__.update(state)
+
+
+def _truncate_metrics(path: Path, keep_until: int) -> None:
+    """Drop records after ``keep_until`` (written by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("iter", 0) <= keep_until:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (training records have kind "train", evaluations "eval")."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_groups(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Group loss_* keys by their last word (loss_s1_dice, loss_init_dice -> "dice"), so one
+    curve per kind of loss is drawn however many stages report it."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        groups.setdefault(key.rsplit("_", 1)[-1], []).append(key)
+    return groups
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """One PNG: the total loss and each kind of loss (summed over stages), then the learning
+    rate and the data-wait share. Returns its path, or None without training records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if r.get("kind") == "train"]
+    if not records:
+        return None
+    iters = [r["iter"] for r in records]
+    curves = {"total": [r["loss"] for r in records]}
+    for name, keys in loss_groups({k for r in records for k in r if k.startswith("loss_")}).items():
+        label = f"{name} ({len(keys)} terms)" if len(keys) > 1 else keys[0]
+        curves[label] = [sum(r.get(k, math.nan) for k in keys) for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(
+        2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    colours = plt.get_cmap("tab10")
+    for i, (label, ys) in enumerate(curves.items()):
+        ax_loss.plot(
+            iters, ys, label=label, color=colours(i % 10), linewidth=2.5 if i == 0 else 1.2
+        )
+    if all(y > 0 for ys in curves.values() for y in ys):
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss (mean over each logging window)")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(iters, [r["lr"] for r in records], color="black")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("iteration")
+    ax_share = ax_lr.twinx()
+    ax_share.plot(iters, [r["data_wait"] for r in records], color="tab:red", alpha=0.6)
+    ax_share.set_ylabel("data-wait share", color="tab:red")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    """Endless iteration: an infinite loader as is, a finite one restarted when exhausted."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise UserError("the training loader yields no batch")
+
+
+def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, list[dict]]:
+    """(images, targets) on ``device`` from a trainer Batch or an (images, targets) pair."""
+    non_blocking = device.type == "cuda"
+    if hasattr(batch, "to") and hasattr(batch, "targets"):
+        moved = batch.to(device, non_blocking=non_blocking)
+        return moved.images, moved.targets
+    images, targets = batch
+    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=non_blocking), targets
+
+
+def _amp_context(amp: bool | str, device: torch.device):
+    """bf16 autocast on CUDA (amp=True or "bf16"), fp16 with amp="fp16"; nothing on CPU."""
+    if not amp or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    objective: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    *,
+    iters: int,
+    out_dir: str | Path,
+    device: torch.device | str,
+    clip_grad: float,
+    amp: bool | str,
+    log_every: int,
+    ckpt_every: int,
+    resume: bool,
+    config: dict[str, Any],
+    eval_fn: Callable[[int], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Train ``objective`` (returns {"loss_*": weighted scalars, "stat_*": detached scalars}) for
+    ``iters`` iterations in total, counting any resumed ones.
+
+    Iterations are numbered 1..iters: a record or checkpoint at iteration t is the state after t
+    optimiser steps. ``loader`` yields trainer Batches (or (images, targets)); an
+    :class:`trainer.datasets.InfiniteLoader` also saves and restores its position. ``resume``
+    continues from ``out_dir/checkpoints/last.pt`` (or the newest ``iter_*.pt``) when there is one
+    (a fresh start otherwise); without ``resume`` an existing checkpoint is an error.
+    ``eval_fn(t)`` runs on rank 0 every ``eval_every`` iterations and at the end, in eval mode
+    without gradients; its metrics go to metrics.jsonl as kind "eval".
+
+    Returns {"iteration", "trained" (iterations run by this call), "data_wait_share", "seconds",
+    "last_checkpoint", "last_record"}. On resume, settings that differ from the checkpoint's
+    config are named in a warning (the checkpoint's optimizer and schedule state win).
+    Raises UserError at a non-finite loss or gradient, naming the iteration; the last good
+    checkpoint is left as it was.
+    """
+    for name, value in (("iters", iters), ("log_every", log_every), ("ckpt_every", ckpt_every)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    last_path = ckpt_dir / "last.pt"
+    metrics_path = out_dir / "metrics.jsonl"
+    rank, world = dist_info()
+    is_main = rank == 0
+    objective.to(device)
+
+    if amp and device.type != "cuda" and is_main:
+        warnings.warn("mixed precision (amp) is used on CUDA only; training in fp32", stacklevel=2)
+    scaler = None
+    if amp == "fp16" and device.type == "cuda":  # bf16 needs no loss scaling
+        scaler = torch.amp.GradScaler("cuda")
+    window = _Window()
+    start = 0
+    rng_state = None
+    resume_from = latest_checkpoint(out_dir) if resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        changed = config_changes(state.get("config") or {}, config)
+        if changed and is_main:
+            warnings.warn(
+                f"resuming {resume_from} with changed settings ({', '.join(changed)}); the "
+                "checkpoint's optimizer and lr-schedule state are kept",
+                stacklevel=2,
+            )
+        _load_objective(objective, state)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if hasattr(loader, "load_state_dict") and state.get("loader"):
+            loader.load_state_dict(state["loader"])
+        window.load_state_dict(state.get("log_window"))
+        start = int(state["iteration"])
+        per_rank = state.get("rng_ranks")
+        rng_state = per_rank[rank] if per_rank and len(per_rank) == world else state["rng"]
+    elif not resume and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")):
+        raise UserError(
+            f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another --out"
+        )
+
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if start:
+            _truncate_metrics(metrics_path, start)
+        else:
+            metrics_path.write_text("")
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    model: nn.Module = objective
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=True)
+
+    writer = None
+    if is_main and start < iters:
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = start + 1 if start else None  # hide the dead run's points after the checkpoint
+        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+    bar = tqdm(total=iters, initial=start, desc=desc, dynamic_ncols=True, disable=not is_main)
+    total_data = total_time = 0.0
+    last_record: dict[str, Any] = {}
+    last_saved = str(resume_from) if start else None
+    t_begin = time.perf_counter()
+
+    def save(iteration: int) -> None:
+        nonlocal last_saved
+        rngs = capture_rng_state()
+        all_rngs = None
+        if world > 1:
+            all_rngs = [None] * world
+            dist.all_gather_object(all_rngs, rngs)
+        if is_main:
+            knet_state, extras = _split_state(objective)
+            knet = getattr(objective, "knet", None)
+            state = {
+                "model": knet_state,
+                "extras": extras,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rngs,
+                "rng_ranks": all_rngs,
+                "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
+                "log_window": window.state_dict(),
+                "iteration": iteration,
+                "config": config,
+                "num_classes": getattr(knet, "num_classes", None),
+            }
+            path = checkpoint_path(out_dir, iteration)
+            save_checkpoint(path, state)
+            link_checkpoint(path, last_path)
+            last_saved = str(path)
+
+    try:
+        if rng_state is not None:
+            # Last, after everything that was built (and may have drawn random numbers).
+            restore_rng_state(rng_state)
+        objective.train()
+        batches = _cycle(loader)
+        for iteration in range(start + 1, iters + 1):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_time = time.perf_counter() - t0
+            images, targets = _to_device(batch, device)
+            with _amp_context(amp, device):
+                out = model(images, targets)
+            loss_keys = sorted(k for k in out if k.startswith("loss_"))
+            stat_keys = sorted(k for k in out if k.startswith("stat_"))
+            if not loss_keys:
+                raise ValueError("the objective returned no loss_* term")
+            loss = sum(out[k].float() for k in loss_keys)
+            # One host sync per iteration for every logged number (and the finiteness check).
+            parts = [loss.detach()] + [out[k].detach().float() for k in loss_keys + stat_keys]
+            values = torch.stack([p.reshape(()) for p in parts]).cpu()
+            finite = torch.isfinite(values[: 1 + len(loss_keys)]).all()
+            if world > 1:  # every rank must stop together, or the others hang in all-reduce
+                flag = torch.tensor([float(finite)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = bool(flag.item())
+            if not finite:
+                bad = [k for k, v in zip(loss_keys, values[1:]) if not math.isfinite(v)]
+                raise UserError(
+                    f"non-finite loss at iteration {iteration} ({', '.join(bad) or 'other rank'})"
+                    f"; the last good checkpoint is {last_saved or 'none (none saved yet)'}"
+                )
+
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, clip_grad if clip_grad > 0 else math.inf
+            )
+            if scaler is None and not torch.isfinite(grad_norm):
+                raise UserError(
+                    f"non-finite gradient at iteration {iteration}; the last good checkpoint is "
+                    f"{last_saved or 'none (none saved yet)'}"
+                )
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step (and lowers the scale) on inf/nan
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step_time = time.perf_counter() - t0
+            total_data += data_time
+            total_time += step_time
+
+            named = dict(zip(["loss"] + loss_keys + stat_keys, values.tolist()))
+            named["grad_norm"] = float(grad_norm)
+            window.add(named, data_time, step_time, images.shape[0] * world)
+            if is_main:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{named['loss']:.3f}",
+                    img_s=f"{images.shape[0] * world / max(step_time, 1e-9):.1f}",
+                    refresh=False,
+                )
+
+            if iteration % log_every == 0 or iteration == iters:
+                record = {"kind": "train", "iter": iteration}
+                for group in optimizer.param_groups:
+                    name = group.get("name", "heads")
+                    record["lr" if name == "heads" else f"lr_{name}"] = group["lr"]
+                record.update({k: v / window.count for k, v in window.sums.items()})
+                record["data_wait"] = window.data_time / max(window.step_time, 1e-12)
+                record["images_per_s"] = window.images / max(window.step_time, 1e-12)
+                record["seconds_per_iter"] = window.step_time / window.count
+                if iteration % log_every == 0:
+                    # The extra record at a run's end keeps its window open, so a run resumed
+                    # from that end logs the same windows as an uninterrupted one.
+                    window = _Window()
+                last_record = record
+                if is_main:
+                    with metrics_path.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    for k, v in record.items():
+                        if k not in ("kind", "iter"):
+                            writer.add_scalar(f"train/{k}", v, iteration)
+
+            if (
+                eval_fn is not None
+                and eval_every > 0
+                and (iteration % eval_every == 0 or iteration == iters)
+            ):
+                if is_main:
+                    objective.eval()
+                    with torch.no_grad():
+                        metrics = eval_fn(iteration)
+                    objective.train()
+                    record = {"kind": "eval", "iter": iteration, **metrics}
+                    with metrics_path.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    for k, v in metrics.items():
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(f"eval/{k}", v, iteration)
+                _barrier()
+
+            if iteration % ckpt_every == 0 or iteration == iters:
+                save(iteration)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    if is_main:
+        plot_curves(metrics_path, out_dir / "loss_curves.png")
+    _barrier()
+    return {
+        "iteration": max(start, iters),
+        "trained": max(0, iters - start),
+        "data_wait_share": total_data / total_time if total_time > 0 else 0.0,
+        "seconds": time.perf_counter() - t_begin,
+        "last_checkpoint": last_saved,
+        "last_record": last_record,
+    }

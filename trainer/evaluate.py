@@ -1,0 +1,349 @@
+"""Evaluate a fine-tuned K-Net: COCO mask AP, AP50, AP75, APs, APm, APl (pycocotools).
+
+``python -m trainer evaluate --checkpoint CKPT [--out FILE]`` loads a fine-tuning checkpoint and
+scores it on the config's validation set (``data.val_json`` / ``data.val_images``).
+
+Test-time decoding follows K-Net's ``KernelIterHead.simple_test`` (METHOD.md, stage three):
+the last update stage's class logits (N kernels x C classes) go through a sigmoid and are flattened,
+the top ``max_detections`` (kernel, class) pairs are kept, and each one's mask logits are turned
+into an original-size binary mask: sigmoid, bilinear up-sampling to the padded input size, crop to
+the resized image, bilinear resize to the original size, threshold at ``test_mask_threshold``.
+
+**[choice] No mask-score rescoring.** Mask2Former-style decoders multiply the class score by the
+mean soft mask inside the binary mask; K-Net's instance decoder does not (its detection score is
+the class probability alone; see ``get_seg_masks``/``segm2result`` in K-Net's
+``kernel_update_head.py``). Saliency Prompt fine-tunes and tests a plain K-Net, so the score here
+is the sigmoid class probability, as in K-Net.
+
+Detections whose binary mask is empty are dropped: an empty mask matches no object (IoU 0), so it
+cannot change AP, and keeping it would only bloat the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from pipeline.cli import UserError
+from pipeline.config import apply_override, from_dict
+from trainer.checkpoint import load_checkpoint, load_matching
+from trainer.config import Config
+from trainer.datasets import CocoDataset, Collate
+from trainer.transforms import Augment
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # order of COCOeval.stats[0:6]
+
+# Masks are resized in groups of this many, so 100 detections on an 800 x 1333 image never hold
+# 100 full-size float maps at once (~430 MB) on the device.
+_RESIZE_CHUNK = 16
+
+
+@torch.no_grad()
+def image_results(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    *,
+    image_id: int,
+    category_ids: Sequence[int],
+    input_size: tuple[int, int],
+    image_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    mask_threshold: float = 0.3,
+    max_detections: int = 100,
+) -> list[dict[str, Any]]:
+    """COCO results for one image from the last stage's predictions.
+
+    class_logits: (N, C) logits, N kernels, C classes (C == len(category_ids)).
+    mask_logits: (N, h, w) logits on the mask grid (h = Hp / mask_stride, w = Wp / mask_stride).
+    input_size: (Hp, Wp) padded network input; image_size: (h_img, w_img) the resized image inside
+    it (top-left); orig_size: (H, W) of the image on disk, the frame of the ground truth.
+    Returns up to ``max_detections`` dicts {"image_id", "category_id", "segmentation" (compressed
+    RLE, counts as str), "score"}, sorted by score descending, empty masks left out.
+    """
+    num_kernels, num_classes = class_logits.shape
+    if num_classes != len(category_ids):
+        raise ValueError(f"{num_classes} class logits but {len(category_ids)} category ids")
+    scores = class_logits.float().sigmoid().flatten()  # (N*C,), kernel-major
+    k = min(max_detections, scores.numel())
+    top_scores, top_index = scores.topk(k, sorted=True)
+    kernels = torch.div(top_index, num_classes, rounding_mode="floor")
+    labels = top_index % num_classes
+
+    h_img, w_img = image_size
+    binary = []
+    for start in range(0, k, _RESIZE_CHUNK):
+        chunk = mask_logits[kernels[start : start + _RESIZE_CHUNK]].float().sigmoid()[None]
+        chunk = F.interpolate(chunk, size=input_size, mode="bilinear", align_corners=False)
+        chunk = chunk[:, :, :h_img, :w_img]  # drop the zero padding (bottom/right)
+        chunk = F.interpolate(chunk, size=orig_size, mode="bilinear", align_corners=False)
+        binary.append((chunk[0] > mask_threshold).cpu())
+    if not binary:
+        return []
+    masks = torch.cat(binary).numpy().astype(np.uint8)  # (k, H, W)
+    # pycocotools wants (H, W, k) in Fortran order.
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    areas = masks.reshape(k, -1).sum(1)
+    results = []
+    for i in range(k):
+        if areas[i] == 0:
+            continue
+        rle = rles[i]
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[int(labels[i])]),
+                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+                "score": float(top_scores[i]),
+            }
+        )
+    return results
+
+
+def coco_mask_metrics(
+    coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int] | None = None
+) -> dict[str, float]:
+    """Score ``results`` against ``coco_gt`` with COCOeval(iouType="segm").
+
+    image_ids: the images that were evaluated (default: all ground-truth images); an image with no
+    detection still counts its ground truth as missed. Returns fractions in [0, 1] keyed by
+    METRIC_NAMES; pycocotools' -1 (no ground truth in that area range) is kept as -1.
+    """
+    quiet = io.StringIO()  # pycocotools prints progress; the caller prints the table
+    with contextlib.redirect_stdout(quiet):
+        if results:
+            # loadRes adds "id", "area" and a NumPy "bbox" to each dict: give it copies.
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        else:
+            # loadRes cannot take an empty list; an empty result set scores 0 where there is
+            # ground truth, exactly what COCOeval gives for an image with no detection.
+            coco_dt = COCO()
+            coco_dt.dataset = {
+                "images": list(coco_gt.dataset["images"]),
+                "categories": list(coco_gt.dataset["categories"]),
+                "annotations": [],
+            }
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(set(int(i) for i in image_ids))
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The KNet inside an Objective and/or DistributedDataParallel wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "knet", model)
+
+
+@torch.no_grad()
+def evaluate(
+    knet: nn.Module,
+    loader: Iterable,
+    coco_gt: COCO,
+    device: torch.device | str,
+    *,
+    category_ids: Sequence[int] | None = None,
+    mask_threshold: float = 0.3,
+    max_detections: int = 100,
+    results_path: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Mask AP of ``knet`` over one pass of ``loader`` against ``coco_gt``.
+
+    knet: a KNet (an Objective or DDP wrapper around one is unwrapped). It is run in eval mode and
+    put back in its previous mode afterwards (the engine calls this in the middle of training).
+    loader: finite, yields trainer Batches whose ``infos`` carry "image_id", "orig_size",
+    "image_size", "input_size" (trainer/datasets.py, evaluation Augment: resize only).
+    category_ids: COCO id of each contiguous class; default ``loader.dataset.cat_ids``.
+    results_path: where to write the COCO results JSON (optional).
+    Returns METRIC_NAMES (fractions, -1 where pycocotools has no ground truth) plus "images"
+    (images evaluated) and "detections" (results kept). Only the images seen are scored.
+    """
+    knet = _unwrap(knet)
+    device = torch.device(device)
+    if category_ids is None:
+        category_ids = getattr(getattr(loader, "dataset", None), "cat_ids", None)
+        if category_ids is None:
+            raise ValueError("category_ids not given and the loader's dataset has no cat_ids")
+    category_ids = [int(c) for c in category_ids]
+    if getattr(knet, "num_classes", len(category_ids)) != len(category_ids):
+        raise UserError(
+            f"the model predicts {knet.num_classes} classes but the evaluation set has "
+            f"{len(category_ids)} categories"
+        )
+    was_training = knet.training
+    knet.eval()
+    results: list[dict[str, Any]] = []
+    seen: list[int] = []
+    try:
+        batches = loader
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(loader, desc="evaluate", dynamic_ncols=True)
+        for batch in batches:
+            images = batch.images.to(device, non_blocking=device.type == "cuda")
+            last = knet(images)["stages"][-1]
+            for i, info in enumerate(batch.infos):
+                seen.append(int(info["image_id"]))
+                results += image_results(
+                    last["logits"][i],
+                    last["masks"][i],
+                    image_id=info["image_id"],
+                    category_ids=category_ids,
+                    input_size=tuple(images.shape[-2:]),
+                    image_size=tuple(info["image_size"]),
+                    orig_size=tuple(info["orig_size"]),
+                    mask_threshold=mask_threshold,
+                    max_detections=max_detections,
+                )
+    finally:
+        knet.train(was_training)
+    if not seen:
+        raise UserError("the evaluation loader yielded no image")
+    if results_path is not None:
+        results_path = Path(results_path)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results))
+    metrics = coco_mask_metrics(coco_gt, results, image_ids=seen)
+    return {**metrics, "images": float(len(seen)), "detections": float(len(results))}
+
+
+def load_coco(path: str | Path) -> COCO:
+    """pycocotools COCO for a ground-truth JSON, without its prints; UserError when missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"annotation file not found: {path}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def format_table(rows: dict[str, dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    """A markdown table, one row per name, AP columns in percent (as the paper reports them)."""
+    head = ["run", *METRIC_NAMES, *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows.items():
+        cells = [name]
+        for key in METRIC_NAMES:
+            v = m.get(key)
+            cells.append("n/a" if v is None or v < 0 else f"{100 * v:.1f}")
+        cells += [str(m.get(key, "")) for key in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The validation set and the command
+
+
+def build_eval_loader(
+    cfg: Config, size_divisor: int, *, num_workers: int | None = None
+) -> DataLoader:
+    """One ordered pass over ``cfg.data.val_json`` / ``val_images``, resized as in fine-tuning
+    (no flip, no rotation), every image kept (an image without objects still counts for AP).
+
+    Not sharded over torch.distributed ranks: evaluation runs on rank 0 only and must see the
+    whole set.
+    """
+    ft = cfg.finetune
+    dataset = CocoDataset(
+        cfg.data.val_json,
+        cfg.data.val_images,
+        Augment(ft.short_side, ft.max_side),
+        train=False,
+        with_masks=False,
+    )
+    workers = ft.num_workers if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_size=ft.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=Collate(size_divisor),
+    )
+
+
+def default_output(checkpoint: Path) -> Path:
+    """runs/.../finetune-0.05/checkpoints/last.pt -> runs/.../finetune-0.05/eval-last.json."""
+    folder = checkpoint.parent
+    if folder.name == "checkpoints":
+        folder = folder.parent
+    return folder / f"eval-{checkpoint.stem}.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="fine-tuning checkpoint (.pt)")
+    parser.add_argument(
+        "--out", default="", help="metrics JSON (default: eval-<checkpoint>.json in its run)"
+    )
+    parser.add_argument("--batch-size", type=int, default=0, help="default: finetune.batch_size")
+    parser.epilog = (
+        "The model and data settings come from the checkpoint's own config; --set overrides "
+        "them (e.g. --set data.val_json=...); --config is not read."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.backbones import build_backbone
+    from trainer.engine import init_distributed
+    from trainer.model.knet import KNet
+
+    path = Path(args.checkpoint)
+    state = load_checkpoint(path)
+    raw = state.get("config")
+    num_classes = state.get("num_classes")
+    if not isinstance(raw, dict) or not num_classes:
+        raise UserError(f"{path} is not a training checkpoint (no config / num_classes)")
+    raw = copy.deepcopy(raw)
+    for assignment in args.overrides:
+        apply_override(raw, assignment)
+    cfg = from_dict(Config, raw)
+    if args.batch_size > 0:
+        cfg.finetune.batch_size = args.batch_size
+    device = init_distributed()
+    knet = KNet(build_backbone(cfg.backbone), cfg.model, int(num_classes))
+    load_matching(knet, state["model"], allowed_skips=())  # strict: every tensor must fit
+    knet.to(device)
+    loader = build_eval_loader(cfg, knet.size_divisor)
+    out = Path(args.out) if args.out else default_output(path)
+    metrics = evaluate(
+        knet,
+        loader,
+        load_coco(cfg.data.val_json),
+        device,
+        category_ids=loader.dataset.cat_ids,
+        mask_threshold=cfg.finetune.test_mask_threshold,
+        max_detections=cfg.finetune.max_detections,
+        results_path=out.with_name(out.stem + "-segm.json"),
+        progress=True,
+    )
+    report = {
+        "checkpoint": str(path),
+        "iteration": state.get("iteration"),
+        "val_json": cfg.data.val_json,
+        "metrics": metrics,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table({path.name: metrics}))
+    print(f"metrics: {out}")
+    print(f"detections: {out.with_name(out.stem + '-segm.json')}")
+    return 0

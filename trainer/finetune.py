@@ -1,0 +1,399 @@
+"""Fine-tune K-Net on a labelled fraction of the training images (stage three).
+
+    python -m trainer finetune --frac F [--init CKPT|none] [--out DIR] [--iters N] [--resume]
+                               [--split-file FILE] [--split-fold K] [--tag NAME]
+
+Chooses the low-data split (trainer/splits.py) and writes it into the run folder, builds a plain
+K-Net with the dataset's classes (no prompts, no kernel supervision), initialises it from a
+pre-training checkpoint (default runs/<name>/pretrain/checkpoints/last.pt; every tensor but the
+class layers, and says which were skipped) or, with ``--init none``, from the backbone weights
+alone with fresh heads (the baseline). Backbone: stem and stages up to finetune.frozen_stages
+frozen, BatchNorm statistics frozen, learning rate x finetune.backbone_lr_mult. Trains with the
+shared engine, evaluating mask AP on the validation set every finetune.eval_every iterations and
+at the end.
+
+Writes runs/<name>/finetune-<frac>[-<tag>]/: config.toml, version.json, split.json (the chosen
+images with all their annotations), metrics.jsonl (training and "eval" records), ap_curve.json
+(AP vs iteration), metrics.json (final metrics, and the best evaluation labelled as such),
+checkpoints/, tensorboard/, loss_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cli import UserError, record_run
+from trainer.config import Config, load_config
+from trainer.evaluate import METRIC_NAMES, build_eval_loader, evaluate, format_table, load_coco
+from trainer.splits import write_split
+
+NO_INIT = "none"
+
+
+def run_name(frac: float, tag: str = "") -> str:
+    """Folder name of a fine-tuning run: finetune-0.05, finetune-0.05-sp, ..."""
+    return f"finetune-{frac:g}" + (f"-{tag}" if tag else "")
+
+
+def default_init(cfg: Config) -> Path:
+    """The pre-training run's last checkpoint (pretrain.out, else runs/<name>/pretrain)."""
+    return Path(cfg.pretrain.out or f"runs/{cfg.name}/pretrain") / "checkpoints" / "last.pt"
+
+
+def resolve(
+    cfg: Config,
+    *,
+    frac: float | None = None,
+    init: str | None = None,
+    out: str | None = None,
+    iters: int | None = None,
+    split_file: str | None = None,
+    split_fold: int | None = None,
+    tag: str = "",
+) -> Config:
+    """A copy of ``cfg`` with the command-line choices written into its finetune section, so the
+    recorded config.toml says exactly what the run did (init and out resolved to paths)."""
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune))
+    ft = cfg.finetune
+    if frac is not None:
+        ft.frac = frac
+    if not 0.0 < ft.frac <= 1.0:
+        raise UserError(f"--frac must be in (0, 1], got {ft.frac}")
+    if iters is not None:
+        if iters < 1:
+            raise UserError(f"--iters must be >= 1, got {iters}")
+        ft.iters = iters
+    if split_file is not None:
+        ft.split_file = split_file
+    if split_fold is not None:
+        ft.split_fold = split_fold
+    if init is not None:
+        ft.init = init
+    if ft.init.lower() != NO_INIT:
+        ft.init = str(Path(ft.init) if ft.init else default_init(cfg))
+    else:
+        ft.init = NO_INIT
+    if out is not None:
+        ft.out = out
+    elif ft.out:
+        ft.out = ft.out + (f"-{tag}" if tag else "")  # two tagged runs must not share a folder
+    else:
+        ft.out = str(Path(f"runs/{cfg.name}") / run_name(ft.frac, tag))
+    return cfg
+
+
+def load_init(knet: torch.nn.Module, path: str | Path) -> list[str]:
+    """Load a pre-trained K-Net into ``knet``: every tensor whose name and shape match.
+
+    Only the class layers (KNet.CLASS_LAYER_PREFIXES) may be skipped; anything else missing,
+    unexpected or of another shape is a UserError. Returns the sorted skipped names.
+    """
+    from trainer.checkpoint import load_checkpoint, load_matching
+    from trainer.model.knet import KNet
+
+    state = load_checkpoint(path)
+    if "model" not in state:
+        raise UserError(f"{path} holds no 'model' state (not a trainer checkpoint)")
+    return load_matching(knet, state["model"], allowed_skips=KNet.CLASS_LAYER_PREFIXES)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds any library code using the global one)
+    torch.manual_seed(seed)
+
+
+def ap_curve(metrics_jsonl: Path) -> list[dict[str, Any]]:
+    """The "eval" records of a run's metrics.jsonl as [{"iteration", AP, AP50, ...}], by iteration.
+
+    The engine truncates metrics.jsonl to the resumed checkpoint, so this is always the curve of
+    the iterations that the final model went through.
+    """
+    from trainer.engine import read_metrics
+
+    by_iter: dict[int, dict[str, Any]] = {}
+    for r in read_metrics(metrics_jsonl):
+        if r.get("kind") == "eval":
+            by_iter[int(r["iter"])] = {
+                "iteration": int(r["iter"]),
+                **{k: v for k, v in r.items() if k not in ("kind", "iter")},
+            }
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
+def train_seconds(metrics_jsonl: Path) -> float:
+    """Seconds spent in training steps plus evaluations, summed from metrics.jsonl (so a resumed
+    run counts every iteration it kept once, and start-up time is not counted)."""
+    from trainer.engine import read_metrics
+
+    total, prev = 0.0, 0
+    for r in read_metrics(metrics_jsonl):
+        if r.get("kind") == "train":
+            total += float(r["seconds_per_iter"]) * (int(r["iter"]) - prev)
+            prev = int(r["iter"])
+        elif r.get("kind") == "eval":
+            total += float(r.get("eval_seconds", 0.0))
+    return total
+
+
+def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
+    """Stage three end to end with the choices already in ``cfg`` (see :func:`resolve`).
+
+    Returns the content of metrics.json: {"final": {metrics, "iteration"}, "best": {metrics,
+    "iteration"}, "iterations", "train_seconds", "init", "skipped", "split", ...}.
+    """
+    from pipeline.backbones import build_backbone, weights_fingerprint
+    from trainer.datasets import CocoDataset, build_loader, dist_info
+    from trainer.engine import (
+        build_optimizer,
+        build_scheduler,
+        init_distributed,
+        shutdown_distributed,
+        train,
+    )
+    from trainer.model.objective import build_objective
+    from trainer.transforms import Augment
+
+    ft = cfg.finetune
+    out = Path(ft.out)
+    device = init_distributed()
+    try:
+        rank, world = dist_info()
+        _seed_everything(ft.seed)
+
+        split = write_split(
+            cfg.data.train_json,
+            out / "split.json",
+            frac=ft.frac,
+            seed=ft.split_seed,
+            split_file=ft.split_file,
+            split_fold=ft.split_fold,
+        )
+        augment = Augment(
+            ft.short_side,
+            ft.max_side,
+            flip=ft.flip,
+            rotate_deg=ft.rotate_deg,
+            rotate_prob=ft.rotate_prob,
+        )
+        dataset = CocoDataset(out / "split.json", cfg.data.train_images, augment, train=True)
+
+        backbone = build_backbone(cfg.backbone)
+        backbone_print = weights_fingerprint(backbone)
+        objective = build_objective(
+            backbone,
+            cfg.model,
+            num_classes=dataset.num_classes,
+            prompts=False,
+            kernel_supervision=False,
+        )
+        knet = objective.knet
+        if ft.init == NO_INIT:
+            skipped: list[str] = []
+            init_note = (
+                f"baseline: backbone weights only ({cfg.backbone.kind} "
+                f"'{cfg.backbone.weights or 'default'}'), fresh heads"
+            )
+        else:
+            skipped = load_init(knet, ft.init)
+            same = weights_fingerprint(knet.backbone) == backbone_print
+            init_note = (
+                f"initialised from {ft.init}; skipped {len(skipped)} tensors "
+                f"(class layers): {', '.join(skipped) or 'none'}; backbone "
+                f"{'identical to' if same else 'differs from'} backbone.weights"
+            )
+        knet.backbone.freeze(ft.frozen_stages)
+
+        loader = build_loader(
+            dataset,
+            ft.batch_size,
+            size_divisor=knet.size_divisor,
+            device=device,
+            num_workers=ft.num_workers,
+            seed=ft.seed,
+        )
+        optimizer = build_optimizer(objective, ft.lr, ft.weight_decay, ft.backbone_lr_mult)
+        scheduler = build_scheduler(
+            optimizer, ft.warmup_iters, ft.warmup_ratio, ft.lr_steps, ft.lr_gamma
+        )
+
+        # The engine evaluates on rank 0 only, but every rank must take the same path through it.
+        eval_fn = make_eval_fn(cfg, knet, dataset.cat_ids, device) if rank == 0 else _no_eval
+
+        resolved = dataclasses.asdict(cfg)
+        if rank == 0:
+            record_run(out, resolved, argv)
+            print(
+                f"finetune: {split['num_images']} of {split['total_images']} training images "
+                f"({ft.frac:g}, {split['method']}), {len(dataset)} with objects, "
+                f"{dataset.num_classes} classes; batch {ft.batch_size} x {world} process(es) on "
+                f"{device}; {ft.iters} iterations -> {out}",
+                file=sys.stderr,
+            )
+            print(f"finetune: {init_note}", file=sys.stderr)
+        result = train(
+            objective,
+            loader,
+            optimizer,
+            scheduler,
+            iters=ft.iters,
+            out_dir=out,
+            device=device,
+            clip_grad=ft.clip_grad,
+            amp=ft.amp,
+            log_every=ft.log_every,
+            ckpt_every=ft.ckpt_every,
+            resume=resume,
+            config=resolved,
+            eval_fn=eval_fn,
+            eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters,
+            desc=f"finetune {out.name}",
+        )
+        summary: dict[str, Any] = {}
+        if rank == 0:
+            summary = _summarise(out, ft.iters, eval_fn, result)
+            summary.update(
+                init=ft.init,
+                skipped=skipped,
+                split=split,
+                train_images=len(dataset),
+                num_classes=dataset.num_classes,
+            )
+            (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    finally:
+        shutdown_distributed()
+    return summary
+
+
+def _no_eval(iteration: int) -> dict[str, float]:
+    return {}
+
+
+def make_eval_fn(
+    cfg: Config, knet: torch.nn.Module, cat_ids: list[int], device: torch.device
+) -> Callable[[int], dict[str, float]]:
+    """eval_fn(iteration) -> mask AP of ``knet`` on the validation set (+ "eval_seconds")."""
+    ft = cfg.finetune
+    val_loader = build_eval_loader(cfg, knet.size_divisor)
+    if list(val_loader.dataset.cat_ids) != list(cat_ids):
+        raise UserError(
+            f"{cfg.data.val_json} and {cfg.data.train_json} have different "
+            "categories: the classes the model learns would not be scored"
+        )
+    coco_gt = load_coco(cfg.data.val_json)
+
+    def eval_fn(iteration: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = evaluate(
+            knet,
+            val_loader,
+            coco_gt,
+            device,
+            category_ids=cat_ids,
+            mask_threshold=ft.test_mask_threshold,
+            max_detections=ft.max_detections,
+        )
+        return {**metrics, "eval_seconds": time.perf_counter() - t0}
+
+    return eval_fn
+
+
+def _summarise(out: Path, iters: int, eval_fn, result: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json and ap_curve.json from the run's metrics.jsonl (evaluating the last
+    checkpoint once more only if its evaluation is missing, e.g. an old finished run)."""
+    curve = ap_curve(out / "metrics.jsonl")
+    if not curve or curve[-1]["iteration"] != iters:
+        # A finished run whose final evaluation was lost (cut short after its last checkpoint):
+        # the engine loaded that checkpoint and had nothing to do, so evaluate it here.
+        metrics = eval_fn(iters)
+        with (out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps({"kind": "eval", "iter": iters, **metrics}) + "\n")
+        curve = ap_curve(out / "metrics.jsonl")
+    (out / "ap_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
+    final = curve[-1]
+    best = max(curve, key=lambda r: r["AP"])
+    keep = (*METRIC_NAMES, "iteration")
+    return {
+        "final": {k: final[k] for k in keep},
+        "best": {k: best[k] for k in keep},
+        "iterations": int(result["iteration"]),
+        "train_seconds": train_seconds(out / "metrics.jsonl"),
+        "checkpoint": str(out / "checkpoints" / "last.pt"),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--frac",
+        type=float,
+        default=None,
+        help="fraction of the training images (default: finetune.frac)",
+    )
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="pre-training checkpoint, or 'none' for the backbone-only baseline "
+        "(default: finetune.init, else runs/<name>/pretrain/checkpoints/"
+        "last.pt)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: runs/<name>/finetune-<frac>[-<tag>])"
+    )
+    parser.add_argument("--iters", type=int, default=None, help="total iterations (finetune.iters)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoints/last.pt when it exists"
+    )
+    parser.add_argument(
+        "--split-file",
+        default=None,
+        help="Unbiased-Teacher COCO_supervision.txt (overrides the seeded split)",
+    )
+    parser.add_argument(
+        "--split-fold",
+        type=int,
+        default=None,
+        help="fold of --split-file (finetune.split_fold; the paper used 1)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the default output folder name")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve(
+        load_config(args.config, args.overrides),
+        frac=args.frac,
+        init=args.init,
+        out=args.out,
+        iters=args.iters,
+        split_file=args.split_file,
+        split_fold=args.split_fold,
+        tag=args.tag,
+    )
+    summary = finetune(cfg, resume=args.resume)
+    if summary:
+        out = Path(cfg.finetune.out)
+        best = summary["best"]
+        print(
+            format_table(
+                {
+                    f"{out.name} (final)": summary["final"],
+                    f"{out.name} (best, iter {best['iteration']})": best,
+                }
+            )
+        )
+        print(
+            f"finetune: {summary['iterations']} iterations, {summary['train_seconds']:.1f} s "
+            f"training + evaluation; metrics {out / 'metrics.json'}, curve "
+            f"{out / 'ap_curve.json'}"
+        )
+    return 0

@@ -1,0 +1,223 @@
+"""Pre-train K-Net on saliency proposals with prompts and kernel supervision (stage two).
+
+    python -m trainer pretrain [--shards DIR] [--out DIR] [--iters N] [--resume]
+
+Reads the proposal shards (default runs/<name>/proposals), builds the frozen backbone and the
+class-agnostic K-Net objective (METHOD.md stage two), and trains it with the shared engine.
+Writes runs/<name>/pretrain/{config.toml, metrics.jsonl, tensorboard/, checkpoints/,
+loss_curves.png}. With --resume it continues exactly from checkpoints/last.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
+from pipeline.cli import UserError, record_run
+from pipeline.config import ConfigError, ProposalConfig, from_dict
+from trainer.config import Config, load_config
+from trainer.datasets import ShardDataset, build_loader, dist_info
+from trainer.engine import (
+    build_optimizer,
+    build_scheduler,
+    init_distributed,
+    latest_checkpoint,
+    shutdown_distributed,
+    train,
+)
+from trainer.transforms import Augment
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shards",
+        default=None,
+        help="proposals folder (default: pretrain.shards, else runs/<name>/proposals)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: pretrain.out, else runs/<name>/pretrain)",
+    )
+    parser.add_argument("--iters", type=int, default=None, help="total iterations (pretrain.iters)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoints/last.pt when it exists"
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="image folder the shards' file names are relative to "
+        "(default: the one recorded in the proposals folder)",
+    )
+
+
+def check_shards(dataset: ShardDataset, backbone: Backbone, cfg: Config) -> list[str]:
+    """Refuse shards that do not come from this backbone; return notes on harmless differences.
+
+    All shards must share one fingerprint; their backbone kind and seed width must be the
+    configured backbone's; and the fingerprint recomputed from *these* backbone weights and the
+    shards' own recorded settings must equal theirs (so the seeds S_l live in this backbone's
+    feature space). Proposal settings that differ from the current config only give a note.
+    """
+    folder = dataset.folder
+    fingerprints = {m.get("fingerprint") for m in dataset.metas}
+    if len(fingerprints) > 1:
+        raise UserError(
+            f"{folder} mixes shards of {len(fingerprints)} different proposal runs "
+            "(fingerprints differ); re-run proposals into an empty folder"
+        )
+    meta = dataset.meta
+    if meta.get("backbone") != cfg.backbone.kind:
+        raise UserError(
+            f"{folder} was made with backbone '{meta.get('backbone')}' but "
+            f"backbone.kind is '{cfg.backbone.kind}'"
+        )
+    if int(meta.get("embed_dim", -1)) != backbone.embed_dim:
+        raise UserError(
+            f"{folder} holds {meta.get('embed_dim')}-d seeds but the "
+            f"{cfg.backbone.kind} backbone gives {backbone.embed_dim}-d features"
+        )
+    notes = []
+    if cfg.backbone.weights.strip() == "random":
+        # Random weights (tests, smoke runs) differ per process: nothing meaningful to compare.
+        return ["backbone.weights is 'random': the shards' weights are not checked"]
+    try:
+        from pipeline.proposals import compute_fingerprint, result_settings
+
+        stored = json.loads(meta.get("settings", "{}"))
+        made_with = from_dict(ProposalConfig, stored)
+    except (ImportError, ValueError, ConfigError, TypeError) as e:
+        return [f"cannot verify the shards' backbone weights ({e}); checked kind and width only"]
+    expected = compute_fingerprint(cfg.backbone.kind, weights_fingerprint(backbone), made_with)
+    if expected != meta.get("fingerprint"):
+        raise UserError(
+            f"{folder} was made with other {cfg.backbone.kind} weights than "
+            f"backbone.weights='{cfg.backbone.weights}' (fingerprint mismatch); "
+            "re-run proposals with this backbone or point --shards elsewhere"
+        )
+    current = result_settings(cfg.proposals)
+    changed = sorted(k for k in set(current) | set(stored) if current.get(k) != stored.get(k))
+    if changed:
+        notes.append(
+            "the shards were made with other proposal settings than this config "
+            f"({', '.join(changed)}); training on them as they are"
+        )
+    return notes
+
+
+def run_pretrain(
+    cfg: Config,
+    *,
+    shards: Path,
+    out: Path,
+    resume: bool,
+    image_root: str | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Stage two end to end; returns the engine's summary."""
+    from trainer.model.objective import build_objective
+
+    p = cfg.pretrain
+    if not resume and latest_checkpoint(out) is not None:
+        # Refused before anything is written, so the earlier run's config.toml stays its own.
+        raise UserError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another --out"
+        )
+    device = init_distributed()
+    rank, world = dist_info()
+    random.seed(p.seed)
+    np.random.seed(p.seed)  # noqa: NPY002 (seeds any library code using the global one)
+    torch.manual_seed(p.seed)
+
+    dataset = ShardDataset(shards, Augment(p.short_side, p.max_side, flip=p.flip), image_root)
+    backbone = build_backbone(cfg.backbone)
+    notes = check_shards(dataset, backbone, cfg)
+    objective = build_objective(
+        backbone,
+        cfg.model,
+        num_classes=1,
+        prompts=p.prompts,
+        kernel_supervision=p.kernel_supervision,
+        prompt_slots=p.prompt_slots,
+        prompt_keep=p.prompt_keep,
+    )
+    loader = build_loader(
+        dataset,
+        p.batch_size,
+        size_divisor=objective.knet.size_divisor,
+        device=device,
+        num_workers=p.num_workers,
+        seed=p.seed,
+    )
+    optimizer = build_optimizer(objective, p.lr, p.weight_decay)
+    scheduler = build_scheduler(optimizer, p.warmup_iters, p.warmup_ratio, p.lr_steps, p.lr_gamma)
+    resolved = dataclasses.asdict(cfg)
+    if rank == 0:
+        record_run(out, resolved, argv)
+        skipped = ", ".join(f"{n} with status {s}" for s, n in sorted(dataset.skipped.items()))
+        print(
+            f"pretrain: {len(dataset)} images from {len(dataset.metas)} shards in {shards}"
+            f"{' (skipped ' + skipped + ')' if skipped else ''}; batch {p.batch_size} x "
+            f"{world} process(es) on {device}; {p.iters} iterations -> {out}",
+            file=sys.stderr,
+        )
+        for note in notes:
+            print(f"pretrain: note: {note}", file=sys.stderr)
+    try:
+        result = train(
+            objective,
+            loader,
+            optimizer,
+            scheduler,
+            iters=p.iters,
+            out_dir=out,
+            device=device,
+            clip_grad=p.clip_grad,
+            amp=p.amp,
+            log_every=p.log_every,
+            ckpt_every=p.ckpt_every,
+            resume=resume,
+            config=resolved,
+            desc="pretrain",
+        )
+    except BaseException:
+        shutdown_distributed(barrier=False)
+        raise
+    shutdown_distributed()
+    return {**result, "rank": rank}
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    p = cfg.pretrain
+    if args.iters is not None:
+        if args.iters < 1:
+            raise UserError(f"--iters must be >= 1, got {args.iters}")
+        p.iters = args.iters
+    shards = Path(args.shards or p.shards or f"runs/{cfg.name}/proposals")
+    out = Path(args.out or p.out or f"runs/{cfg.name}/pretrain")
+    p.shards, p.out = str(shards), str(out)
+    result = run_pretrain(
+        cfg, shards=shards, out=out, resume=args.resume, image_root=args.image_root
+    )
+    if result["rank"] == 0 and not result["trained"]:
+        print(f"pretrain: already complete ({result['iteration']} iterations) in {out}")
+    elif result["rank"] == 0:
+        record = result["last_record"]
+        losses = f"; final loss {record['loss']:.4f}" if "loss" in record else ""
+        print(
+            f"pretrain: {result['iteration']} iterations in {result['seconds']:.1f} s{losses}; "
+            f"data-wait share {100 * result['data_wait_share']:.1f}% of step time; "
+            f"checkpoint {result['last_checkpoint']}"
+        )
+    return 0
