@@ -38,7 +38,7 @@ import torch
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
+from pipeline.backbones import BACKBONE_CLASSES, Backbone, build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import BackboneConfig, ProposalConfig, load_pipeline_config
 from pipeline.images import (
@@ -68,6 +68,8 @@ from pipeline.shards import (
 
 # ProposalConfig fields that change how work is done but not what is computed. Every other
 # field (including any added later) enters the fingerprint, so a new knob is safe by default.
+# batch_size is one only for batch-invariant backbones (the ViT): a ResNet's border cells see
+# how far pad_batch padded, so there it enters the fingerprint (see result_settings).
 NON_RESULT_FIELDS = ("batch_size", "shard_size", "workers", "executor", "prefetch", "images", "out")
 MAX_RETRIES = 2  # extra attempts per shard before it is recorded as failed
 PLAN_FILE, SUMMARY_FILE = "plan.json", "summary.json"
@@ -95,18 +97,34 @@ def plan_hash(shards: list[list[ImageItem]]) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
-def result_settings(cfg: ProposalConfig) -> dict[str, Any]:
-    """The proposal settings that change results (stored in every shard as ``settings``)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_RESULT_FIELDS}
+def result_settings(cfg: ProposalConfig, batch_invariant: bool = True) -> dict[str, Any]:
+    """The proposal settings that change results (stored in every shard as ``settings``);
+    ``batch_size`` among them when the backbone is not ``batch_invariant``."""
+    skip = NON_RESULT_FIELDS if batch_invariant else tuple(set(NON_RESULT_FIELDS) - {"batch_size"})
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-def compute_fingerprint(backbone_kind: str, weights_hash: str, cfg: ProposalConfig) -> str:
-    """sha256 over backbone kind + weights hash + result-changing settings + schema version."""
+def _batch_invariant(backbone_kind: str) -> bool:
+    cls = BACKBONE_CLASSES.get(backbone_kind)
+    return bool(cls is not None and cls.batch_invariant)
+
+
+def compute_fingerprint(
+    backbone_kind: str,
+    weights_hash: str,
+    cfg: ProposalConfig,
+    batch_invariant: bool | None = None,
+) -> str:
+    """sha256 over backbone kind + weights hash + result-changing settings + schema version.
+
+    ``batch_invariant``: the backbone's; None reads it from the class of ``backbone_kind``."""
+    if batch_invariant is None:
+        batch_invariant = _batch_invariant(backbone_kind)
     payload = {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone_kind,
         "weights": weights_hash,
-        "settings": result_settings(cfg),
+        "settings": result_settings(cfg, batch_invariant),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -161,15 +179,16 @@ class ProposalWorker:
         self.out_dir = Path(out_dir)
         net = backbone if backbone is not None else build_backbone(backbone_cfg)
         self.backbone = net.eval().to(self.device)
+        invariant = bool(getattr(self.backbone, "batch_invariant", False))
         self.fingerprint = fingerprint or compute_fingerprint(
-            backbone_cfg.kind, weights_fingerprint(self.backbone), cfg
+            backbone_cfg.kind, weights_fingerprint(self.backbone), cfg, invariant
         )
         self.meta = {
             "fingerprint": self.fingerprint,
             "backbone": self.backbone.name,
             "feature_stride": self.backbone.saliency_stride,
             "embed_dim": self.backbone.embed_dim,
-            "settings": json.dumps(result_settings(cfg), sort_keys=True),
+            "settings": json.dumps(result_settings(cfg, invariant), sort_keys=True),
         }
         self.min_side = 2 * int(self.backbone.saliency_stride)
         # Decoding (OpenCV/PIL) releases the GIL, so threads overlap with the forward pass.
@@ -201,7 +220,8 @@ class ProposalWorker:
         if good:
             stride = self.backbone.saliency_stride
             x = pad_batch([b.tensor for b in good], self.backbone.size_divisor).to(self.device)
-            feats = self.backbone.saliency_features(x)  # (B,C,h,w)
+            # sizes: each image's valid pixels, so a batch-invariant backbone ignores the padding
+            feats = self.backbone.saliency_features(x, [b.resized for b in good])  # (B,C,h,w)
             valid = [
                 (math.ceil(h / stride), math.ceil(w / stride)) for h, w in (b.resized for b in good)
             ]
@@ -599,7 +619,9 @@ def run(args: argparse.Namespace) -> int:
 
     shards = make_plan(items, pcfg.shard_size)
     backbone = build_backbone(cfg.backbone)
-    fingerprint = compute_fingerprint(cfg.backbone.kind, weights_fingerprint(backbone), pcfg)
+    fingerprint = compute_fingerprint(
+        cfg.backbone.kind, weights_fingerprint(backbone), pcfg, backbone.batch_invariant
+    )
     done = prepare_out(out, shards, pcfg.shard_size, fingerprint, args.overwrite)
     raw.setdefault("proposals", {}).update(
         images=str(source), out=str(out), executor=executor, workers=workers

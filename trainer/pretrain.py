@@ -87,9 +87,6 @@ def check_shards(dataset: ShardDataset, backbone: Backbone, cfg: Config) -> list
             f"{cfg.backbone.kind} backbone gives {backbone.embed_dim}-d features"
         )
     notes = []
-    if cfg.backbone.weights.strip() == "random":
-        # Random weights (tests, smoke runs) differ per process: nothing meaningful to compare.
-        return ["backbone.weights is 'random': the shards' weights are not checked"]
     try:
         from pipeline.proposals import compute_fingerprint, result_settings
 
@@ -104,7 +101,7 @@ def check_shards(dataset: ShardDataset, backbone: Backbone, cfg: Config) -> list
             f"backbone.weights='{cfg.backbone.weights}' (fingerprint mismatch); "
             "re-run proposals with this backbone or point --shards elsewhere"
         )
-    current = result_settings(cfg.proposals)
+    current = result_settings(cfg.proposals, backbone.batch_invariant)
     changed = sorted(k for k in set(current) | set(stored) if current.get(k) != stored.get(k))
     if changed:
         notes.append(

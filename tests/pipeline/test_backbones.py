@@ -9,6 +9,7 @@ from pipeline import resnet_weights, vit_weights, weight_files
 from pipeline.backbones import ResNet50, build_backbone, weights_fingerprint
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
+from pipeline.images import pad_batch
 
 torch.set_num_threads(1)
 
@@ -125,3 +126,91 @@ def test_moved_loader_names_stay_importable_from_backbones():
         assert getattr(backbones, name) is getattr(vit_weights, name), name
     for name in backbones.__all__:
         assert hasattr(backbones, name), name
+
+
+@pytest.fixture(scope="module")
+def active_vit():
+    """Random ViT whose blocks matter: DINOv2's LayerScale starts at 1e-5, which leaves random
+    blocks near-identity (attending to padding would then go unnoticed); set it to 1."""
+    model = build_backbone(BackboneConfig(kind="dinov2_vits14", weights="random"))
+    with torch.no_grad():
+        for block in model.vit.blocks:
+            block.ls1.gamma.fill_(1.0)
+            block.ls2.gamma.fill_(1.0)
+    return model
+
+
+def test_vit_padded_batch_equals_each_image_alone(active_vit):
+    # Two smaller images and one that fills the padded 84x98 (6x7 cells) batch: their valid
+    # cells must not depend on the padding or on their batch mates.
+    vit = active_vit
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(3, *hw, generator=g) for hw in ((70, 45), (33, 96), (84, 98))]
+    x = pad_batch(images, vit.size_divisor)
+    sizes = [tuple(im.shape[1:]) for im in images]
+    assert vit.batch_invariant and x.shape == (3, 3, 84, 98)
+    with torch.no_grad():
+        batched = vit.saliency_features(x, sizes)
+        (level,) = vit(x, sizes)
+        unmasked = vit.saliency_features(x)
+        alone = [vit.saliency_features(im[None])[0] for im in images]
+    assert batched.shape == unmasked.shape == (3, 384, 6, 7)
+    torch.testing.assert_close(level, batched)
+    for i, ref in enumerate(alone):
+        h, w = ref.shape[-2:]
+        torch.testing.assert_close(batched[i, :, :h, :w], ref, atol=1e-4, rtol=1e-4)
+    # Without sizes the padding leaks into the small images (why the mask exists) but not into
+    # the one that fills the batch.
+    assert (unmasked[0, :, :5, :4] - alone[0]).abs().max() > 1e-2
+    torch.testing.assert_close(unmasked[2], alone[2], atol=1e-4, rtol=1e-4)
+
+
+def test_vit_full_sizes_take_the_unmasked_path(vit):
+    x = torch.randn(2, 3, 40, 56)  # 3x4 cells; 40 pads to 42 inside the backbone
+    with torch.no_grad():
+        plain = vit.saliency_features(x)
+        full = vit.saliency_features(x, [(40, 56), (40, 56)])
+        same_grid = vit.saliency_features(x, [(29, 43), (40, 56)])  # still 3x4 cells each
+    assert torch.equal(plain, full) and torch.equal(plain, same_grid)
+    with pytest.raises(ValueError, match="entries"):
+        vit.saliency_features(x, [(40, 56)])
+    with pytest.raises(ValueError, match="does not fit"):
+        vit.saliency_features(x, [(40, 56), (41, 56)])
+
+
+def test_resnet_ignores_sizes(resnet):
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        plain = resnet.saliency_features(x)
+        sized = resnet.saliency_features(x, [(64, 96), (40, 50)])
+        levels = resnet(x, [(64, 96), (40, 50)])
+    assert not resnet.batch_invariant
+    assert torch.equal(plain, sized) and torch.equal(levels[-1], plain)
+    assert backbones.BACKBONE_CLASSES["resnet50"].batch_invariant is False
+    assert backbones.BACKBONE_CLASSES["dinov2_vits14"].batch_invariant is True
+
+
+@pytest.mark.parametrize("kind", ["resnet50", "dinov2_vits14"])
+def test_random_weights_are_seeded(kind):
+    cfg = BackboneConfig(kind=kind, weights="random")
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = weights_fingerprint(build_backbone(cfg))
+    # The init draws from its own seeded generator: the caller's RNG is left where it was...
+    assert torch.equal(state, torch.random.get_rng_state())
+    torch.manual_seed(456)  # ...and a process whose RNG is elsewhere builds the same weights.
+    assert weights_fingerprint(build_backbone(cfg)) == a
+
+
+def test_batch_size_is_fingerprinted_only_for_batch_dependent_backbones():
+    # pipeline.proposals reads batch_invariant: batch_size changes a ResNet's border cells only.
+    from pipeline.config import ProposalConfig
+    from pipeline.proposals import compute_fingerprint, result_settings
+
+    base, other = ProposalConfig(batch_size=2), ProposalConfig(batch_size=3)
+    for kind, invariant in (("dinov2_vits14", True), ("resnet50", False)):
+        same = compute_fingerprint(kind, "w", base) == compute_fingerprint(kind, "w", other)
+        assert same == invariant, kind
+        explicit = compute_fingerprint(kind, "w", base, invariant)
+        assert explicit == compute_fingerprint(kind, "w", base), kind
+    assert result_settings(base, batch_invariant=False)["batch_size"] == 2

@@ -15,8 +15,9 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from pipeline.backbones import weights_fingerprint
+from pipeline.backbones import build_backbone, weights_fingerprint
 from pipeline.cli import UserError, main
+from pipeline.config import BackboneConfig
 from pipeline.proposals import compute_fingerprint, result_settings
 from pipeline.shards import STATUS_EMPTY, STATUS_OK, ImageRecord, shard_name, write_shard
 from trainer.checkpoint import load_checkpoint, load_matching
@@ -47,9 +48,16 @@ TINY = [
 
 
 def make_shards(
-    folder: Path, backbone: str = "dinov2_vits14", dim: int = VIT_DIM, fingerprint: str = "0" * 64
+    folder: Path, backbone: str = "dinov2_vits14", dim: int = VIT_DIM, fingerprint: str | None = None
 ) -> Path:
-    """Two shards of 3 images each (one empty), bright rectangles as pseudo masks."""
+    """Two shards of 3 images each (one empty), bright rectangles as pseudo masks.
+
+    By default they carry the fingerprint that the (seeded) random backbone and the demo config's
+    proposal settings give, so pretrain's weight check accepts them."""
+    made_with = load_config(ROOT / "configs" / "demo.toml").proposals
+    if fingerprint is None:
+        net = build_backbone(BackboneConfig(kind=backbone, weights="random"))
+        fingerprint = compute_fingerprint(backbone, weights_fingerprint(net), made_with)
     rng = np.random.default_rng(0)
     images = folder / "images"
     images.mkdir(parents=True)
@@ -96,7 +104,7 @@ def make_shards(
             "backbone": backbone,
             "feature_stride": 14,
             "embed_dim": dim,
-            "settings": {"top_k": 20},
+            "settings": json.dumps(result_settings(made_with), sort_keys=True),
         }
         write_shard(folder / "proposals" / shard_name(s), records, meta)
     (folder / "proposals" / "config.toml").write_text(f'[proposals]\nimages = "{images}"\n')
@@ -187,6 +195,7 @@ def test_missing_or_mismatched_shards_are_one_line_errors(tmp_path, capsys):
 def test_check_shards_verifies_backbone_weights(tmp_path):
     backbone = nn.Linear(3, 4)
     backbone.embed_dim = VIT_DIM
+    backbone.batch_invariant = True
     cfg = load_config(ROOT / "configs" / "demo.toml")
     cfg.backbone.weights = "some/checkpoint.pth"
     made_with = dataclasses.replace(cfg.proposals, top_k=cfg.proposals.top_k + 1, workers=7)
