@@ -41,18 +41,26 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         return f"{__version__}+{sha}{'-dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return __version__
 
 
-def record_run(out_dir: str | Path, resolved: dict[str, Any], argv: list[str] | None = None) -> None:
+def record_run(
+    out_dir: str | Path, resolved: dict[str, Any], argv: list[str] | None = None
+) -> None:
     """Write ``config.toml`` (the fully resolved config) and ``version.json`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +74,7 @@ def raw_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(prog: str, commands: dict[str, str], argv: list[str] | None = None) -> int:
-    """Dispatch ``prog COMMAND ...`` to ``module.add_arguments(parser)`` and ``module.run(args)``."""
+    """Dispatch ``prog COMMAND ...`` to the module's ``add_arguments(parser)`` and ``run(args)``."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,8 +87,12 @@ def main(prog: str, commands: dict[str, str], argv: list[str] | None = None) -> 
             continue
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip().splitlines()
-        p = sub.add_parser(name, help=doc[0] if doc else None, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=doc[0] if doc else None,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_common(p)
         module.add_arguments(p)
         p.set_defaults(_module=module)

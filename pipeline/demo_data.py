@@ -47,9 +47,20 @@ CATEGORIES = ["horse", "star", "ring", "cross", "crescent", "heart"]
 # images (colour wheel, chessboard, phantom, logo), text pages and near-duplicates (the right
 # motorcycle view) are left out; retina and cell are left out for their large flat borders.
 PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg",
-    "hubble_deep_field.jpg", "ihc.png", "camera.png", "coins.png", "moon.png",
-    "clock_motion.png", "brick.png", "grass.png", "gravel.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "motorcycle_left.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "clock_motion.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
 )
 
 SPLITS = {"train": 0, "val": 1}  # split code mixed into each image's seed
@@ -117,8 +128,20 @@ def _canonical_shape(name: str) -> np.ndarray:
         alpha = _disk_alpha(0, 0, 1.0) * (1.0 - _disk_alpha(0, 0, 0.58))
     elif name == "cross":
         a = 0.3  # half arm width
-        pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a),
-               (-1, a), (-1, -a), (-a, -a)]
+        pts = [
+            (-a, -1),
+            (a, -1),
+            (a, -a),
+            (1, -a),
+            (1, a),
+            (a, a),
+            (a, 1),
+            (-a, 1),
+            (-a, a),
+            (-1, a),
+            (-1, -a),
+            (-a, -a),
+        ]
         alpha = _polygon_alpha(np.array(pts, np.float64))
     elif name == "crescent":
         alpha = _disk_alpha(0, 0, 1.0) * (1.0 - _disk_alpha(0.45, -0.15, 0.82))
@@ -158,8 +181,9 @@ def shape_pyramids() -> tuple[tuple[np.ndarray, ...], ...]:
 # Rendering one image
 
 
-def _crop_resized(rng: np.random.Generator, photo: np.ndarray, h: int, w: int,
-                  zoom: float) -> np.ndarray:
+def _crop_resized(
+    rng: np.random.Generator, photo: np.ndarray, h: int, w: int, zoom: float
+) -> np.ndarray:
     """A random crop of ``photo`` rescaled to (h, w), randomly flipped: (h, w, 3) uint8.
 
     The scale is drawn between the smallest that covers (h, w) and ``zoom`` times more (or full
@@ -179,8 +203,9 @@ def _crop_resized(rng: np.random.Generator, photo: np.ndarray, h: int, w: int,
     return np.ascontiguousarray(out)
 
 
-def _colour_jitter(rng: np.random.Generator, rgb: np.ndarray, hue: float, sat_add: float,
-                   gain: float) -> np.ndarray:
+def _colour_jitter(
+    rng: np.random.Generator, rgb: np.ndarray, hue: float, sat_add: float, gain: float
+) -> np.ndarray:
     """Random hue rotation, saturation and brightness change: (h, w, 3) uint8 -> float32.
 
     ``hue``: largest hue shift in OpenCV units (90 = any hue); ``sat_add``: up to this much
@@ -287,12 +312,17 @@ def render_sample(seed: int, split: str, index: int, cfg: DataConfig) -> Sample:
     # Plan every object first, then drop the ones later objects would hide almost entirely, so
     # that nothing is painted that is not labelled. Dropping an object only uncovers others.
     n = int(rng.integers(1, MAX_OBJECTS + 1))
-    placed = [_place_shape(rng, int(rng.integers(1, len(CATEGORIES) + 1)), height, width)
-              for _ in range(n)]
+    placed = [
+        _place_shape(rng, int(rng.integers(1, len(CATEGORIES) + 1)), height, width)
+        for _ in range(n)
+    ]
     full = [_full_mask(p, height, width) for p in placed]
     vis = _visible(full)
-    keep = [i for i, (p, v) in enumerate(zip(placed, vis))
-            if (a := int(v.sum())) >= MIN_VISIBLE_PIXELS and a >= MIN_VISIBLE_FRACTION * p.area]
+    keep = [
+        i
+        for i, (p, v) in enumerate(zip(placed, vis))
+        if (a := int(v.sum())) >= MIN_VISIBLE_PIXELS and a >= MIN_VISIBLE_FRACTION * p.area
+    ]
     placed = [placed[i] for i in keep]
     vis = _visible([full[i] for i in keep])
 
@@ -346,8 +376,9 @@ def build_split(out_dir: Path, split: str, count: int, cfg: DataConfig) -> dict:
     for index in range(count):
         sample = render_sample(cfg.seed, split, index, cfg)
         height, width = sample.image.shape[:2]
-        ok, jpeg = cv2.imencode(".jpg", sample.image[:, :, ::-1],
-                                [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        ok, jpeg = cv2.imencode(
+            ".jpg", sample.image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+        )
         if not ok:
             raise RuntimeError("JPEG encoding failed")
         name = _file_name(split, index)
@@ -357,33 +388,47 @@ def build_split(out_dir: Path, split: str, count: int, cfg: DataConfig) -> dict:
         for mask, label in zip(sample.masks, sample.labels):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             area = int(mask.sum())
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": int(label),
-                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-                "area": area,
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "segmentation": {
+                        "size": [height, width],
+                        "counts": rle["counts"].decode("ascii"),
+                    },
+                    "area": area,
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
             per_category[CATEGORIES[label - 1]] += 1
             buckets[area_bucket(area)] += 1
 
     coco = {
-        "info": {"description": "Saliency Prompt embedded demo dataset (pipeline.demo_data): "
-                                "scikit-image photographs with pasted shapes",
-                 "version": "1", "seed": cfg.seed, "split": split},
+        "info": {
+            "description": "Saliency Prompt embedded demo dataset (pipeline.demo_data): "
+            "scikit-image photographs with pasted shapes",
+            "version": "1",
+            "seed": cfg.seed,
+            "split": split,
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                       for i, n in enumerate(CATEGORIES)],
+        "categories": [
+            {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORIES)
+        ],
     }
     ann_dir = out_dir / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
     (ann_dir / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
-    return {"images": len(images), "instances": len(annotations),
-            "per_category": per_category, "area": buckets}
+    return {
+        "images": len(images),
+        "instances": len(annotations),
+        "per_category": per_category,
+        "area": buckets,
+    }
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -393,16 +438,19 @@ def check_config(cfg: DataConfig) -> None:
     if cfg.num_train < 0 or cfg.num_val < 0:
         raise UserError("data.num_train and data.num_val must be >= 0")
     if not 32 <= cfg.min_size <= cfg.max_size:
-        raise UserError(f"need 32 <= data.min_size <= data.max_size, got "
-                        f"{cfg.min_size} and {cfg.max_size}")
+        raise UserError(
+            f"need 32 <= data.min_size <= data.max_size, got {cfg.min_size} and {cfg.max_size}"
+        )
 
 
 def build_demo_dataset(out_dir: Path, cfg: DataConfig) -> dict:
     """Write the whole dataset under ``out_dir``; return ``{"train": counts, "val": counts}``."""
     check_config(cfg)
     out_dir = Path(out_dir)
-    return {split: build_split(out_dir, split, count, cfg)
-            for split, count in (("train", cfg.num_train), ("val", cfg.num_val))}
+    return {
+        split: build_split(out_dir, split, count, cfg)
+        for split, count in (("train", cfg.num_train), ("val", cfg.num_val))
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,8 +472,19 @@ def write_preview(out_dir: Path, png: Path, split: str = "train", count: int = 6
     rows = math.ceil(len(ids) / cols)
     fig = Figure(figsize=(4.2 * cols, 4.0 * rows), dpi=100)
     FigureCanvasAgg(fig)
-    palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                        [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]], float)
+    palette = np.array(
+        [
+            [230, 25, 75],
+            [60, 180, 75],
+            [255, 225, 25],
+            [0, 130, 200],
+            [245, 130, 48],
+            [145, 30, 180],
+            [70, 240, 240],
+            [240, 50, 230],
+        ],
+        float,
+    )
     for k, image_id in enumerate(ids):
         info = coco.imgs[image_id]
         img = cv2.imread(str(out_dir / split / info["file_name"]), cv2.IMREAD_COLOR)[:, :, ::-1]
@@ -441,10 +500,19 @@ def write_preview(out_dir: Path, png: Path, split: str = "train", count: int = 6
             colour = palette[j % len(palette)] / 255
             ax.contour(coco.annToMask(ann), levels=[0.5], colors=[colour], linewidths=1.2)
             x, y = ann["bbox"][:2]
-            ax.text(x, y, coco.cats[ann["category_id"]]["name"], fontsize=8, va="bottom",
-                    color="black", bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "lw": 0})
-        ax.set_title(f"{info['file_name']}  {info['width']}x{info['height']}  "
-                     f"{len(anns)} instances", fontsize=9)
+            ax.text(
+                x,
+                y,
+                coco.cats[ann["category_id"]]["name"],
+                fontsize=8,
+                va="bottom",
+                color="black",
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "lw": 0},
+            )
+        ax.set_title(
+            f"{info['file_name']}  {info['width']}x{info['height']}  {len(anns)} instances",
+            fontsize=9,
+        )
         ax.axis("off")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -457,8 +525,12 @@ def write_preview(out_dir: Path, png: Path, split: str = "train", count: int = 6
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: data.root)")
-    parser.add_argument("--preview", default=None, metavar="PNG",
-                        help="also draw ~6 train samples with their masks into this PNG")
+    parser.add_argument(
+        "--preview",
+        default=None,
+        metavar="PNG",
+        help="also draw ~6 train samples with their masks into this PNG",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -474,8 +546,9 @@ def run(args: argparse.Namespace) -> int:
     for split, counts in summary.items():
         cats = ", ".join(f"{k} {v}" for k, v in counts["per_category"].items())
         sizes = ", ".join(f"{k} {v}" for k, v in counts["area"].items())
-        print(f"{split}: {counts['images']} images, {counts['instances']} instances "
-              f"({cats}; {sizes})")
+        print(
+            f"{split}: {counts['images']} images, {counts['instances']} instances ({cats}; {sizes})"
+        )
     total = sum(c["images"] for c in summary.values())
     print(f"wrote {out} in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f} images/s)")
     if args.preview:
@@ -484,5 +557,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["CATEGORIES", "PHOTOS", "Sample", "build_demo_dataset", "render_sample",
-           "write_preview", "area_bucket", "image_rng"]
+__all__ = [
+    "CATEGORIES",
+    "PHOTOS",
+    "Sample",
+    "build_demo_dataset",
+    "render_sample",
+    "write_preview",
+    "area_bucket",
+    "image_rng",
+]

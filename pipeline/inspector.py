@@ -57,9 +57,20 @@ MAX_DETS = (1, 10, 20)  # the proposal stage keeps at most top_k = 20 masks per 
 RECALL_FILE = "recall.json"
 PLAN_FILE = "plan.json"  # written by `pipeline proposals` (optional here: tells missing shards)
 # Distinct colours (RGB) for masks in rendered grids.
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-           (0, 128, 128), (170, 110, 40))
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,8 +96,14 @@ def iter_records(paths: Sequence[Path], desc: str = "") -> Iterator[tuple[Path, 
     """(shard path, index in shard, record) for every image of every shard, in shard order.
     ``desc``: show a progress bar with this label (on a terminal only)."""
     total = sum(int(read_meta(p)["num_images"]) for p in paths) if desc else None
-    with tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True,
-              disable=None if desc else True) as bar:
+    with tqdm(
+        total=total,
+        desc=desc,
+        unit="img",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if desc else True,
+    ) as bar:
         for path in paths:
             with ShardReader(path) as reader:
                 for i, rec in enumerate(reader.records()):
@@ -111,8 +128,10 @@ def iter_unique(paths: Sequence[Path], desc: str = "") -> Iterator[ImageRecord]:
     seen: dict[int, str] = {}
     for _, _, rec in iter_records(paths, desc):
         if rec.image_id in seen:
-            raise UserError(f"image_id {rec.image_id} appears twice ({seen[rec.image_id]} and "
-                            f"{rec.file_name}); shards from different runs mixed in one folder?")
+            raise UserError(
+                f"image_id {rec.image_id} appears twice ({seen[rec.image_id]} and "
+                f"{rec.file_name}); shards from different runs mixed in one folder?"
+            )
         seen[rec.image_id] = rec.file_name
         yield rec
 
@@ -242,9 +261,11 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = []
     if s["mixed_fingerprints"]:
         lines.append("!" * 78)
-        lines.append(f"!! MIXED FINGERPRINTS: {len(s['fingerprints'])} different fingerprints "
-                     "in one folder: these shards were made with different backbone weights "
-                     "or proposal settings")
+        lines.append(
+            f"!! MIXED FINGERPRINTS: {len(s['fingerprints'])} different fingerprints "
+            "in one folder: these shards were made with different backbone weights "
+            "or proposal settings"
+        )
         for fp, n in sorted(s["fingerprints"].items()):
             lines.append(f"!!   {fp[:16]}...  {n} shard(s)")
         lines.append("!" * 78)
@@ -254,31 +275,40 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["missing_shards"]:
         lines.append(f"  INCOMPLETE: missing shard indices {_short_list(s['missing_shards'])}")
     if s["temp_files"]:
-        lines.append(f"  unfinished temporary files (a writer was interrupted): "
-                     f"{_short_list(s['temp_files'])}")
-    lines.append(f"schema v{m['schema_version']}  backbone {m['backbone']}  stride "
-                 f"{m['feature_stride']}  embed dim {m['embed_dim']}  created with "
-                 f"{m['created_with']}")
+        lines.append(
+            f"  unfinished temporary files (a writer was interrupted): "
+            f"{_short_list(s['temp_files'])}"
+        )
+    lines.append(
+        f"schema v{m['schema_version']}  backbone {m['backbone']}  stride "
+        f"{m['feature_stride']}  embed dim {m['embed_dim']}  created with "
+        f"{m['created_with']}"
+    )
     lines.append(f"fingerprint {m['fingerprint']}")
     lines.append(f"settings {json.dumps(m['settings'], sort_keys=True)}")
     for key, values in s["meta_conflicts"].items():
         lines.append(f"  WARNING: shards disagree on {key}: {values}")
     st = s["status"]
-    lines.append(f"images: {s['images']}  ok {st['ok']}  empty {st['empty']}  unreadable "
-                 f"{st['unreadable']}")
+    lines.append(
+        f"images: {s['images']}  ok {st['ok']}  empty {st['empty']}  unreadable {st['unreadable']}"
+    )
     for reason, n in s["unreadable_reasons"]:
         lines.append(f"    unreadable x{n}: {reason}")
     if s["duplicate_image_ids"]:
         lines.append(f"  WARNING: {s['duplicate_image_ids']} image_id(s) appear more than once")
     mean = s["masks_per_image"]["mean"]
-    lines.append(f"masks: {s['masks']}  per readable image "
-                 f"{'n/a' if mean is None else f'{mean:.2f}'}; histogram (masks: images)")
+    lines.append(
+        f"masks: {s['masks']}  per readable image "
+        f"{'n/a' if mean is None else f'{mean:.2f}'}; histogram (masks: images)"
+    )
     lines += _histogram(s["masks_per_image"]["histogram"])
     lines.append(f"score:        {_fmt_q(s['score'])}")
     lines.append(f"area (image): {_fmt_q(s['area_fraction'], pct=True)}")
     per = s["bytes_per_image"]
-    lines.append(f"size: {s['bytes'] / 2**20:.2f} MiB, "
-                 f"{'n/a' if per is None else f'{per / 1024:.1f} KiB'} per image")
+    lines.append(
+        f"size: {s['bytes'] / 2**20:.2f} MiB, "
+        f"{'n/a' if per is None else f'{per / 1024:.1f} KiB'} per image"
+    )
     return "\n".join(lines)
 
 
@@ -307,19 +337,25 @@ def find_image(shard_dir: str | Path, image: int | str) -> tuple[Path, int, Imag
 
 def format_image(path: Path, index: int, rec: ImageRecord) -> str:
     status = STATUS_NAMES.get(rec.status, str(rec.status))
-    lines = [f"image {rec.image_id}  {rec.file_name}  {rec.width}x{rec.height}  status {status}"
-             f"{'  (' + rec.error + ')' if rec.error else ''}  [{path.name} #{index}]"]
+    lines = [
+        f"image {rec.image_id}  {rec.file_name}  {rec.width}x{rec.height}  status {status}"
+        f"{'  (' + rec.error + ')' if rec.error else ''}  [{path.name} #{index}]"
+    ]
     if not rec.num_masks:
         lines.append("  no masks")
         return "\n".join(lines)
     areas = _mask_areas(rec)
-    lines.append(f"  {'#':>3} {'score':>6} {'area px':>9} {'area %':>7}  "
-                 f"{'box x0,y0,x1,y1':<24} seed (scale,row,col)")
+    lines.append(
+        f"  {'#':>3} {'score':>6} {'area px':>9} {'area %':>7}  "
+        f"{'box x0,y0,x1,y1':<24} seed (scale,row,col)"
+    )
     for k in range(rec.num_masks):
         box = ",".join(f"{v:.0f}" for v in rec.boxes[k])
         pos = ",".join(str(int(v)) for v in rec.seed_pos[k])
-        lines.append(f"  {k:>3} {rec.scores[k]:6.3f} {areas[k]:9.0f} "
-                     f"{100 * areas[k] / max(1, rec.height * rec.width):6.2f}%  {box:<24} ({pos})")
+        lines.append(
+            f"  {k:>3} {rec.scores[k]:6.3f} {areas[k]:9.0f} "
+            f"{100 * areas[k] / max(1, rec.height * rec.width):6.2f}%  {box:<24} ({pos})"
+        )
     return "\n".join(lines)
 
 
@@ -360,15 +396,21 @@ def render_tile(rec: ImageRecord, image: np.ndarray | None, note: str, tile: int
             cv2.rectangle(view, (round(x0), round(y0)), (round(x1) - 1, round(y1) - 1), color, 1)
             _text(view, f"{rec.scores[k]:.2f}", (round(x0) + 2, max(10, round(y0) + 11)), 0.35)
     oy, ox = (tile - nh) // 2, (tile - nw) // 2
-    cell[oy:oy + nh, ox:ox + nw] = view
+    cell[oy : oy + nh, ox : ox + nw] = view
     _text(cell, f"{rec.image_id}: {rec.file_name[-24:]} ({rec.num_masks})", (4, 12))
     if note:
         _text(cell, note[:40], (4, tile - 8))
     return cell
 
 
-def render(shard_dir: str | Path, out_dir: str | Path, image_root: str | Path,
-           max_images: int = 64, grid: int = 4, tile: int = 256) -> list[Path]:
+def render(
+    shard_dir: str | Path,
+    out_dir: str | Path,
+    image_root: str | Path,
+    max_images: int = 64,
+    grid: int = 4,
+    tile: int = 256,
+) -> list[Path]:
     """Draw the first ``max_images`` images (shard order) as ``grid`` x ``grid`` PNG pages.
 
     Images that cannot be read under ``image_root`` (missing, unreadable, another size than the
@@ -377,8 +419,10 @@ def render(shard_dir: str | Path, out_dir: str | Path, image_root: str | Path,
     from pipeline.images import UnreadableImage, decode_image  # lazy: pulls in torch
 
     if max_images < 1 or grid < 1 or tile < 32:
-        raise UserError(f"render: need max_images >= 1, grid >= 1, tile >= 32 "
-                        f"(got {max_images}, {grid}, {tile})")
+        raise UserError(
+            f"render: need max_images >= 1, grid >= 1, tile >= 32 "
+            f"(got {max_images}, {grid}, {tile})"
+        )
     paths = shard_paths(shard_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -396,8 +440,7 @@ def render(shard_dir: str | Path, out_dir: str | Path, image_root: str | Path,
             except UnreadableImage as e:
                 note = f"image {e}"
             if image is not None and image.shape[:2] != (rec.height, rec.width):
-                note = (f"size {image.shape[1]}x{image.shape[0]} != shard "
-                        f"{rec.width}x{rec.height}")
+                note = f"size {image.shape[1]}x{image.shape[0]} != shard {rec.width}x{rec.height}"
             elif image is not None and rec.status == STATUS_EMPTY:
                 note = "no mask survived"
         cells.append(render_tile(rec, image, note, tile))
@@ -405,9 +448,9 @@ def render(shard_dir: str | Path, out_dir: str | Path, image_root: str | Path,
     per_page = grid * grid
     for page, start in enumerate(range(0, len(cells), per_page)):
         canvas = np.zeros((grid * tile, grid * tile, 3), np.uint8)
-        for j, cell in enumerate(cells[start:start + per_page]):
+        for j, cell in enumerate(cells[start : start + per_page]):
             r, c = divmod(j, grid)
-            canvas[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = cell
+            canvas[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = cell
         path = out / f"grid-{page:04d}.png"
         if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
             raise UserError(f"cannot write {path}")
@@ -425,12 +468,18 @@ def _annotations(rec: ImageRecord, category_id: int, first_id: int) -> list[dict
     anns = []
     for k, counts in enumerate(rec.rles):
         x0, y0, x1, y1 = (float(v) for v in rec.boxes[k])
-        anns.append({
-            "id": first_id + k, "image_id": int(rec.image_id), "category_id": category_id,
-            "segmentation": {"size": [rec.height, rec.width], "counts": counts.decode("ascii")},
-            "area": float(areas[k]), "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(rec.scores[k]), "iscrowd": 0,
-        })
+        anns.append(
+            {
+                "id": first_id + k,
+                "image_id": int(rec.image_id),
+                "category_id": category_id,
+                "segmentation": {"size": [rec.height, rec.width], "counts": counts.decode("ascii")},
+                "area": float(areas[k]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(rec.scores[k]),
+                "iscrowd": 0,
+            }
+        )
     return anns
 
 
@@ -457,13 +506,23 @@ def to_coco(shard_dir: str | Path, path: str | Path) -> dict[str, Any]:
         if rec.status == STATUS_UNREADABLE:
             skipped += 1
             continue
-        images.append({"id": int(rec.image_id), "file_name": rec.file_name,
-                       "height": int(rec.height), "width": int(rec.width)})
+        images.append(
+            {
+                "id": int(rec.image_id),
+                "file_name": rec.file_name,
+                "height": int(rec.height),
+                "width": int(rec.width),
+            }
+        )
         anns += _annotations(rec, 1, len(anns) + 1)
     data = {
-        "info": {"description": f"saliency pseudo masks from {shard_dir}",
-                 "fingerprint": meta.get("fingerprint"), "backbone": meta.get("backbone"),
-                 "version": code_version(), "unreadable_images_left_out": skipped},
+        "info": {
+            "description": f"saliency pseudo masks from {shard_dir}",
+            "fingerprint": meta.get("fingerprint"),
+            "backbone": meta.get("backbone"),
+            "version": code_version(),
+            "unreadable_images_left_out": skipped,
+        },
         "images": images,
         "annotations": anns,
         "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
@@ -486,8 +545,11 @@ def _coco_eval(gt: COCO, dets: list[dict[str, Any]], img_ids: list[int]) -> dict
     ``eval["precision"]`` (T,R,K,A,M) and ``eval["recall"]`` (T,K,A,M) directly.
     """
     dt = COCO()  # built directly: loadRes() fails on an empty list and copies every GT image
-    dt.dataset = {"images": [gt.imgs[i] for i in img_ids], "categories": gt.dataset["categories"],
-                  "annotations": dets}
+    dt.dataset = {
+        "images": [gt.imgs[i] for i in img_ids],
+        "categories": gt.dataset["categories"],
+        "annotations": dets,
+    }
     with _quiet():
         dt.createIndex()
         ev = COCOeval(gt, dt, iouType="segm")
@@ -517,8 +579,9 @@ def _coco_eval(gt: COCO, dets: list[dict[str, Any]], img_ids: list[int]) -> dict
     return out
 
 
-def recall_against_gt(shard_dir: str | Path, gt_json: str | Path,
-                      score_cuts: Sequence[float] = ()) -> dict[str, Any]:
+def recall_against_gt(
+    shard_dir: str | Path, gt_json: str | Path, score_cuts: Sequence[float] = ()
+) -> dict[str, Any]:
     """Class-agnostic recall and AP of the pseudo masks against a COCO ground-truth file.
 
     Images are matched by ``image_id`` and only images present in the shards are evaluated
@@ -553,22 +616,33 @@ def recall_against_gt(shard_dir: str | Path, gt_json: str | Path,
         if info is None:
             continue
         if rec.status != STATUS_UNREADABLE and (rec.height, rec.width) != (
-                info["height"], info["width"]):
-            raise UserError(f"image_id {rec.image_id} ({rec.file_name}) is {rec.width}x"
-                            f"{rec.height} in the shards but {info['width']}x{info['height']} in "
-                            f"{gt_path}: is this the ground truth of these images?")
+            info["height"],
+            info["width"],
+        ):
+            raise UserError(
+                f"image_id {rec.image_id} ({rec.file_name}) is {rec.width}x"
+                f"{rec.height} in the shards but {info['width']}x{info['height']} in "
+                f"{gt_path}: is this the ground truth of these images?"
+            )
         img_ids.append(int(rec.image_id))
         dets += _annotations(rec, category, len(dets) + 1)
     if not img_ids:
-        raise UserError(f"none of the {n_records} shard images is in {gt_path} "
-                        "(matched by image_id)")
+        raise UserError(
+            f"none of the {n_records} shard images is in {gt_path} (matched by image_id)"
+        )
     meta = read_meta(paths[0])
     result: dict[str, Any] = {
-        "shard_dir": str(shard_dir), "gt": str(gt_path),
-        "fingerprint": meta.get("fingerprint"), "backbone": meta.get("backbone"),
-        "settings": meta.get("settings"), "version": code_version(),
-        "iou_type": "segm", "class_agnostic": True, "max_dets": list(MAX_DETS),
-        "images_in_shards": n_records, "images_evaluated": len(img_ids),
+        "shard_dir": str(shard_dir),
+        "gt": str(gt_path),
+        "fingerprint": meta.get("fingerprint"),
+        "backbone": meta.get("backbone"),
+        "settings": meta.get("settings"),
+        "version": code_version(),
+        "iou_type": "segm",
+        "class_agnostic": True,
+        "max_dets": list(MAX_DETS),
+        "images_in_shards": n_records,
+        "images_evaluated": len(img_ids),
         "images_not_in_gt": n_records - len(img_ids),
         "gt_instances": len(gt.getAnnIds(imgIds=img_ids, iscrowd=False)),
         "masks": len(dets),
@@ -581,16 +655,28 @@ def recall_against_gt(shard_dir: str | Path, gt_json: str | Path,
     return result
 
 
-RECALL_COLUMNS = ("masks_per_image", "AR@1", "AR@10", "AR@20", "AR50@1", "AR50@10", "AR50@20",
-                  "AP", "AP50")
+RECALL_COLUMNS = (
+    "masks_per_image",
+    "AR@1",
+    "AR@10",
+    "AR@20",
+    "AR50@1",
+    "AR50@10",
+    "AR50@20",
+    "AP",
+    "AP50",
+)
 
 
 def format_recall(r: dict[str, Any]) -> str:
-    lines = [f"pseudo masks vs {r['gt']}: class-agnostic segm, {r['images_evaluated']} images "
-             f"({r['images_not_in_gt']} shard images not in the GT), {r['gt_instances']} "
-             f"objects, {r['masks']} masks"]
-    header = f"{'min score':>9} " + " ".join(f"{c.replace('masks_per_image', 'masks/img'):>9}"
-                                              for c in RECALL_COLUMNS)
+    lines = [
+        f"pseudo masks vs {r['gt']}: class-agnostic segm, {r['images_evaluated']} images "
+        f"({r['images_not_in_gt']} shard images not in the GT), {r['gt_instances']} "
+        f"objects, {r['masks']} masks"
+    ]
+    header = f"{'min score':>9} " + " ".join(
+        f"{c.replace('masks_per_image', 'masks/img'):>9}" for c in RECALL_COLUMNS
+    )
     lines.append(header)
     rows = [("all", r["metrics"])] + [(f"{b['min_score']:.2f}", b) for b in r["by_score"]]
     for label, m in rows:
@@ -605,21 +691,50 @@ def format_recall(r: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shard_dir", help="folder of shard-NNNNN.h5 files")
-    parser.add_argument("--image", default=None, metavar="ID",
-                        help="list one image's masks (image_id, or file_name)")
-    parser.add_argument("--render", default=None, metavar="DIR",
-                        help="write PNG grids of images with their masks into DIR")
-    parser.add_argument("--image-root", default=None, metavar="DIR",
-                        help="folder the shards' file names are relative to "
-                             "(default: the config's data.train_images)")
-    parser.add_argument("--max-render", type=int, default=64, metavar="N",
-                        help="render at most N images (default 64: four 4x4 pages)")
-    parser.add_argument("--to-coco", default=None, metavar="FILE",
-                        help="write the pseudo masks as a COCO instances JSON")
-    parser.add_argument("--gt", default=None, metavar="COCO_JSON",
-                        help="recall/AP against this ground truth; writes SHARD_DIR/recall.json")
-    parser.add_argument("--score-cuts", default="", metavar="T1,T2,...",
-                        help="with --gt, also evaluate only masks with score >= each cut")
+    parser.add_argument(
+        "--image",
+        default=None,
+        metavar="ID",
+        help="list one image's masks (image_id, or file_name)",
+    )
+    parser.add_argument(
+        "--render",
+        default=None,
+        metavar="DIR",
+        help="write PNG grids of images with their masks into DIR",
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        metavar="DIR",
+        help="folder the shards' file names are relative to "
+        "(default: the config's data.train_images)",
+    )
+    parser.add_argument(
+        "--max-render",
+        type=int,
+        default=64,
+        metavar="N",
+        help="render at most N images (default 64: four 4x4 pages)",
+    )
+    parser.add_argument(
+        "--to-coco",
+        default=None,
+        metavar="FILE",
+        help="write the pseudo masks as a COCO instances JSON",
+    )
+    parser.add_argument(
+        "--gt",
+        default=None,
+        metavar="COCO_JSON",
+        help="recall/AP against this ground truth; writes SHARD_DIR/recall.json",
+    )
+    parser.add_argument(
+        "--score-cuts",
+        default="",
+        metavar="T1,T2,...",
+        help="with --gt, also evaluate only masks with score >= each cut",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -632,8 +747,11 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(shard_dir)
     print(format_summary(summary))
     if summary["mixed_fingerprints"]:
-        print(f"pipeline inspect: WARNING: {shard_dir} mixes shards of "
-              f"{len(summary['fingerprints'])} different fingerprints", file=sys.stderr)
+        print(
+            f"pipeline inspect: WARNING: {shard_dir} mixes shards of "
+            f"{len(summary['fingerprints'])} different fingerprints",
+            file=sys.stderr,
+        )
     if args.image is not None:
         print()
         print(format_image(*find_image(shard_dir, args.image)))
@@ -644,12 +762,16 @@ def run(args: argparse.Namespace) -> int:
 
             root = load_pipeline_config(args.config, args.overrides)[0].data.train_images
         pages = render(shard_dir, args.render, root, args.max_render)
-        print(f"\nrendered {min(args.max_render, summary['images'])} images (root {root}) "
-              f"into {len(pages)} PNG(s) in {args.render}")
+        print(
+            f"\nrendered {min(args.max_render, summary['images'])} images (root {root}) "
+            f"into {len(pages)} PNG(s) in {args.render}"
+        )
     if args.to_coco:
         data = to_coco(shard_dir, args.to_coco)
-        print(f"\nwrote {args.to_coco}: {len(data['images'])} images, "
-              f"{len(data['annotations'])} annotations (COCO instances, category 'object')")
+        print(
+            f"\nwrote {args.to_coco}: {len(data['images'])} images, "
+            f"{len(data['annotations'])} annotations (COCO instances, category 'object')"
+        )
     if args.gt:
         result = recall_against_gt(shard_dir, args.gt, cuts)
         print()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.weight_files import LoadReport, best_match, read_checkpoint
 from pipeline.cli import UserError
+from pipeline.weight_files import LoadReport, best_match, read_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -93,8 +93,9 @@ def _linear_weights(n_in: int, n_out: int, device) -> Tensor:
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
 
 
-def resize_valid_crops(x: Tensor, valid_sizes: list[tuple[int, int]], scale: float
-                       ) -> tuple[Tensor, list[tuple[int, int]]]:
+def resize_valid_crops(
+    x: Tensor, valid_sizes: list[tuple[int, int]], scale: float
+) -> tuple[Tensor, list[tuple[int, int]]]:
     """Bilinearly resize each image's valid crop of ``x`` by ``scale``.
 
     ``x`` (B, C, h, w). Image ``i``'s crop ``valid_sizes[i]`` becomes
@@ -106,8 +107,9 @@ def resize_valid_crops(x: Tensor, valid_sizes: list[tuple[int, int]], scale: flo
     Returns ``(y (B, C, hs, ws), sizes)``.
     """
     b, c = x.shape[:2]
-    sizes = [(_resized_grid_size(hv, scale), _resized_grid_size(wv, scale))
-             for hv, wv in valid_sizes]
+    sizes = [
+        (_resized_grid_size(hv, scale), _resized_grid_size(wv, scale)) for hv, wv in valid_sizes
+    ]
 
     def resize(crop: Tensor, size_in: tuple[int, int], size_out: tuple[int, int]) -> Tensor:
         w_h = _linear_weights(size_in[0], size_out[0], x.device)
@@ -132,8 +134,9 @@ def resize_valid_crops(x: Tensor, valid_sizes: list[tuple[int, int]], scale: flo
 # Steps 2-5
 
 
-def make_seeds(features: Tensor, valid_sizes: list[tuple[int, int]], scales: list[float]
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def make_seeds(
+    features: Tensor, valid_sizes: list[tuple[int, int]], scales: list[float]
+) -> tuple[Tensor, Tensor, Tensor]:
     """Step 2: seeds from every valid cell of X and of X resized by each scale.
 
     ``features`` (B, C, h, w), padding cells zeroed (padded seeds then come out zero). Returns
@@ -152,8 +155,9 @@ def make_seeds(features: Tensor, valid_sizes: list[tuple[int, int]], scales: lis
         gh, gw = grid.shape[-2:]
         grids.append(grid.flatten(2))  # (B, C, gh * gw): channels-first avoids transposed copies
         valids.append(valid_cell_mask(sizes, gh, gw, dev).flatten(1))
-        rr, cc = torch.meshgrid(torch.arange(gh, device=dev), torch.arange(gw, device=dev),
-                                indexing="ij")
+        rr, cc = torch.meshgrid(
+            torch.arange(gh, device=dev), torch.arange(gw, device=dev), indexing="ij"
+        )
         positions.append(torch.stack([torch.full_like(rr, k), rr, cc], -1).view(-1, 3))
     seeds = F.normalize(torch.cat(grids, 2), dim=1).transpose(1, 2)  # (B, N, C) view
     return seeds, torch.cat(valids, 1), torch.cat(positions, 0)
@@ -239,8 +243,14 @@ def matrix_nms_decay(masks: Tensor, valid: Tensor, sigma: float) -> Tensor:
     return torch.exp(sigma * (comp[:, :, None].square() - iou.square()).amin(dim=1))
 
 
-def suppress(scores: Tensor, hard: Tensor, candidate: Tensor, sigma: float, top_k: int,
-             score_floor: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def suppress(
+    scores: Tensor,
+    hard: Tensor,
+    candidate: Tensor,
+    sigma: float,
+    top_k: int,
+    score_floor: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Step 6: sort candidates by maskness, decay by matrix NMS, keep the top ``top_k``.
 
     ``scores`` (B, N) maskness, ``hard`` (B, N, L) bool or {0, 1} float, ``candidate`` (B, N)
@@ -274,8 +284,7 @@ def suppress(scores: Tensor, hard: Tensor, candidate: Tensor, sigma: float, top_
 # Steps 7-8
 
 
-def _upsample_weights(n_cells: int, n_resized: int, n_orig: int, stride: float,
-                      device) -> Tensor:
+def _upsample_weights(n_cells: int, n_resized: int, n_orig: int, stride: float, device) -> Tensor:
     """(n_orig, n_cells) 1-D linear weights taking cells to original pixels.
 
     Original pixel ``p`` sits at cell coordinate ``(p + 0.5) * n_resized / (n_orig * stride)
@@ -287,13 +296,19 @@ def _upsample_weights(n_cells: int, n_resized: int, n_orig: int, stride: float,
     while math.floor(n_cells * factor) < n_orig:
         factor = math.nextafter(factor, math.inf)
     eye = torch.eye(n_cells, device=device)[None]
-    w = F.interpolate(eye, scale_factor=factor, mode="linear", align_corners=False,
-                      recompute_scale_factor=False)[0]
+    w = F.interpolate(
+        eye, scale_factor=factor, mode="linear", align_corners=False, recompute_scale_factor=False
+    )[0]
     return w.T[:n_orig]  # the cells also cover the batch padding beyond the image: cropped
 
 
-def upsample_masks(soft: Tensor, resized_size: tuple[int, int], orig_size: tuple[int, int],
-                   stride: float, threshold: float) -> Tensor:
+def upsample_masks(
+    soft: Tensor,
+    resized_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    stride: float,
+    threshold: float,
+) -> Tensor:
     """Step 7: soft maps on the valid cell grid -> hard masks at the original image size.
 
     ``soft`` (K, hv, wv). Cell (r, c) covers ``stride`` pixels of the resized (padded) input,
@@ -349,8 +364,14 @@ def mask_boxes(masks: Tensor) -> Tensor:
     return mask_geometry(masks)[0]
 
 
-def shape_filter(boxes: Tensor, area: Tensor, cy: Tensor, size: tuple[int, int],
-                 min_center_y: float, max_box_width: float) -> Tensor:
+def shape_filter(
+    boxes: Tensor,
+    area: Tensor,
+    cy: Tensor,
+    size: tuple[int, int],
+    min_center_y: float,
+    max_box_width: float,
+) -> Tensor:
     """Step 8's geometric filters (inputs from :func:`mask_geometry`) -> (K,) bool.
 
     Keeps a mask when it is non-empty, its vertical centre lies strictly below
@@ -369,9 +390,16 @@ def shape_filter(boxes: Tensor, area: Tensor, cy: Tensor, size: tuple[int, int],
 
 
 @torch.no_grad()
-def propose(features: Tensor, valid_sizes: list[tuple[int, int]],
-            resized_sizes: list[tuple[int, int]], orig_sizes: list[tuple[int, int]],
-            stride: float, cfg: ProposalConfig, *, prune: bool = True) -> list[Proposals]:
+def propose(
+    features: Tensor,
+    valid_sizes: list[tuple[int, int]],
+    resized_sizes: list[tuple[int, int]],
+    orig_sizes: list[tuple[int, int]],
+    stride: float,
+    cfg: ProposalConfig,
+    *,
+    prune: bool = True,
+) -> list[Proposals]:
     """METHOD.md steps 2-8 for a padded batch; one :class:`Proposals` per image, in order.
 
     ``features`` (B, C, h, w) from ``Backbone.saliency_features`` of a bottom/right padded batch;
@@ -398,8 +426,9 @@ def propose(features: Tensor, valid_sizes: list[tuple[int, int]],
     hard, area = hard_masks(soft, cfg.mask_threshold, cell_valid)
     score = maskness(soft, hard, area)
     candidate = seed_valid & (area >= cfg.min_cells)
-    index, decayed, kept = suppress(score, hard, candidate, cfg.nms_sigma, cfg.top_k,
-                                    cfg.score_threshold if prune else None)
+    index, decayed, kept = suppress(
+        score, hard, candidate, cfg.nms_sigma, cfg.top_k, cfg.score_threshold if prune else None
+    )
     kept &= decayed >= cfg.score_threshold  # step 8's score filter, before any upsampling
 
     out = []
@@ -409,13 +438,14 @@ def propose(features: Tensor, valid_sizes: list[tuple[int, int]],
         maps = soft[i].index_select(0, idx).view(-1, h, w)[:, :hv, :wv]
         masks = upsample_masks(maps, resized_sizes[i], orig_sizes[i], stride, cfg.mask_threshold)
         boxes, area_px, cy = mask_geometry(masks)
-        good = shape_filter(boxes, area_px, cy, orig_sizes[i], cfg.min_center_y,
-                            cfg.max_box_width)
-        out.append(Proposals(
-            masks=masks[good],
-            boxes=boxes[good],
-            scores=decayed[i][kept[i]][good],
-            seeds=seeds[i].index_select(0, idx)[good],
-            seed_pos=seed_pos.index_select(0, idx)[good],
-        ))
+        good = shape_filter(boxes, area_px, cy, orig_sizes[i], cfg.min_center_y, cfg.max_box_width)
+        out.append(
+            Proposals(
+                masks=masks[good],
+                boxes=boxes[good],
+                scores=decayed[i][kept[i]][good],
+                seeds=seeds[i].index_select(0, idx)[good],
+                seed_pos=seed_pos.index_select(0, idx)[good],
+            )
+        )
     return out

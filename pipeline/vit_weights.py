@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.weight_files import LoadReport, best_match, read_checkpoint, tensor_dicts
 from pipeline.cli import UserError
+from pipeline.weight_files import LoadReport, best_match, read_checkpoint, tensor_dicts
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,12 @@ def test_paper_config_keeps_paper_values():
     cfg = load_config(ROOT / "configs" / "coco_r50.toml")
     p = cfg.proposals
     assert (p.short_side, p.max_side, p.top_k, p.score_threshold, p.nms_sigma) == (
-        800, 1333, 20, 0.7, 2.0)
+        800,
+        1333,
+        20,
+        0.7,
+        2.0,
+    )
     assert (p.min_center_y, p.max_box_width, p.mask_threshold) == (0.2, 0.95, 0.5)
     assert cfg.backbone.kind == "resnet50"
     assert (cfg.model.num_kernels, cfg.model.channels, cfg.model.ffn_dim) == (100, 256, 2048)
@@ -52,7 +57,9 @@ def test_unknown_section_is_named(tmp_path):
 
 def test_set_overrides_with_type_checking():
     path = ROOT / "configs" / "demo.toml"
-    cfg = load_config(path, ["pretrain.iters=7", "proposals.scales=[1.0, 0.5]", "backbone.kind=resnet50"])
+    cfg = load_config(
+        path, ["pretrain.iters=7", "proposals.scales=[1.0, 0.5]", "backbone.kind=resnet50"]
+    )
     assert cfg.pretrain.iters == 7 and cfg.proposals.scales == [1.0, 0.5]
     assert cfg.backbone.kind == "resnet50"
     assert load_config(path, ["pretrain.lr=1"]).pretrain.lr == 1.0  # int widens to float
@@ -68,7 +75,10 @@ def test_resolved_config_round_trips(tmp_path):
     from pipeline.cli import record_run
 
     raw = read_toml(ROOT / "configs" / "demo.toml", ["finetune.frac=0.1"])
-    record_run(tmp_path, dataclasses.asdict(load_config(ROOT / "configs" / "demo.toml", ["finetune.frac=0.1"])))
+    record_run(
+        tmp_path,
+        dataclasses.asdict(load_config(ROOT / "configs" / "demo.toml", ["finetune.frac=0.1"])),
+    )
     again = load_config(tmp_path / "config.toml")
     assert again.finetune.frac == 0.1 and again.name == raw["name"]
     assert (tmp_path / "version.json").is_file()

@@ -71,7 +71,8 @@ class FinetuneConfig:
     split_seed: int = 0
     split_file: str = ""  # Unbiased-Teacher COCO_supervision.txt; overrides frac/split_seed
     split_fold: int = 1
-    init: str = ""  # checkpoint, "none" (baseline), or empty = runs/<name>/pretrain/checkpoints/last.pt
+    # A checkpoint, "none" (the baseline), or empty = runs/<name>/pretrain/checkpoints/last.pt.
+    init: str = ""
     out: str = ""  # empty = runs/<name>/finetune-<frac>[-<tag>]
     iters: int = 8501  # COCO 5%: 92 epochs of 5,914 images at batch 64
     batch_size: int = 8

@@ -54,12 +54,15 @@ def test_same_seed_is_byte_identical_other_seed_differs(tiny, tmp_path):
     out, _ = tiny
     again = tmp_path / "again"
     build_demo_dataset(again, TINY)
-    for rel in ("annotations/instances_train.json", "annotations/instances_val.json",
-                "train/train_000000.jpg", "val/val_000002.jpg"):
+    for rel in (
+        "annotations/instances_train.json",
+        "annotations/instances_val.json",
+        "train/train_000000.jpg",
+        "val/val_000002.jpg",
+    ):
         assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
     other = tmp_path / "other"
-    build_demo_dataset(other, DataConfig(seed=4, num_train=6, num_val=3, min_size=96,
-                                         max_size=160))
+    build_demo_dataset(other, DataConfig(seed=4, num_train=6, num_val=3, min_size=96, max_size=160))
     for rel in ("annotations/instances_train.json", "annotations/instances_val.json"):
         assert (out / rel).read_bytes() != (other / rel).read_bytes()
 
@@ -129,8 +132,15 @@ def test_class_is_not_predictable_from_mean_colour(moderate):
         hsv = cv2.cvtColor(s.image, cv2.COLOR_RGB2HSV).astype(float)
         for m, label in zip(s.masks, s.labels):
             hue = hsv[..., 0][m] * (np.pi / 90)  # circular mean hue
-            feats.append([*s.image[m].mean(0), np.cos(hue).mean(), np.sin(hue).mean(),
-                          hsv[..., 1][m].mean(), hsv[..., 2][m].mean()])
+            feats.append(
+                [
+                    *s.image[m].mean(0),
+                    np.cos(hue).mean(),
+                    np.sin(hue).mean(),
+                    hsv[..., 1][m].mean(),
+                    hsv[..., 2][m].mean(),
+                ]
+            )
             labels.append(label)
     x = np.asarray(feats)
     x = (x - x.mean(0)) / (x.std(0) + 1e-9)
@@ -145,8 +155,9 @@ def test_class_is_not_predictable_from_mean_colour(moderate):
 
 def test_cli_writes_dataset_config_and_preview(tmp_path):
     config = tmp_path / "demo.toml"
-    config.write_text('name = "demo"\n[data]\nnum_train = 4\nnum_val = 2\n'
-                      "min_size = 96\nmax_size = 128\n")
+    config.write_text(
+        'name = "demo"\n[data]\nnum_train = 4\nnum_val = 2\nmin_size = 96\nmax_size = 128\n'
+    )
     out, png = tmp_path / "data", tmp_path / "preview.png"
     argv = ["data", "--config", str(config), "--out", str(out), "--preview", str(png)]
     assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
@@ -158,13 +169,22 @@ def test_cli_writes_dataset_config_and_preview(tmp_path):
     argv = ["data", "--config", str(config), "--out", str(out), "--set", "data.num_train=2"]
     assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
     assert sorted(p.name for p in (out / "train").glob("*.jpg")) == [
-        "train_000000.jpg", "train_000001.jpg"]
+        "train_000000.jpg",
+        "train_000001.jpg",
+    ]
 
 
 def test_cli_rejects_bad_sizes(tmp_path, capsys):
     config = tmp_path / "demo.toml"
     config.write_text('name = "demo"\n')
-    argv = ["data", "--config", str(config), "--out", str(tmp_path / "d"),
-            "--set", "data.min_size=500"]
+    argv = [
+        "data",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "d"),
+        "--set",
+        "data.min_size=500",
+    ]
     assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 2
     assert "min_size" in capsys.readouterr().err

@@ -98,8 +98,14 @@ def test_over_opencv_pixel_limit_is_reported(tmp_path):
         "try:\n    decode_image(sys.argv[1])\nexcept UnreadableImage as e:\n    print(e)\n"
     )
     env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS="1000", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code, str(p)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(p)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.stdout.startswith("too large to decode"), out.stdout + out.stderr
 
 
@@ -155,7 +161,8 @@ def test_cmyk_jpeg(tmp_path):
 def test_palette_png(tmp_path):
     rgb = _blocks()
     Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(
-        tmp_path / "p.png")
+        tmp_path / "p.png"
+    )
     with Image.open(tmp_path / "p.png") as im:
         assert im.mode == "P"
         ref = np.asarray(im.convert("RGB"))
@@ -203,8 +210,15 @@ def test_large_image_decodes_and_resizes(tmp_path):
 
 
 def test_list_folder(tmp_path):
-    for rel in ("b/z.png", "a.JPG", "b/a.jpeg", "c/d/e.webp", ".hidden/x.jpg", "notes.txt",
-                "b/.ds.jpg"):
+    for rel in (
+        "b/z.png",
+        "a.JPG",
+        "b/a.jpeg",
+        "c/d/e.webp",
+        ".hidden/x.jpg",
+        "notes.txt",
+        "b/.ds.jpg",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     items = list_images(tmp_path)
@@ -225,16 +239,23 @@ def test_list_folder_errors(tmp_path):
 
 
 def test_list_coco(tmp_path):
-    coco = {"images": [{"id": 7, "file_name": "b.jpg", "height": 1, "width": 1},
-                       {"id": 3, "file_name": "sub/a.jpg"},
-                       {"id": 12, "file_name": "a.png"}],
-            "annotations": [{"id": 1, "image_id": 7, "category_id": 1}],
-            "categories": [{"id": 1, "name": "thing"}]}
+    coco = {
+        "images": [
+            {"id": 7, "file_name": "b.jpg", "height": 1, "width": 1},
+            {"id": 3, "file_name": "sub/a.jpg"},
+            {"id": 12, "file_name": "a.png"},
+        ],
+        "annotations": [{"id": 1, "image_id": 7, "category_id": 1}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     (tmp_path / "imgs").mkdir()
     items = list_images(tmp_path / "ann.json", tmp_path / "imgs")
-    assert [(it.file_name, it.image_id) for it in items] == [("a.png", 12), ("b.jpg", 7),
-                                                              ("sub/a.jpg", 3)]
+    assert [(it.file_name, it.image_id) for it in items] == [
+        ("a.png", 12),
+        ("b.jpg", 7),
+        ("sub/a.jpg", 3),
+    ]
     assert items[2].path == tmp_path / "imgs" / "sub" / "a.jpg"
     # a listed file that is missing on disk is reported when decoded, not when listed
     assert _reason(items[0].path) == "file not found"
@@ -254,8 +275,9 @@ def test_list_coco_errors(tmp_path):
     ann.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         list_images(ann, tmp_path / "imgs")
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"},
-                                          {"id": 1, "file_name": "b.jpg"}]}))
+    ann.write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}]})
+    )
     with pytest.raises(UserError, match="twice"):
         list_images(ann, tmp_path / "imgs")
 
@@ -282,8 +304,9 @@ def test_normalise_and_pad_batch():
     assert x.shape == (3, 5, 7) and x.dtype == torch.float32
     assert x[:, 1:, 1:].abs().max() < 0.01
     torch.testing.assert_close(
-        x[:, 0, 0], torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD,
-                                                               strict=True)]))
+        x[:, 0, 0],
+        torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]),
+    )
     a, b = torch.randn(3, 20, 30), torch.randn(3, 29, 10)
     batch = pad_batch([a, b], 14)
     assert batch.shape == (2, 3, 42, 42)

@@ -38,8 +38,13 @@ from pipeline.shards import (
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"inspect": "pipeline.inspector"}
 C = 4
-META = {"fingerprint": "a" * 64, "backbone": "dinov2_vits14", "feature_stride": 14,
-        "embed_dim": C, "settings": {"score_threshold": 0.5, "top_k": 20}}
+META = {
+    "fingerprint": "a" * 64,
+    "backbone": "dinov2_vits14",
+    "feature_stride": 14,
+    "embed_dim": C,
+    "settings": {"score_threshold": 0.5, "top_k": 20},
+}
 H, W = 40, 48
 # Masks as rectangles (x0, y0, x1, y1), x1/y1 exclusive.
 RECTS = {
@@ -62,16 +67,22 @@ def rle(mask: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
-def ok_record(name: str, image_id: int, rects: list, scores: list, h: int = H,
-              w: int = W) -> ImageRecord:
+def ok_record(
+    name: str, image_id: int, rects: list, scores: list, h: int = H, w: int = W
+) -> ImageRecord:
     k = len(rects)
     seeds = np.eye(k, C, dtype=np.float16)
     return ImageRecord(
-        file_name=name, image_id=image_id, height=h, width=w, status=STATUS_OK,
+        file_name=name,
+        image_id=image_id,
+        height=h,
+        width=w,
+        status=STATUS_OK,
         rles=[rle(rect_mask(r, h, w))["counts"] for r in rects],
         boxes=np.array(rects, np.float32).reshape(k, 4),
         scores=np.array(scores, np.float32),
-        seeds=seeds, seed_pos=np.array([[s, 3 + s, 4 + s] for s in range(k)], np.int16),
+        seeds=seeds,
+        seed_pos=np.array([[s, 3 + s, 4 + s] for s in range(k)], np.int16),
     )
 
 
@@ -90,8 +101,10 @@ def shards(tmp_path) -> Path:
     first = [ok_record(n, IDS[n], RECTS[n], SCORES[n]) for n in ("a.png", "b.png")]
     first.append(ImageRecord("c.png", IDS["c.png"], H, W, STATUS_EMPTY))
     write_shard(out / shard_name(0), first, META)
-    second = [ImageRecord("d.png", IDS["d.png"], 0, 0, STATUS_UNREADABLE, "truncated PNG file"),
-              ok_record("gone.png", IDS["gone.png"], RECTS["gone.png"], SCORES["gone.png"])]
+    second = [
+        ImageRecord("d.png", IDS["d.png"], 0, 0, STATUS_UNREADABLE, "truncated PNG file"),
+        ok_record("gone.png", IDS["gone.png"], RECTS["gone.png"], SCORES["gone.png"]),
+    ]
     write_shard(out / shard_name(1), second, META)
     return out
 
@@ -108,8 +121,11 @@ def load_coco(path: Path) -> COCO:
         return COCO(str(path))
 
 
-def write_gt(path: Path, objects: dict[str, list], sizes: dict[str, tuple[int, int]] | None = None,
-             ) -> Path:
+def write_gt(
+    path: Path,
+    objects: dict[str, list],
+    sizes: dict[str, tuple[int, int]] | None = None,
+) -> Path:
     """A COCO GT file with one image per entry of ``objects`` (its rectangles), two categories
     (to check that evaluation ignores classes)."""
     images, anns = [], []
@@ -119,9 +135,17 @@ def write_gt(path: Path, objects: dict[str, list], sizes: dict[str, tuple[int, i
         for j, r in enumerate(rects):
             seg = rle(rect_mask(r, h, w))
             seg["counts"] = seg["counts"].decode()
-            anns.append({"id": len(anns) + 1, "image_id": IDS[name], "category_id": 3 + j % 2,
-                         "segmentation": seg, "area": float(mask_utils.area(seg)),
-                         "bbox": [r[0], r[1], r[2] - r[0], r[3] - r[1]], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": IDS[name],
+                    "category_id": 3 + j % 2,
+                    "segmentation": seg,
+                    "area": float(mask_utils.area(seg)),
+                    "bbox": [r[0], r[1], r[2] - r[0], r[3] - r[1]],
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": 3, "name": "cat"}, {"id": 4, "name": "dog"}]
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return path
@@ -159,8 +183,7 @@ def test_summary_printed_and_mixed_fingerprints_loud(shards):
     assert "MIXED" not in out and "a" * 64 in out
     # A third shard with another fingerprint after a gap, plus a leftover temp file.
     other = {**META, "fingerprint": "b" * 64}
-    write_shard(shards / shard_name(3), [ok_record("a.png", 99, RECTS["a.png"], [0.5, 0.4])],
-                other)
+    write_shard(shards / shard_name(3), [ok_record("a.png", 99, RECTS["a.png"], [0.5, 0.4])], other)
     (shards / "shard-00002.h5.1234.tmp").write_bytes(b"partial")
     s = summarise(shards)
     assert s["mixed_fingerprints"] and s["fingerprints"] == {"a" * 64: 2, "b" * 64: 1}
@@ -224,8 +247,9 @@ def test_render_pages_masks_and_placeholders(shards, tmp_path):
 def test_render_cli_uses_config_image_root(shards, tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text(f'[data]\ntrain_images = "{(tmp_path / "images").as_posix()}"\n')
-    code, out, _ = run_cli([str(shards), "--config", str(cfg), "--render", str(tmp_path / "png"),
-                            "--max-render", "2"])
+    code, out, _ = run_cli(
+        [str(shards), "--config", str(cfg), "--render", str(tmp_path / "png"), "--max-render", "2"]
+    )
     assert code == 0 and "rendered 2 images" in out
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["grid-0000.png"]
     page = cv2.cvtColor(cv2.imread(str(tmp_path / "png" / "grid-0000.png")), cv2.COLOR_BGR2RGB)
@@ -243,8 +267,9 @@ def test_to_coco_loads_and_round_trips(shards, tmp_path):
     data = to_coco(shards, path)
     coco = load_coco(path)
     assert sorted(coco.getImgIds()) == [11, 12, 13, 15]  # the unreadable image is left out
-    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "object",
-                                                "supercategory": "object"}]
+    assert coco.loadCats(coco.getCatIds()) == [
+        {"id": 1, "name": "object", "supercategory": "object"}
+    ]
     assert len(coco.getAnnIds()) == 4 == len(data["annotations"])
     for name in RECTS:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=IDS[name]))
@@ -300,8 +325,11 @@ def test_recall_half_cases(shards, tmp_path):
     assert r["metrics"]["AP"] == pytest.approx(51 / 101)
     # GT masks that contain, or lie inside, their pseudo mask with IoU 0.625 (area ratio 5/8):
     # matched at IoU 0.5, 0.55 and 0.6 only, so AR = AP = 3/10.
-    grown = {"a.png": [(2, 2, 12, 18), (20, 6, 40, 38)], "b.png": [(0, 0, 8, 10)],
-             "gone.png": [(5, 0, 15, 32)]}
+    grown = {
+        "a.png": [(2, 2, 12, 18), (20, 6, 40, 38)],
+        "b.png": [(0, 0, 8, 10)],
+        "gone.png": [(5, 0, 15, 32)],
+    }
     for name, rects in grown.items():
         for pseudo, gt in zip(RECTS[name], rects):
             inter = (rect_mask(pseudo) & rect_mask(gt)).sum()
@@ -332,9 +360,15 @@ def test_recall_refuses_other_sizes_and_foreign_gt(shards, tmp_path):
     with pytest.raises(UserError, match="12 .*48x40 in the shards but 40x48"):
         recall_against_gt(shards, gt)
     foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps({"images": [{"id": 1, "file_name": "x", "height": 4,
-                                               "width": 4}], "annotations": [],
-                                   "categories": []}))
+    foreign.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "x", "height": 4, "width": 4}],
+                "annotations": [],
+                "categories": [],
+            }
+        )
+    )
     with pytest.raises(UserError, match="none of the 5 shard images"):
         recall_against_gt(shards, foreign)
 
@@ -349,8 +383,11 @@ def test_bad_input_is_one_line(shards, tmp_path):
     write_shard(bad / shard_name(0), [ImageRecord("c.png", 1, H, W, STATUS_EMPTY)], META)
     with h5py.File(bad / shard_name(0), "r+") as f:
         f.attrs["schema_version"] = 99
-    cases = {str(tmp_path / "nope"): "not found", str(tmp_path / "empty"): "no shard files",
-             str(bad): "schema version 99"}
+    cases = {
+        str(tmp_path / "nope"): "not found",
+        str(tmp_path / "empty"): "no shard files",
+        str(bad): "schema version 99",
+    }
     for folder, words in cases.items():
         code, out, err = run_cli([folder])
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
@@ -359,18 +396,23 @@ def test_bad_input_is_one_line(shards, tmp_path):
 
 
 def test_duplicate_image_ids_refused_for_coco(shards, tmp_path):
-    write_shard(shards / shard_name(2), [ok_record("a.png", IDS["a.png"], RECTS["a.png"],
-                                                   [0.5, 0.4])], META)
+    write_shard(
+        shards / shard_name(2), [ok_record("a.png", IDS["a.png"], RECTS["a.png"], [0.5, 0.4])], META
+    )
     assert summarise(shards)["duplicate_image_ids"] == 1
     with pytest.raises(UserError, match="image_id 11 appears twice"):
         to_coco(shards, tmp_path / "dup.json")
 
 
 def test_cli_missing_folder_exits_2_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "inspect", "missing_dir"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                               "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "inspect", "missing_dir"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "pipeline inspect: error: shard folder not found: missing_dir"

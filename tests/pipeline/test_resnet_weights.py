@@ -8,10 +8,10 @@ import torch
 import torchvision
 
 from pipeline.backbones import DinoV2ViTS14, ResNet50, build_backbone
-from pipeline.weight_files import LoadReport
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from pipeline.resnet_weights import load_resnet50_checkpoint
+from pipeline.weight_files import LoadReport
 
 torch.set_num_threads(1)
 

@@ -56,8 +56,9 @@ def test_resize_valid_crops_matches_interpolate_and_ignores_padding():
         for i, (hv, wv) in enumerate(sizes):
             hs, ws = out_sizes[i]
             assert (hs, ws) == (max(1, math.floor(hv * scale)), max(1, math.floor(wv * scale)))
-            ref = F.interpolate(x[i : i + 1, :, :hv, :wv], size=(hs, ws), mode="bilinear",
-                                align_corners=False)
+            ref = F.interpolate(
+                x[i : i + 1, :, :hv, :wv], size=(hs, ws), mode="bilinear", align_corners=False
+            )
             torch.testing.assert_close(y[i : i + 1, :, :hs, :ws], ref, atol=1e-5, rtol=1e-6)
             assert not y[i, :, hs:, :].any() and not y[i, :, :, ws:].any()
 
@@ -98,8 +99,9 @@ def test_hard_masks_and_maskness_by_hand():
     # an invalid cell is never in a hard mask
     hard_v, area_v = hard_masks(soft, 0.5, torch.tensor([[True, True, True, False]]))
     assert hard_v[0, 0].tolist() == [1, 1, 0, 0] and area_v.tolist() == [[2, 0]]
-    torch.testing.assert_close(maskness(soft, hard, area), torch.tensor([[(0.9 + 0.5 + 1.0) / 3,
-                                                                          0.0]]))
+    torch.testing.assert_close(
+        maskness(soft, hard, area), torch.tensor([[(0.9 + 0.5 + 1.0) / 3, 0.0]])
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +117,15 @@ def _solo_reference(masks: np.ndarray, sigma: float) -> np.ndarray:
             inter = np.logical_and(masks[i], masks[j]).sum()
             iou[i, j] = inter / np.logical_or(masks[i], masks[j]).sum()
     comp = iou.max(axis=0)
-    return np.array([min(math.exp(-sigma * iou[i, j] ** 2) / math.exp(-sigma * comp[i] ** 2)
-                         for i in range(n)) for j in range(n)])
+    return np.array(
+        [
+            min(
+                math.exp(-sigma * iou[i, j] ** 2) / math.exp(-sigma * comp[i] ** 2)
+                for i in range(n)
+            )
+            for j in range(n)
+        ]
+    )
 
 
 def test_matrix_nms_decay_by_hand():
@@ -128,8 +137,11 @@ def test_matrix_nms_decay_by_hand():
     valid = torch.tensor([[True, True, True, False]])
     decay = matrix_nms_decay(masks, valid, sigma=2.0)
     # iou01 = 2/6, iou02 = 1/8, iou12 = 3/6; comp = (0, 1/3, 1/2)
-    expect = [1.0, math.exp(-2 * (1 / 3) ** 2),
-              min(math.exp(-2 / 64), math.exp(-2 * 0.25) / math.exp(-2 / 9))]
+    expect = [
+        1.0,
+        math.exp(-2 * (1 / 3) ** 2),
+        min(math.exp(-2 / 64), math.exp(-2 * 0.25) / math.exp(-2 / 9)),
+    ]
     torch.testing.assert_close(decay[0, :3], torch.tensor(expect), atol=1e-6, rtol=1e-6)
     assert decay[0, 2] == pytest.approx(math.exp(-2 * 0.25 + 2 / 9), abs=1e-6)
 
@@ -228,8 +240,14 @@ def test_propose_score_and_centre_filters():
     assert len(p_low.scores) == 16  # all 16 seeds: 2 distinct masks + 14 decayed duplicates
     torch.testing.assert_close(p_low.scores[2:], torch.full((14,), math.exp(-2.0)))
     # top_k caps the count after NMS
-    (p_k,) = propose(x, [(4, 4)], [(32, 32)], [(32, 32)], 8.0,
-                     _cfg(scales=[1.0], top_k=5, score_threshold=0.1, max_box_width=1.01))
+    (p_k,) = propose(
+        x,
+        [(4, 4)],
+        [(32, 32)],
+        [(32, 32)],
+        8.0,
+        _cfg(scales=[1.0], top_k=5, score_threshold=0.1, max_box_width=1.01),
+    )
     assert len(p_k.scores) == 5
     # an object in the top quarter (centre at 0.25 of the height) passes 0.2 but not 0.3
     top = _two_region_features(slice(0, 2), slice(1, 3))
@@ -242,25 +260,41 @@ def test_propose_score_and_centre_filters():
 def test_min_cells_drops_single_cell_masks():
     # orthogonal features: every seed's hard mask is its own cell
     x = torch.eye(16).view(16, 4, 4)[None]
-    (p1,) = propose(x, [(4, 4)], [(16, 16)], [(16, 16)], 4.0,
-                    _cfg(scales=[1.0], min_cells=1, score_threshold=0.5, min_center_y=0.0))
+    (p1,) = propose(
+        x,
+        [(4, 4)],
+        [(16, 16)],
+        [(16, 16)],
+        4.0,
+        _cfg(scales=[1.0], min_cells=1, score_threshold=0.5, min_center_y=0.0),
+    )
     assert len(p1.scores) == 16 and (p1.scores == 1).all()
     # each mask is its own cell's 4x4 pixel block (interior corners rounded off by bilinear)
     r, c = p1.seed_pos[:, 1], p1.seed_pos[:, 2]
     assert torch.equal(p1.boxes, torch.stack([c * 4, r * 4, c * 4 + 4, r * 4 + 4], 1).float())
-    (p2,) = propose(x, [(4, 4)], [(16, 16)], [(16, 16)], 4.0,
-                    _cfg(scales=[1.0], min_cells=2, score_threshold=0.5, min_center_y=0.0))
+    (p2,) = propose(
+        x,
+        [(4, 4)],
+        [(16, 16)],
+        [(16, 16)],
+        4.0,
+        _cfg(scales=[1.0], min_cells=2, score_threshold=0.5, min_center_y=0.0),
+    )
     assert len(p2.scores) == 0
 
 
 def test_empty_result_shapes():
     torch.manual_seed(0)
     x = torch.randn(2, 6, 5, 5)
-    cases = [(_cfg(score_threshold=1.01), True), (_cfg(score_threshold=1.01), False),
-             (_cfg(min_cells=1000), True)]
+    cases = [
+        (_cfg(score_threshold=1.01), True),
+        (_cfg(score_threshold=1.01), False),
+        (_cfg(min_cells=1000), True),
+    ]
     for cfg, prune in cases:  # pruned away / filtered after NMS / no candidate at all
-        out = propose(x, [(5, 5), (3, 4)], [(70, 70), (42, 56)], [(100, 90), (30, 40)], 14.0,
-                      cfg, prune=prune)
+        out = propose(
+            x, [(5, 5), (3, 4)], [(70, 70), (42, 56)], [(100, 90), (30, 40)], 14.0, cfg, prune=prune
+        )
         for p, (h, w) in zip(out, [(100, 90), (30, 40)], strict=True):
             assert p.masks.shape == (0, h, w) and p.masks.dtype == torch.bool
             assert p.boxes.shape == (0, 4) and p.boxes.dtype == torch.float32
@@ -299,8 +333,9 @@ def test_batched_equals_per_image():
     assert sum(len(p.scores) for p in batched) >= 4  # not a vacuous comparison
     for i in range(2):
         hv, wv = valid[i]
-        (alone,) = propose(x[i : i + 1, :, :hv, :wv].clone(), [valid[i]], [resized[i]],
-                           [orig[i]], 14.0, cfg)
+        (alone,) = propose(
+            x[i : i + 1, :, :hv, :wv].clone(), [valid[i]], [resized[i]], [orig[i]], 14.0, cfg
+        )
         _assert_same(batched[i], alone)
 
 

@@ -48,7 +48,10 @@ TINY = [
 
 
 def make_shards(
-    folder: Path, backbone: str = "dinov2_vits14", dim: int = VIT_DIM, fingerprint: str | None = None
+    folder: Path,
+    backbone: str = "dinov2_vits14",
+    dim: int = VIT_DIM,
+    fingerprint: str | None = None,
 ) -> Path:
     """Two shards of 3 images each (one empty), bright rectangles as pseudo masks.
 

@@ -1,1 +1,1 @@
-"""K-Net in plain PyTorch: pyramid (ViT) or FPN (ResNet), semantic fusion, kernel head, update stages."""
+"""K-Net in plain PyTorch: pyramid or FPN, semantic fusion, kernel head, update stages."""
