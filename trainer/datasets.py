@@ -451,6 +451,12 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+def worker_context() -> str | None:
+    import multiprocessing
+
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -483,7 +489,14 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
     )
     if num_workers > 0:
-        common.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        # forkserver, not fork: a worker forked from a process whose other threads (OpenCV, the
+        # proposals prefetch pool, Ray, BLAS) hold a lock at fork time can deadlock on it; a
+        # worker started from the clean fork server cannot. Costs one interpreter start per run.
+        common.update(
+            persistent_workers=True,
+            prefetch_factor=prefetch_factor,
+            multiprocessing_context=worker_context(),
+        )
     if infinite:
         sampler = InfiniteSampler(
             len(dataset), seed=seed, shuffle=shuffle, rank=rank, world_size=world
