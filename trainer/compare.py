@@ -5,7 +5,8 @@
 Runs ``finetune`` twice with the same config, budget, seed and split: once initialised from the
 pre-training checkpoint (tag "sp", default runs/<name>/pretrain/checkpoints/last.pt) and once from
 the backbone weights alone with fresh heads (tag "baseline", ``--init none``). A run that already
-finished with the same settings is reused; an unfinished one is resumed. Then writes
+finished with the same settings and the same init checkpoint (by sha256) is reused; an unfinished
+one is resumed; one made with other settings or from another checkpoint is an error. Then writes
 runs/<name>/compare-<frac>/results.md (final and best mask AP of both, iterations, time) and
 ap_vs_iter.png (AP against iteration, both curves), and prints the table.
 """
@@ -24,7 +25,7 @@ from pipeline.cli import UserError
 from pipeline.config import dump_toml
 from trainer.config import Config, load_config
 from trainer.evaluate import format_table
-from trainer.finetune import NO_INIT, finetune, resolve
+from trainer.finetune import NO_INIT, check_init, finetune, init_record, resolve
 
 RUNS = (("sp", "Saliency Prompt (pre-trained K-Net)"), ("baseline", "baseline (backbone only)"))
 
@@ -105,6 +106,7 @@ def compare(
     summaries: dict[str, dict[str, Any]] = {}
     for tag, run_cfg in runs.items():
         _check_same_settings(run_cfg)
+        check_init(Path(run_cfg.finetune.out), init_record(run_cfg.finetune.init))
         summary = _finished(run_cfg)
         if summary is not None:
             print(f"compare: reusing the finished run {run_cfg.finetune.out}", file=sys.stderr)

@@ -108,6 +108,40 @@ def load_init(knet: torch.nn.Module, path: str | Path) -> list[str]:
     return load_matching(knet, state["model"], allowed_skips=KNet.CLASS_LAYER_PREFIXES)
 
 
+def init_record(init: str) -> dict[str, str | None]:
+    """What a run was initialised from: {"init": path or "none", "sha256": file digest or None}."""
+    from pipeline.weight_files import file_sha256
+
+    if init == NO_INIT:
+        return {"init": NO_INIT, "sha256": None}
+    if not Path(init).is_file():
+        raise UserError(
+            f"pre-training checkpoint not found: {init} (run `make pretrain` first, pass "
+            "--init CKPT, or --init none for the baseline)"
+        )
+    return {"init": init, "sha256": file_sha256(init)}
+
+
+def check_init(out: Path, record: dict[str, str | None]) -> None:
+    """Refuse to continue or reuse a run folder initialised from another checkpoint.
+
+    The init checkpoint is a path, and re-running pre-training rewrites the file behind the same
+    path; without this check a resumed (or reused, see trainer/compare.py) fine-tuning would mix
+    or report weights that came from the old pre-training.
+    """
+    path = out / "init.json"
+    if not path.is_file():
+        return
+    then = json.loads(path.read_text())
+    if then != record:
+        what = "a different" if then.get("init") == record["init"] else "another"
+        raise UserError(
+            f"{out} was initialised from {what} checkpoint ({then.get('init')}, sha256 "
+            f"{str(then.get('sha256'))[:12]}; now {record['init']}, "
+            f"{str(record['sha256'])[:12]}): delete that folder or choose another --out"
+        )
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seeds any library code using the global one)
@@ -167,6 +201,9 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
 
     ft = cfg.finetune
     out = Path(ft.out)
+    init = init_record(ft.init)
+    if resume:
+        check_init(out, init)
     device = init_distributed()
     try:
         rank, world = dist_info()
@@ -234,6 +271,7 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
         resolved = dataclasses.asdict(cfg)
         if rank == 0:
             record_run(out, resolved, argv)
+            (out / "init.json").write_text(json.dumps(init, indent=2) + "\n")
             print(
                 f"finetune: {split['num_images']} of {split['total_images']} training images "
                 f"({ft.frac:g}, {split['method']}), {len(dataset)} with objects, "
@@ -265,6 +303,7 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
             summary = _summarise(out, ft.iters, eval_fn, result)
             summary.update(
                 init=ft.init,
+                init_sha256=init["sha256"],
                 skipped=skipped,
                 split=split,
                 train_images=len(dataset),

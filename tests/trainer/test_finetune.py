@@ -21,6 +21,7 @@ from pycocotools import mask as mask_util
 from pipeline.backbones import build_backbone
 from pipeline.cli import UserError, main
 from pipeline.config import BackboneConfig
+from pipeline.weight_files import file_sha256
 from trainer.__main__ import COMMANDS
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ModelConfig, load_config
@@ -319,7 +320,7 @@ def test_finetune_bad_init_is_a_clear_error(tiny_project, tmp_path):
 
 
 def test_compare_runs_both_and_reuses_them(tiny_project):
-    toml, _ = tiny_project
+    toml, ckpt = tiny_project
     # Whole backbone frozen here (faster; the end-to-end test above trains stages 2-4).
     sets = [*_sets(), "--set", "finetune.frozen_stages=-1"]
     args = ("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "2")
@@ -342,3 +343,33 @@ def test_compare_runs_both_and_reuses_them(tiny_project):
     # Different settings in an existing folder are refused, not silently mixed.
     code, _, err = _cli("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "3")
     assert code == 2 and "other settings" in err and "finetune.iters" in err
+    assert sp["init_sha256"] == file_sha256(ckpt) and base["init_sha256"] is None
+
+
+def test_compare_refuses_a_run_from_an_older_pretraining(tiny_project):
+    """Re-running pre-training rewrites last.pt behind the same path: the finished "sp" run was
+    made from the old weights and must not be reused (nor resumed) as if it were current."""
+    toml, ckpt = tiny_project
+    sets = [*_sets(), "--set", "finetune.frozen_stages=-1"]
+    args = ("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "1")
+    code, _, err = _cli(*args)
+    assert code == 0, err
+    state = load_checkpoint(ckpt)
+    state["iteration"] = 2  # any change to the file's bytes
+    torch.save(state, ckpt)
+    code, _, err = _cli(*args)
+    assert code == 2 and "initialised from a different checkpoint" in err
+    code, _, err = _cli(
+        "finetune",
+        "--config",
+        str(toml),
+        *sets,
+        "--frac",
+        "0.5",
+        "--iters",
+        "1",
+        "--tag",
+        "sp",
+        "--resume",
+    )
+    assert code == 2 and "initialised from a different checkpoint" in err
