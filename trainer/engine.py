@@ -3,7 +3,9 @@
 ``train`` runs a fixed number of iterations over an endless loader: AdamW with a linear warm-up
 then step-decay schedule, gradient clipping, optional mixed precision (bf16 autocast on CUDA),
 a progress bar, ``metrics.jsonl`` + TensorBoard every ``log_every`` iterations, atomic
-checkpoints, exact resume, and DDP when launched by ``torchrun``.
+checkpoints, exact resume, and DDP when launched by ``torchrun``. Callers read the loop's settings
+from a config section once (``Schedule.from_section``) and the optimiser and its learning-rate
+schedule likewise (``optimizer_from_section``).
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, scaler, the Python / NumPy /
 torch RNG states, the sampler position and the partial logging window, saved after everything an
@@ -13,13 +15,13 @@ uninterrupted one (bit for bit on CPU).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,35 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.datasets import dist_info
+from trainer.distributed import barrier, init_distributed, shutdown_distributed
+from trainer.metrics_log import (
+    LogWindow,
+    append_metrics,
+    loss_groups,
+    plot_curves,
+    read_metrics,
+    truncate_metrics,
+)
+
+# The metrics-log and process-group helpers live in trainer/metrics_log.py and
+# trainer/distributed.py; they are re-exported here for code that imports them from the engine.
+__all__ = [
+    "BACKBONE_PREFIX",
+    "Schedule",
+    "WarmupStepSchedule",
+    "build_optimizer",
+    "build_scheduler",
+    "checkpoint_path",
+    "config_changes",
+    "init_distributed",
+    "latest_checkpoint",
+    "loss_groups",
+    "optimizer_from_section",
+    "plot_curves",
+    "read_metrics",
+    "shutdown_distributed",
+    "train",
+]
 
 BACKBONE_PREFIX = "knet.backbone."
 
@@ -96,38 +127,59 @@ def build_scheduler(
     return LambdaLR(optimizer, WarmupStepSchedule(warmup_iters, warmup_ratio, lr_steps, gamma))
 
 
-# --------------------------------------------------------------------------------------------
-# Distributed setup
+def optimizer_from_section(
+    objective: nn.Module, section: object
+) -> tuple[torch.optim.AdamW, LambdaLR]:
+    """:func:`build_optimizer` and :func:`build_scheduler` with a config section's settings.
 
-
-def init_distributed() -> torch.device:
-    """Join the ``torchrun`` process group when WORLD_SIZE is set; return this process's device.
-
-    NCCL with one GPU per process (LOCAL_RANK) when CUDA is present, gloo on CPU.
+    ``section`` (PretrainConfig, FinetuneConfig, ...) has lr, weight_decay, warmup_iters,
+    warmup_ratio, lr_steps and lr_gamma; backbone_lr_mult where it has one, else 1.0 (a section
+    without it trains a frozen backbone, or the backbone at the heads' rate).
     """
-    cuda = torch.cuda.is_available()
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device
+    optimizer = build_optimizer(
+        objective,
+        section.lr,
+        section.weight_decay,
+        getattr(section, "backbone_lr_mult", 1.0),
+    )
+    scheduler = build_scheduler(
+        optimizer, section.warmup_iters, section.warmup_ratio, section.lr_steps, section.lr_gamma
+    )
+    return optimizer, scheduler
 
 
-def shutdown_distributed(barrier: bool = True) -> None:
-    """Leave the process group. After a normal end the barrier first keeps one rank from tearing
-    down its connections while another still uses them; after an error (barrier=False) the
-    other ranks may never arrive, so the group is destroyed at once."""
-    if dist.is_available() and dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+@dataclass(frozen=True)
+class Schedule:
+    """How :func:`train` runs: its length and its clipping, precision, logging, checkpoint and
+    evaluation intervals. Built from a config section with :meth:`from_section`, or written out
+    with literal values.
 
+    iters: total iterations, resumed ones included. clip_grad: maximum gradient norm (<= 0: no
+    clipping, the norm is still logged). amp: False, True / "bf16" or "fp16" (CUDA only).
+    log_every, ckpt_every: a metrics.jsonl record / a checkpoint every so many iterations and at
+    the end. eval_every: ``eval_fn`` every so many iterations and at the end (0: never).
+    """
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    iters: int
+    clip_grad: float
+    amp: bool | str
+    log_every: int
+    ckpt_every: int
+    eval_every: int = 0
+
+    @classmethod
+    def from_section(cls, section: object, **changes: Any) -> Schedule:
+        """The attributes of ``section`` (PretrainConfig, FinetuneConfig, ...) named like the
+        fields, then ``changes``. A field with a default (eval_every) may be missing from the
+        section; another one missing is a TypeError."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if hasattr(section, f.name):
+                values[f.name] = getattr(section, f.name)
+            elif f.default is dataclasses.MISSING:
+                raise TypeError(f"{type(section).__name__} has no '{f.name}' (a Schedule field)")
+        values.update(changes)
+        return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,106 +235,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 
 # --------------------------------------------------------------------------------------------
-# Logging
-
-
-class _Window:
-    """Sums over the iterations since the last log line (saved in checkpoints for exact logs)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.data_time = 0.0
-        self.step_time = 0.0
-        self.images = 0
-
-    def add(self, values: dict[str, float], data_time: float, step_time: float, images: int):
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-        self.data_time += data_time
-        self.step_time += step_time
-        self.images += images
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state:
-            self.__dict__.update(state)
-
-
-def _truncate_metrics(path: Path, keep_until: int) -> None:
-    """Drop records after ``keep_until`` (written by a run that died after its last checkpoint)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("iter", 0) <= keep_until:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-    path.write_text("".join(f"{line}\n" for line in kept))
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl (training records have kind "train", evaluations "eval")."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def loss_groups(keys: Iterable[str]) -> dict[str, list[str]]:
-    """Group loss_* keys by their last word (loss_s1_dice, loss_init_dice -> "dice"), so one
-    curve per kind of loss is drawn however many stages report it."""
-    groups: dict[str, list[str]] = {}
-    for key in sorted(keys):
-        groups.setdefault(key.rsplit("_", 1)[-1], []).append(key)
-    return groups
-
-
-def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """One PNG: the total loss and each kind of loss (summed over stages), then the learning
-    rate and the data-wait share. Returns its path, or None without training records."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in read_metrics(metrics_path) if r.get("kind") == "train"]
-    if not records:
-        return None
-    iters = [r["iter"] for r in records]
-    curves = {"total": [r["loss"] for r in records]}
-    for name, keys in loss_groups({k for r in records for k in r if k.startswith("loss_")}).items():
-        label = f"{name} ({len(keys)} terms)" if len(keys) > 1 else keys[0]
-        curves[label] = [sum(r.get(k, math.nan) for k in keys) for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(
-        2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    colours = plt.get_cmap("tab10")
-    for i, (label, ys) in enumerate(curves.items()):
-        ax_loss.plot(
-            iters, ys, label=label, color=colours(i % 10), linewidth=2.5 if i == 0 else 1.2
-        )
-    if all(y > 0 for ys in curves.values() for y in ys):
-        ax_loss.set_yscale("log")
-    ax_loss.set_ylabel("loss (mean over each logging window)")
-    ax_loss.legend(fontsize=8)
-    ax_loss.grid(alpha=0.3)
-    ax_lr.plot(iters, [r["lr"] for r in records], color="black")
-    ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("iteration")
-    ax_share = ax_lr.twinx()
-    ax_share.plot(iters, [r["data_wait"] for r in records], color="tab:red", alpha=0.6)
-    ax_share.set_ylabel("data-wait share", color="tab:red")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+# Loop helpers
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -324,30 +277,25 @@ def train(
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
+    schedule: Schedule,
     *,
-    iters: int,
     out_dir: str | Path,
     device: torch.device | str,
-    clip_grad: float,
-    amp: bool | str,
-    log_every: int,
-    ckpt_every: int,
     resume: bool,
     config: dict[str, Any],
     eval_fn: Callable[[int], dict[str, float]] | None = None,
-    eval_every: int = 0,
     desc: str = "train",
 ) -> dict[str, Any]:
     """Train ``objective`` (returns {"loss_*": weighted scalars, "stat_*": detached scalars}) for
-    ``iters`` iterations in total, counting any resumed ones.
+    ``schedule.iters`` iterations in total, counting any resumed ones (see :class:`Schedule`).
 
     Iterations are numbered 1..iters: a record or checkpoint at iteration t is the state after t
     optimiser steps. ``loader`` yields trainer Batches (or (images, targets)); an
     :class:`trainer.datasets.InfiniteLoader` also saves and restores its position. ``resume``
     continues from ``out_dir/checkpoints/last.pt`` (or the newest ``iter_*.pt``) when there is one
     (a fresh start otherwise); without ``resume`` an existing checkpoint is an error.
-    ``eval_fn(t)`` runs on rank 0 every ``eval_every`` iterations and at the end, in eval mode
-    without gradients; its metrics go to metrics.jsonl as kind "eval".
+    ``eval_fn(t)`` runs on rank 0 every ``schedule.eval_every`` iterations and at the end, in eval
+    mode without gradients; its metrics go to metrics.jsonl as kind "eval".
 
     Returns {"iteration", "trained" (iterations run by this call), "data_wait_share", "seconds",
     "last_checkpoint", "last_record"}. On resume, settings that differ from the checkpoint's
@@ -355,6 +303,8 @@ def train(
     Raises UserError at a non-finite loss or gradient, naming the iteration; the last good
     checkpoint is left as it was.
     """
+    iters, clip_grad, amp = schedule.iters, schedule.clip_grad, schedule.amp
+    log_every, ckpt_every, eval_every = schedule.log_every, schedule.ckpt_every, schedule.eval_every
     for name, value in (("iters", iters), ("log_every", log_every), ("ckpt_every", ckpt_every)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
@@ -372,7 +322,7 @@ def train(
     scaler = None
     if amp == "fp16" and device.type == "cuda":  # bf16 needs no loss scaling
         scaler = torch.amp.GradScaler("cuda")
-    window = _Window()
+    window = LogWindow()
     start = 0
     rng_state = None
     resume_from = latest_checkpoint(out_dir) if resume else None
@@ -405,7 +355,7 @@ def train(
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if start:
-            _truncate_metrics(metrics_path, start)
+            truncate_metrics(metrics_path, start)
         else:
             metrics_path.write_text("")
     trainable = [p for p in objective.parameters() if p.requires_grad]
@@ -528,18 +478,14 @@ def train(
                 for group in optimizer.param_groups:
                     name = group.get("name", "heads")
                     record["lr" if name == "heads" else f"lr_{name}"] = group["lr"]
-                record.update({k: v / window.count for k, v in window.sums.items()})
-                record["data_wait"] = window.data_time / max(window.step_time, 1e-12)
-                record["images_per_s"] = window.images / max(window.step_time, 1e-12)
-                record["seconds_per_iter"] = window.step_time / window.count
+                record.update(window.averages())
                 if iteration % log_every == 0:
                     # The extra record at a run's end keeps its window open, so a run resumed
                     # from that end logs the same windows as an uninterrupted one.
-                    window = _Window()
+                    window = LogWindow()
                 last_record = record
                 if is_main:
-                    with metrics_path.open("a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                    append_metrics(metrics_path, record)
                     for k, v in record.items():
                         if k not in ("kind", "iter"):
                             writer.add_scalar(f"train/{k}", v, iteration)
@@ -555,12 +501,11 @@ def train(
                         metrics = eval_fn(iteration)
                     objective.train()
                     record = {"kind": "eval", "iter": iteration, **metrics}
-                    with metrics_path.open("a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                    append_metrics(metrics_path, record)
                     for k, v in metrics.items():
                         if isinstance(v, (int, float)):
                             writer.add_scalar(f"eval/{k}", v, iteration)
-                _barrier()
+                barrier()
 
             if iteration % ckpt_every == 0 or iteration == iters:
                 save(iteration)
@@ -571,7 +516,7 @@ def train(
 
     if is_main:
         plot_curves(metrics_path, out_dir / "loss_curves.png")
-    _barrier()
+    barrier()
     return {
         "iteration": max(start, iters),
         "trained": max(0, iters - start),

@@ -115,13 +115,19 @@ def image_results(
 
 
 def coco_mask_metrics(
-    coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int] | None = None
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    image_ids: Iterable[int] | None = None,
+    *,
+    class_agnostic: bool = False,
 ) -> dict[str, float]:
     """Score ``results`` against ``coco_gt`` with COCOeval(iouType="segm").
 
     image_ids: the images that were evaluated (default: all ground-truth images); an image with no
-    detection still counts its ground truth as missed. Returns fractions in [0, 1] keyed by
-    METRIC_NAMES; pycocotools' -1 (no ground truth in that area range) is kept as -1.
+    detection still counts its ground truth as missed. class_agnostic: COCOeval's useCats=0, any
+    detection may match any object (object-discovery AP; the class prediction is ignored).
+    Returns fractions in [0, 1] keyed by METRIC_NAMES; pycocotools' -1 (no ground truth in that
+    area range) is kept as -1.
     """
     quiet = io.StringIO()  # pycocotools prints progress; the caller prints the table
     with contextlib.redirect_stdout(quiet):
@@ -139,6 +145,7 @@ def coco_mask_metrics(
             }
             coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.useCats = 0 if class_agnostic else 1
         if image_ids is not None:
             ev.params.imgIds = sorted(set(int(i) for i in image_ids))
         ev.evaluate()
@@ -165,6 +172,7 @@ def evaluate(
     max_detections: int = 100,
     results_path: str | Path | None = None,
     progress: bool = False,
+    class_agnostic: bool = False,
 ) -> dict[str, float]:
     """Mask AP of ``knet`` over one pass of ``loader`` against ``coco_gt``.
 
@@ -174,6 +182,7 @@ def evaluate(
     "image_size", "input_size" (trainer/datasets.py, evaluation Augment: resize only).
     category_ids: COCO id of each contiguous class; default ``loader.dataset.cat_ids``.
     results_path: where to write the COCO results JSON (optional).
+    class_agnostic: score with COCOeval useCats=0 (see :func:`coco_mask_metrics`).
     Returns METRIC_NAMES (fractions, -1 where pycocotools has no ground truth) plus "images"
     (images evaluated) and "detections" (results kept). Only the images seen are scored.
     """
@@ -223,7 +232,7 @@ def evaluate(
         results_path = Path(results_path)
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results))
-    metrics = coco_mask_metrics(coco_gt, results, image_ids=seen)
+    metrics = coco_mask_metrics(coco_gt, results, image_ids=seen, class_agnostic=class_agnostic)
     return {**metrics, "images": float(len(seen)), "detections": float(len(results))}
 
 
@@ -285,12 +294,13 @@ def build_eval_loader(
     )
 
 
-def default_output(checkpoint: Path) -> Path:
-    """runs/.../finetune-0.05/checkpoints/last.pt -> runs/.../finetune-0.05/eval-last.json."""
+def default_output(checkpoint: Path, class_agnostic: bool = False) -> Path:
+    """runs/.../finetune-0.05/checkpoints/last.pt -> runs/.../finetune-0.05/eval-last.json
+    (eval-last-agnostic.json for a class-agnostic evaluation)."""
     folder = checkpoint.parent
     if folder.name == "checkpoints":
         folder = folder.parent
-    return folder / f"eval-{checkpoint.stem}.json"
+    return folder / f"eval-{checkpoint.stem}{'-agnostic' if class_agnostic else ''}.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +309,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="", help="metrics JSON (default: eval-<checkpoint>.json in its run)"
     )
     parser.add_argument("--batch-size", type=int, default=0, help="default: finetune.batch_size")
+    parser.add_argument(
+        "--class-agnostic",
+        action="store_true",
+        help="object-discovery AP: any detection may match any object (COCOeval useCats=0); "
+        "also scores a class-agnostic pre-training checkpoint",
+    )
     parser.epilog = (
         "The model and data settings come from the checkpoint's own config; --set overrides "
         "them (e.g. --set data.val_json=...); --config is not read."
@@ -307,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.backbones import build_backbone
-    from trainer.engine import init_distributed
+    from trainer.distributed import init_distributed
     from trainer.model.knet import KNet
 
     path = Path(args.checkpoint)
@@ -327,22 +343,29 @@ def run(args: argparse.Namespace) -> int:
     load_matching(knet, state["model"], allowed_skips=())  # strict: every tensor must fit
     knet.to(device)
     loader = build_eval_loader(cfg, knet.size_divisor)
-    out = Path(args.out) if args.out else default_output(path)
+    category_ids = list(loader.dataset.cat_ids)
+    if args.class_agnostic and len(category_ids) != int(num_classes):
+        # A pre-training checkpoint predicts one "object" class: label its detections with the
+        # first category; useCats=0 makes the label irrelevant to the score.
+        category_ids = [category_ids[0]] * int(num_classes)
+    out = Path(args.out) if args.out else default_output(path, args.class_agnostic)
     metrics = evaluate(
         knet,
         loader,
         load_coco(cfg.data.val_json),
         device,
-        category_ids=loader.dataset.cat_ids,
+        category_ids=category_ids,
         mask_threshold=cfg.finetune.test_mask_threshold,
         max_detections=cfg.finetune.max_detections,
         results_path=out.with_name(out.stem + "-segm.json"),
         progress=True,
+        class_agnostic=args.class_agnostic,
     )
     report = {
         "checkpoint": str(path),
         "iteration": state.get("iteration"),
         "val_json": cfg.data.val_json,
+        "class_agnostic": args.class_agnostic,
         "metrics": metrics,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

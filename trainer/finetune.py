@@ -36,6 +36,7 @@ import torch
 from pipeline.cli import UserError, record_run
 from trainer.config import Config, load_config
 from trainer.evaluate import METRIC_NAMES, build_eval_loader, evaluate, format_table, load_coco
+from trainer.metrics_log import append_metrics, read_metrics
 from trainer.splits import write_split
 
 NO_INIT = "none"
@@ -154,8 +155,6 @@ def ap_curve(metrics_jsonl: Path) -> list[dict[str, Any]]:
     The engine truncates metrics.jsonl to the resumed checkpoint, so this is always the curve of
     the iterations that the final model went through.
     """
-    from trainer.engine import read_metrics
-
     by_iter: dict[int, dict[str, Any]] = {}
     for r in read_metrics(metrics_jsonl):
         if r.get("kind") == "eval":
@@ -169,8 +168,6 @@ def ap_curve(metrics_jsonl: Path) -> list[dict[str, Any]]:
 def train_seconds(metrics_jsonl: Path) -> float:
     """Seconds spent in training steps plus evaluations, summed from metrics.jsonl (so a resumed
     run counts every iteration it kept once, and start-up time is not counted)."""
-    from trainer.engine import read_metrics
-
     total, prev = 0.0, 0
     for r in read_metrics(metrics_jsonl):
         if r.get("kind") == "train":
@@ -189,13 +186,8 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
     """
     from pipeline.backbones import build_backbone, weights_fingerprint
     from trainer.datasets import CocoDataset, build_loader, dist_info
-    from trainer.engine import (
-        build_optimizer,
-        build_scheduler,
-        init_distributed,
-        shutdown_distributed,
-        train,
-    )
+    from trainer.distributed import init_distributed, shutdown_distributed
+    from trainer.engine import Schedule, optimizer_from_section, train
     from trainer.model.objective import build_objective
     from trainer.transforms import Augment
 
@@ -260,10 +252,7 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
             num_workers=ft.num_workers,
             seed=ft.seed,
         )
-        optimizer = build_optimizer(objective, ft.lr, ft.weight_decay, ft.backbone_lr_mult)
-        scheduler = build_scheduler(
-            optimizer, ft.warmup_iters, ft.warmup_ratio, ft.lr_steps, ft.lr_gamma
-        )
+        optimizer, scheduler = optimizer_from_section(objective, ft)
 
         # The engine evaluates on rank 0 only, but every rank must take the same path through it.
         eval_fn = make_eval_fn(cfg, knet, dataset.cat_ids, device) if rank == 0 else _no_eval
@@ -285,17 +274,13 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
             loader,
             optimizer,
             scheduler,
-            iters=ft.iters,
+            # eval_every <= 0 still evaluates once, at the end: the run's metrics need it.
+            Schedule.from_section(ft, eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters),
             out_dir=out,
             device=device,
-            clip_grad=ft.clip_grad,
-            amp=ft.amp,
-            log_every=ft.log_every,
-            ckpt_every=ft.ckpt_every,
             resume=resume,
             config=resolved,
             eval_fn=eval_fn,
-            eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters,
             desc=f"finetune {out.name}",
         )
         summary: dict[str, Any] = {}
@@ -356,8 +341,7 @@ def _summarise(out: Path, iters: int, eval_fn, result: dict[str, Any]) -> dict[s
         # A finished run whose final evaluation was lost (cut short after its last checkpoint):
         # the engine loaded that checkpoint and had nothing to do, so evaluate it here.
         metrics = eval_fn(iters)
-        with (out / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps({"kind": "eval", "iter": iters, **metrics}) + "\n")
+        append_metrics(out / "metrics.jsonl", {"kind": "eval", "iter": iters, **metrics})
         curve = ap_curve(out / "metrics.jsonl")
     (out / "ap_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
     final = curve[-1]

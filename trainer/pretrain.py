@@ -26,14 +26,8 @@ from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from trainer.config import Config, load_config
 from trainer.datasets import ShardDataset, build_loader, dist_info
-from trainer.engine import (
-    build_optimizer,
-    build_scheduler,
-    init_distributed,
-    latest_checkpoint,
-    shutdown_distributed,
-    train,
-)
+from trainer.distributed import init_distributed, shutdown_distributed
+from trainer.engine import Schedule, latest_checkpoint, optimizer_from_section, train
 from trainer.transforms import Augment
 
 
@@ -156,8 +150,7 @@ def run_pretrain(
         num_workers=p.num_workers,
         seed=p.seed,
     )
-    optimizer = build_optimizer(objective, p.lr, p.weight_decay)
-    scheduler = build_scheduler(optimizer, p.warmup_iters, p.warmup_ratio, p.lr_steps, p.lr_gamma)
+    optimizer, scheduler = optimizer_from_section(objective, p)
     resolved = dataclasses.asdict(cfg)
     if rank == 0:
         record_run(out, resolved, argv)
@@ -176,13 +169,9 @@ def run_pretrain(
             loader,
             optimizer,
             scheduler,
-            iters=p.iters,
+            Schedule.from_section(p),
             out_dir=out,
             device=device,
-            clip_grad=p.clip_grad,
-            amp=p.amp,
-            log_every=p.log_every,
-            ckpt_every=p.ckpt_every,
             resume=resume,
             config=resolved,
             desc="pretrain",

@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from pipeline.cli import UserError
 from pipeline.shards import (
@@ -19,6 +18,7 @@ from pipeline.shards import (
     shard_name,
     write_shard,
 )
+from tests.trainer.helpers import coco_rle, shard_rles
 from trainer.datasets import (
     Batch,
     CocoDataset,
@@ -149,7 +149,6 @@ def _record(folder, name: str, image_id: int, status: int, boxes: list, seed: in
         (folder / name).write_bytes(b"")
     else:
         cv2.imwrite(str(folder / name), image[..., ::-1])
-    rles = [r["counts"] for r in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
     seeds = np.random.default_rng(seed).standard_normal((len(boxes), SEED_DIM))
     return ImageRecord(
         file_name=name,
@@ -158,7 +157,7 @@ def _record(folder, name: str, image_id: int, status: int, boxes: list, seed: in
         width=w,
         status=status,
         error="zero-byte file" if status == STATUS_UNREADABLE else "",
-        rles=rles,
+        rles=shard_rles(masks),
         boxes=np.array(boxes, np.float32).reshape(-1, 4),
         scores=np.linspace(0.9, 0.8, len(boxes)).astype(np.float32),
         seeds=seeds.astype(np.float16),
@@ -381,10 +380,7 @@ def test_coco_dataset_maps_categories_and_ignores_crowd(tmp_path):
     root.mkdir()
     for name in ("x.png", "y.png", "z.png"):
         cv2.imwrite(str(root / name), np.zeros((20, 30, 3), np.uint8))
-    rle = mask_utils.encode(
-        np.asfortranarray(np.pad(np.ones((4, 5), np.uint8), ((1, 15), (2, 23))))
-    )
-    rle["counts"] = rle["counts"].decode()
+    rle = coco_rle(np.pad(np.ones((4, 5), np.uint8), ((1, 15), (2, 23))))
     coco = {
         "images": [
             {"id": 5, "file_name": "y.png", "height": 20, "width": 30},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,15 +14,19 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.cli import UserError
+from tests.trainer.helpers import train_records
 from trainer.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from trainer.config import FinetuneConfig, PretrainConfig
 from trainer.datasets import build_loader, make_sample
+from trainer.distributed import shutdown_distributed
 from trainer.engine import (
+    Schedule,
     build_optimizer,
     build_scheduler,
-    read_metrics,
-    shutdown_distributed,
+    optimizer_from_section,
     train,
 )
+from trainer.metrics_log import LogWindow, loss_groups, read_metrics
 from trainer.transforms import Augment
 
 
@@ -105,21 +110,13 @@ def _train(
         loader,
         optimizer,
         scheduler,
-        iters=iters,
+        Schedule(iters=iters, clip_grad=1.0, amp=False, log_every=log_every, ckpt_every=ckpt_every),
         out_dir=out,
         device="cpu",
-        clip_grad=1.0,
-        amp=False,
-        log_every=log_every,
-        ckpt_every=ckpt_every,
         resume=resume,
         config=config or {"name": "tiny"},
     )
     return objective, result
-
-
-def _train_records(out):
-    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
 def test_warmup_then_step_schedule():
@@ -152,11 +149,77 @@ def test_warmup_then_step_schedule():
     assert len(build_optimizer(frozen, 1.0, 0.0).param_groups) == 1  # frozen backbone left out
 
 
+def test_schedule_and_optimizer_from_config_sections():
+    pre = PretrainConfig(iters=7, clip_grad=0.5, amp=True, log_every=3, ckpt_every=4)
+    assert Schedule.from_section(pre) == Schedule(
+        iters=7, clip_grad=0.5, amp=True, log_every=3, ckpt_every=4, eval_every=0
+    )  # PretrainConfig has no eval_every: the default, never
+    assert Schedule.from_section(FinetuneConfig(eval_every=9)).eval_every == 9
+    ft = FinetuneConfig(eval_every=0)
+    assert Schedule.from_section(ft, eval_every=ft.iters).eval_every == ft.iters
+    with pytest.raises(TypeError, match="has no 'clip_grad'"):
+        Schedule.from_section(SimpleNamespace(iters=1, amp=False, log_every=1, ckpt_every=1))
+
+    objective = TinyObjective()
+    objective.knet.backbone.requires_grad_(True)
+    section = FinetuneConfig(
+        lr=2.0,
+        weight_decay=0.1,
+        backbone_lr_mult=0.5,
+        warmup_iters=2,
+        warmup_ratio=0.5,
+        lr_steps=[3],
+        lr_gamma=0.1,
+    )
+    optimizer, scheduler = optimizer_from_section(objective, section)
+    assert optimizer.defaults["weight_decay"] == 0.1
+    lrs = []
+    for _ in range(4):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    # Warm-up 0.5 -> 0.75 -> 1, then x 0.1 from iteration 3; the backbone at half the rate.
+    expected = [[2.0 * f, 1.0 * f] for f in (0.5, 0.75, 1.0, 0.1)]
+    assert lrs == [pytest.approx(e, rel=1e-9) for e in expected]
+    # PretrainConfig has no backbone_lr_mult: a trainable backbone gets the heads' rate.
+    optimizer, _ = optimizer_from_section(objective, PretrainConfig(lr=2.0, warmup_iters=0))
+    assert [g["lr"] for g in optimizer.param_groups] == [2.0, 2.0]
+
+
+def test_log_window_averages_and_state():
+    window = LogWindow()
+    window.add({"loss": 1.0, "stat_x": 4.0}, data_time=0.1, step_time=0.5, images=2)
+    window.add({"loss": 3.0, "stat_x": 0.0}, data_time=0.3, step_time=1.5, images=2)
+    averages = window.averages()
+    assert list(averages) == ["loss", "stat_x", "data_wait", "images_per_s", "seconds_per_iter"]
+    assert averages == pytest.approx(
+        {"loss": 2.0, "stat_x": 2.0, "data_wait": 0.2, "images_per_s": 2.0, "seconds_per_iter": 1.0}
+    )
+    restored = LogWindow()
+    restored.load_state_dict(window.state_dict())
+    assert restored.averages() == averages
+    assert loss_groups(["loss_s1_dice", "loss_init_dice", "loss_s1_mask"]) == {
+        "dice": ["loss_init_dice", "loss_s1_dice"],
+        "mask": ["loss_s1_mask"],
+    }
+
+
+def test_engine_still_exports_the_moved_helpers():
+    import trainer.distributed
+    import trainer.engine
+    import trainer.metrics_log
+
+    for name in ("read_metrics", "plot_curves", "loss_groups"):
+        assert getattr(trainer.engine, name) is getattr(trainer.metrics_log, name)
+    for name in ("init_distributed", "shutdown_distributed"):
+        assert getattr(trainer.engine, name) is getattr(trainer.distributed, name)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     straight, _ = _train(tmp_path / "a", 6)
     _train(tmp_path / "b", 3)
     resumed, result = _train(tmp_path / "b", 6, resume=True)
-    a, b = _train_records(tmp_path / "a"), _train_records(tmp_path / "b")
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
         for key in ("loss", "loss_mask", "loss_extra", "stat_noise", "stat_seeds", "lr"):
@@ -175,7 +238,7 @@ def test_resume_with_worker_and_log_window(tmp_path):
     _train(tmp_path / "a", 6, workers=1, log_every=4, ckpt_every=2)
     _train(tmp_path / "b", 2, workers=1, log_every=4, ckpt_every=2)
     _train(tmp_path / "b", 6, workers=1, log_every=4, ckpt_every=2, resume=True)
-    a, b = _train_records(tmp_path / "a"), _train_records(tmp_path / "b")
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
     assert [r["iter"] for r in b] == [2, 4, 6]  # iters 2 (end of first run), 4, 6
     assert [r["iter"] for r in a] == [4, 6]
     for ra, rb in zip(a, b[1:]):
@@ -189,14 +252,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["iter_0000002.pt", "iter_0000004.pt", "last.pt"]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 4
-    assert [r["iter"] for r in _train_records(out)] == [1, 2, 3, 4]
+    assert [r["iter"] for r in train_records(out)] == [1, 2, 3, 4]
     # A killed run (metrics written past the checkpoint) resumes to the uninterrupted result.
     with (out / "metrics.jsonl").open("a") as fh:
         fh.write(json.dumps({"kind": "train", "iter": 5, "loss": 0.0}) + "\n")
     _train(out, 8, ckpt_every=2, resume=True)
     _train(tmp_path / "straight", 8, ckpt_every=2)
-    assert [r["loss"] for r in _train_records(out)] == [
-        r["loss"] for r in _train_records(tmp_path / "straight")
+    assert [r["loss"] for r in train_records(out)] == [
+        r["loss"] for r in train_records(tmp_path / "straight")
     ]
 
 
@@ -220,7 +283,7 @@ def test_outputs_and_checkpoint_contents(tmp_path):
     assert set(state["extras"]) == {"extra.weight", "extra.bias"}
     assert state["num_classes"] == 1 and state["config"] == {"name": "tiny"}
     assert state["loader"]["epoch"] == 1 and state["loader"]["position"] == 1  # 8 of 7 samples
-    record = _train_records(out)[-1]
+    record = train_records(out)[-1]
     for key in (
         "lr",
         "loss",
@@ -243,7 +306,7 @@ def test_outputs_and_checkpoint_contents(tmp_path):
     changed = {"name": "tiny", "pretrain": {"lr": 1.0, "iters": 6}}
     with pytest.warns(UserWarning, match=r"changed settings \(pretrain.lr\)"):
         _, more = _train(out, 6, ckpt_every=2, log_every=2, resume=True, config=changed)
-    assert more["trained"] == 2 and [r["iter"] for r in _train_records(out)] == [2, 4, 6]
+    assert more["trained"] == 2 and [r["iter"] for r in train_records(out)] == [2, 4, 6]
 
 
 def test_eval_fn_records(tmp_path):
@@ -267,17 +330,12 @@ def _eval_run(objective, loader, optimizer, scheduler, tmp_path, eval_fn):
         loader,
         optimizer,
         scheduler,
-        iters=5,
+        Schedule(iters=5, clip_grad=0.0, amp=True, log_every=5, ckpt_every=5, eval_every=2),
         out_dir=tmp_path,
         device="cpu",
-        clip_grad=0.0,
-        amp=True,
-        log_every=5,
-        ckpt_every=5,
         resume=False,
         config={},
         eval_fn=eval_fn,
-        eval_every=2,
     )
 
 
@@ -328,13 +386,9 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
             loader,
             optimizer,
             scheduler,
-            iters=3,
+            Schedule(iters=3, clip_grad=1.0, amp=False, log_every=1, ckpt_every=3),
             out_dir=out,
             device="cpu",
-            clip_grad=1.0,
-            amp=False,
-            log_every=1,
-            ckpt_every=3,
             resume=False,
             config={},
         )
@@ -350,7 +404,7 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
 
 def test_ddp_two_processes_on_gloo(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    records = _train_records(tmp_path)
+    records = train_records(tmp_path)
     assert [r["iter"] for r in records] == [1, 2, 3]
     assert records[0]["images_per_s"] > 0
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

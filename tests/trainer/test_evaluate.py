@@ -12,6 +12,7 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
+from tests.trainer.helpers import coco_annotation, write_tiny_coco
 from trainer.evaluate import METRIC_NAMES, coco_mask_metrics, format_table, image_results
 
 CATEGORY_IDS = [1, 3]  # non-contiguous on purpose: index 1 must map back to id 3
@@ -45,19 +46,7 @@ def _coco_gt() -> COCO:
         images.append({"id": img["id"], "height": h, "width": w, "file_name": f"{img['id']}.png"})
         for cells, label in INSTANCES[img["id"]]:
             m = _gt_mask(img, cells)
-            rle = mask_util.encode(np.asfortranarray(m))
-            rle["counts"] = rle["counts"].decode()
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": img["id"],
-                    "category_id": CATEGORY_IDS[label],
-                    "segmentation": rle,
-                    "area": float(m.sum()),
-                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                    "iscrowd": 0,
-                }
-            )
+            anns.append(coco_annotation(m, len(anns) + 1, img["id"], CATEGORY_IDS[label]))
     cats = [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns, "categories": cats}
@@ -148,6 +137,8 @@ def test_wrong_class_or_threshold_lowers_ap():
     results = _results(perfect=True)
     swapped = [dict(r, category_id=4 - r["category_id"]) for r in results]  # 1 <-> 3
     assert coco_mask_metrics(coco, swapped)["AP"] < 0.2
+    # Class-agnostic scoring (object discovery) ignores the label: the masks are still perfect.
+    assert coco_mask_metrics(coco, swapped, class_agnostic=True)["AP"] == pytest.approx(1.0)
     # At K-Net's 0.3 threshold the bilinear up-sampling grows each rectangle by one pixel row
     # and column: still a match at IoU 0.5, no longer at the strictest thresholds.
     loose = coco_mask_metrics(coco, _results(perfect=True, threshold=0.3))
@@ -242,12 +233,11 @@ def test_evaluate_through_the_loader_geometry(tmp_path):
     the original frame: AP50 1.0 proves the crop and resize are inverted correctly."""
     from torch.utils.data import DataLoader
 
-    from tests.trainer.test_finetune import _write_coco
     from trainer.datasets import CocoDataset, Collate
     from trainer.evaluate import evaluate, load_coco
     from trainer.transforms import Augment
 
-    ann = _write_coco(tmp_path, "val", num_images=4, seed=3)
+    ann = write_tiny_coco(tmp_path, "val", num_images=4, seed=3)
     dataset = CocoDataset(ann, tmp_path / "val", Augment(80, 80), train=False)
     loader = DataLoader(dataset, batch_size=3, collate_fn=Collate(32))
     batches = list(loader)

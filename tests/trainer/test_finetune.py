@@ -1,35 +1,30 @@
 """Fine-tuning: init loading with the exact skipped keys, and a short end-to-end run.
 
-The end-to-end tests use a tiny COCO set made here (a few 64 x 64 images, two categories with
-non-contiguous ids), a random-weight ResNet-50 and a tiny K-Net; the pre-training checkpoint is
-written by the real engine from a class-agnostic objective with prompts and kernel supervision.
+The end-to-end tests use a tiny COCO set (helpers.write_tiny_coco: a few 64 x 64 images, two
+categories with non-contiguous ids), a random-weight ResNet-50 and a tiny K-Net; the pre-training
+checkpoint is written by the real engine from a class-agnostic objective with prompts and kernel
+supervision.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_util
 
 from pipeline.backbones import build_backbone
-from pipeline.cli import UserError, main
+from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from pipeline.weight_files import file_sha256
-from trainer.__main__ import COMMANDS
+from tests.trainer.helpers import TINY_MODEL, TINY_MODEL_SETTINGS, run_cli, write_tiny_coco
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ModelConfig, load_config
 from trainer.finetune import load_init, resolve, run_name
 from trainer.model.knet import KNet
 
-TINY_MODEL = ModelConfig(num_kernels=6, channels=16, num_stages=2, num_heads=2, ffn_dim=32)
-CATEGORY_IDS = (2, 7)
+CATEGORY_IDS = (2, 7)  # write_tiny_coco's default: non-contiguous ids
 SIZE = 64
 
 
@@ -92,61 +87,10 @@ def test_resolve_names_and_defaults(tmp_path):
 # End to end
 
 
-def _write_coco(root: Path, split: str, num_images: int, seed: int) -> Path:
-    """Random-noise images with 1-2 rectangles/ellipses each, masks as compressed RLE."""
-    rng = np.random.default_rng(seed)
-    folder = root / split
-    folder.mkdir(parents=True)
-    images, anns = [], []
-    for i in range(num_images):
-        image_id = 100 + 3 * i
-        img = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
-        for _ in range(int(rng.integers(1, 3))):
-            m = np.zeros((SIZE, SIZE), np.uint8)
-            x0, y0 = rng.integers(0, SIZE // 2, 2)
-            w, h = rng.integers(12, SIZE // 2, 2)
-            if rng.random() < 0.5:
-                m[y0 : y0 + h, x0 : x0 + w] = 1
-            else:
-                cv2.ellipse(
-                    m,
-                    (int(x0 + w // 2), int(y0 + h // 2)),
-                    (int(w // 2), int(h // 2)),
-                    0,
-                    0,
-                    360,
-                    1,
-                    -1,
-                )
-            img[m > 0] = rng.integers(0, 255, 3)
-            rle = mask_util.encode(np.asfortranarray(m))
-            rle["counts"] = rle["counts"].decode()
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": image_id,
-                    "category_id": int(rng.choice(CATEGORY_IDS)),
-                    "segmentation": rle,
-                    "area": float(m.sum()),
-                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                    "iscrowd": 0,
-                }
-            )
-        cv2.imwrite(str(folder / f"{image_id}.png"), img[:, :, ::-1])
-        images.append(
-            {"id": image_id, "file_name": f"{image_id}.png", "height": SIZE, "width": SIZE}
-        )
-    cats = [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS]
-    path = root / "annotations" / f"instances_{split}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return path
-
-
 def _write_pretrain_checkpoint(cfg, out_dir: Path) -> Path:
     """A real stage-two checkpoint: class-agnostic objective with prompts and kernel supervision,
     one engine iteration on a hand-made batch with seeds."""
-    from trainer.engine import build_optimizer, build_scheduler, train
+    from trainer.engine import Schedule, build_optimizer, build_scheduler, train
     from trainer.model.objective import build_objective
 
     torch.manual_seed(1)
@@ -176,13 +120,9 @@ def _write_pretrain_checkpoint(cfg, out_dir: Path) -> Path:
         [(images, targets)],
         optimizer,
         scheduler,
-        iters=1,
+        Schedule(iters=1, clip_grad=1.0, amp=False, log_every=1, ckpt_every=1),
         out_dir=out_dir,
         device="cpu",
-        clip_grad=1.0,
-        amp=False,
-        log_every=1,
-        ckpt_every=1,
         resume=False,
         config={"name": "pretrain-test"},
     )
@@ -192,11 +132,7 @@ def _write_pretrain_checkpoint(cfg, out_dir: Path) -> Path:
 TINY_SETTINGS = [
     "backbone.kind=resnet50",
     "backbone.weights=random",
-    "model.num_kernels=6",
-    "model.channels=16",
-    "model.num_stages=2",
-    "model.num_heads=2",
-    "model.ffn_dim=32",
+    *TINY_MODEL_SETTINGS,
     "finetune.batch_size=2",
     "finetune.short_side=64",
     "finetune.max_side=64",
@@ -215,8 +151,8 @@ def tiny_project(tmp_path, monkeypatch):
     """A project folder with a tiny COCO set, a config and a pre-training checkpoint."""
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
-    _write_coco(data, "train", num_images=8, seed=0)
-    _write_coco(data, "val", num_images=3, seed=1)
+    write_tiny_coco(data, "train", num_images=8, seed=0, size=SIZE, category_ids=CATEGORY_IDS)
+    write_tiny_coco(data, "val", num_images=3, seed=1, size=SIZE, category_ids=CATEGORY_IDS)
     toml = tmp_path / "tiny.toml"
     toml.write_text(
         "[data]\n"
@@ -230,20 +166,13 @@ def tiny_project(tmp_path, monkeypatch):
     return toml, ckpt
 
 
-def _cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main("trainer", COMMANDS, list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
 def _sets() -> list[str]:
     return [arg for s in TINY_SETTINGS for arg in ("--set", s)]
 
 
 def test_finetune_and_evaluate_end_to_end(tiny_project):
     toml, ckpt = tiny_project
-    code, out, err = _cli(
+    code, out, err = run_cli(
         "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3"
     )
     assert code == 0, err
@@ -278,7 +207,7 @@ def test_finetune_and_evaluate_end_to_end(tiny_project):
     assert state["num_classes"] == 2 and state["config"]["finetune"]["frac"] == 0.5
 
     # The evaluate command on that checkpoint reproduces the final evaluation.
-    code, out, err = _cli(
+    code, out, err = run_cli(
         "evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", "eval.json"
     )
     assert code == 0, err
@@ -288,13 +217,22 @@ def test_finetune_and_evaluate_end_to_end(tiny_project):
     detections = json.loads(Path("eval-segm.json").read_text())
     assert {d["category_id"] for d in detections} <= set(CATEGORY_IDS)
     assert len(detections) == report["metrics"]["detections"]
+    # Class-agnostic: the same detections scored with useCats=0, to its own default file.
+    code, _, err = run_cli(
+        "evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--class-agnostic"
+    )
+    assert code == 0, err
+    agnostic = json.loads((run / "eval-last-agnostic.json").read_text())
+    assert agnostic["class_agnostic"] is True
+    assert agnostic["metrics"]["detections"] == report["metrics"]["detections"]
+    assert json.loads((run / "eval-last-agnostic-segm.json").read_text()) == detections
 
     # Without --resume an existing run is refused; with it a finished run is only re-read.
-    code, _, err = _cli(
+    code, _, err = run_cli(
         "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3"
     )
     assert code == 2 and "--resume" in err
-    code, _, err = _cli(
+    code, _, err = run_cli(
         "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3", "--resume"
     )
     assert code == 0, err
@@ -304,7 +242,7 @@ def test_finetune_and_evaluate_end_to_end(tiny_project):
 
 def test_finetune_bad_init_is_a_clear_error(tiny_project, tmp_path):
     toml, _ = tiny_project
-    code, _, err = _cli(
+    code, _, err = run_cli(
         "finetune",
         "--config",
         str(toml),
@@ -324,7 +262,7 @@ def test_compare_runs_both_and_reuses_them(tiny_project):
     # Whole backbone frozen here (faster; the end-to-end test above trains stages 2-4).
     sets = [*_sets(), "--set", "finetune.frozen_stages=-1"]
     args = ("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "2")
-    code, out, err = _cli(*args)
+    code, out, err = run_cli(*args)
     assert code == 0, err
     folder = Path("runs/tiny/compare-0.5")
     text = (folder / "results.md").read_text()
@@ -337,11 +275,11 @@ def test_compare_runs_both_and_reuses_them(tiny_project):
     assert sp["split"]["num_images"] == base["split"]["num_images"] == 4
     assert "| run | AP |" in out
     # A second call reuses both finished runs.
-    code, out, err = _cli(*args)
+    code, out, err = run_cli(*args)
     assert code == 0, err
     assert err.count("reusing the finished run") == 2
     # Different settings in an existing folder are refused, not silently mixed.
-    code, _, err = _cli("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "3")
+    code, _, err = run_cli("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "3")
     assert code == 2 and "other settings" in err and "finetune.iters" in err
     assert sp["init_sha256"] == file_sha256(ckpt) and base["init_sha256"] is None
 
@@ -352,14 +290,14 @@ def test_compare_refuses_a_run_from_an_older_pretraining(tiny_project):
     toml, ckpt = tiny_project
     sets = [*_sets(), "--set", "finetune.frozen_stages=-1"]
     args = ("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "1")
-    code, _, err = _cli(*args)
+    code, _, err = run_cli(*args)
     assert code == 0, err
     state = load_checkpoint(ckpt)
     state["iteration"] = 2  # any change to the file's bytes
     torch.save(state, ckpt)
-    code, _, err = _cli(*args)
+    code, _, err = run_cli(*args)
     assert code == 2 and "initialised from a different checkpoint" in err
-    code, _, err = _cli(
+    code, _, err = run_cli(
         "finetune",
         "--config",
         str(toml),

@@ -12,17 +12,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 from torch import nn
 
 from pipeline.backbones import build_backbone, weights_fingerprint
-from pipeline.cli import UserError, main
+from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from pipeline.proposals import compute_fingerprint, result_settings
 from pipeline.shards import STATUS_EMPTY, STATUS_OK, ImageRecord, shard_name, write_shard
+from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, shard_rles, train_records
 from trainer.checkpoint import load_checkpoint, load_matching
 from trainer.config import load_config
-from trainer.engine import read_metrics
+from trainer.metrics_log import read_metrics
 from trainer.pretrain import check_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,11 +30,7 @@ VIT_DIM = 384
 TINY = [
     "backbone.kind=dinov2_vits14",
     "backbone.weights=random",
-    "model.channels=16",
-    "model.num_kernels=6",
-    "model.num_heads=2",
-    "model.ffn_dim=32",
-    "model.num_stages=2",
+    *TINY_MODEL_SETTINGS,
     "pretrain.short_side=56",
     "pretrain.max_side=84",
     "pretrain.batch_size=2",
@@ -77,14 +73,6 @@ def make_shards(
                 image[masks[j] > 0] = rng.integers(120, 255, 3)
             name = f"s{s}_{i}.png"
             cv2.imwrite(str(images / name), image[..., ::-1])
-            rles = (
-                [
-                    r["counts"]
-                    for r in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-                ]
-                if k
-                else []
-            )
             seeds = rng.standard_normal((k, dim))
             seeds /= np.linalg.norm(seeds, axis=1, keepdims=True)
             records.append(
@@ -95,7 +83,7 @@ def make_shards(
                     w,
                     STATUS_OK if k else STATUS_EMPTY,
                     "",
-                    rles,
+                    shard_rles(masks),
                     np.zeros((k, 4), np.float32),
                     np.ones(k, np.float32),
                     seeds.astype(np.float16),
@@ -112,10 +100,6 @@ def make_shards(
         write_shard(folder / "proposals" / shard_name(s), records, meta)
     (folder / "proposals" / "config.toml").write_text(f'[proposals]\nimages = "{images}"\n')
     return folder / "proposals"
-
-
-def _cli(*argv: str) -> int:
-    return main("trainer", {"pretrain": "trainer.pretrain"}, list(argv))
 
 
 def _args(shards: Path, out: Path, iters: int, *extra: str) -> list[str]:
@@ -135,13 +119,13 @@ def _args(shards: Path, out: Path, iters: int, *extra: str) -> list[str]:
     ]
 
 
-def test_short_pretrain_run_from_shards_and_resume(tmp_path, capsys):
+def test_short_pretrain_run_from_shards_and_resume(tmp_path):
     shards = make_shards(tmp_path)
     out = tmp_path / "pretrain"
-    assert _cli(*_args(shards, out, 3)) == 0
-    err = capsys.readouterr()
-    assert "4 images from 2 shards" in err.err and "data-wait share" in err.out
-    records = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    code, stdout, stderr = run_cli(*_args(shards, out, 3))
+    assert code == 0, stderr
+    assert "4 images from 2 shards" in stderr and "data-wait share" in stdout
+    records = train_records(out)
     assert [r["iter"] for r in records] == [1, 2, 3]
     for r in records:
         losses = {k: v for k, v in r.items() if k.startswith("loss")}
@@ -165,34 +149,35 @@ def test_short_pretrain_run_from_shards_and_resume(tmp_path, capsys):
 
     # Without --resume the finished run is left alone, its config.toml included.
     before = (out / "config.toml").read_text()
-    assert _cli(*_args(shards, out, 4, "--set", "pretrain.lr=1.0")) == 2
-    assert "--resume" in capsys.readouterr().err
+    code, _, stderr = run_cli(*_args(shards, out, 4, "--set", "pretrain.lr=1.0"))
+    assert code == 2 and "--resume" in stderr
     assert (out / "config.toml").read_text() == before
 
     # Resume continues the same run: the first three records are kept as they were.
-    assert _cli(*_args(shards, out, 4, "--resume")) == 0
-    again = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    code, _, stderr = run_cli(*_args(shards, out, 4, "--resume"))
+    assert code == 0, stderr
+    again = train_records(out)
     assert [r["iter"] for r in again] == [1, 2, 3, 4]
     assert again[:3] == records
     assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 4
     # ... and computes exactly what an uninterrupted run computes (prompt dropping, flips and
     # the DataLoader worker included).
-    assert _cli(*_args(shards, tmp_path / "straight", 4)) == 0
+    code, _, stderr = run_cli(*_args(shards, tmp_path / "straight", 4))
+    assert code == 0, stderr
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     assert [r["loss"] for r in straight] == [r["loss"] for r in again]
 
 
-def test_missing_or_mismatched_shards_are_one_line_errors(tmp_path, capsys):
-    assert _cli(*_args(tmp_path / "none", tmp_path / "out", 1)) == 2
-    assert "no proposal shards" in capsys.readouterr().err
+def test_missing_or_mismatched_shards_are_one_line_errors(tmp_path):
+    code, _, stderr = run_cli(*_args(tmp_path / "none", tmp_path / "out", 1))
+    assert code == 2 and "no proposal shards" in stderr
     resnet = make_shards(tmp_path / "r", backbone="resnet50", dim=2048)
-    assert _cli(*_args(resnet, tmp_path / "out", 1)) == 2
-    assert "made with backbone 'resnet50'" in capsys.readouterr().err
+    code, _, stderr = run_cli(*_args(resnet, tmp_path / "out", 1))
+    assert code == 2 and "made with backbone 'resnet50'" in stderr
     narrow = make_shards(tmp_path / "n", dim=8)
-    assert _cli(*_args(narrow, tmp_path / "out", 1)) == 2
-    assert (
-        "8-d seeds" in capsys.readouterr().err and not (tmp_path / "out" / "checkpoints").exists()
-    )
+    code, _, stderr = run_cli(*_args(narrow, tmp_path / "out", 1))
+    assert code == 2 and "8-d seeds" in stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_check_shards_verifies_backbone_weights(tmp_path):
