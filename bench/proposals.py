@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from pipeline import cli  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
+from pipeline.executors import _ray_init, run_local, run_ray  # noqa: E402
 from pipeline.images import (  # noqa: E402
     decode_image,
     list_images,
@@ -44,15 +45,9 @@ from pipeline.images import (  # noqa: E402
     pad_batch,
     resize_keep_ratio,
 )
-from pipeline.proposals import (  # noqa: E402
-    ProposalWorker,
-    _ray_init,
-    make_plan,
-    masks_to_rles,
-    run_local,
-    run_ray,
-)
+from pipeline.proposal_worker import ProposalWorker, masks_to_rles  # noqa: E402
 from pipeline.saliency import propose  # noqa: E402
+from pipeline.shard_plan import make_plan  # noqa: E402
 from pipeline.shards import ImageRecord, write_shard  # noqa: E402
 
 

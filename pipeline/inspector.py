@@ -14,126 +14,78 @@ with their masks, boxes and scores. ``--to-coco`` writes a COCO *instances* file
 pycocotools (segm, useCats=0, maxDets 1/10/20), over the shards' images only, matched by
 ``image_id``, and writes the table to ``SHARD_DIR/recall.json``.
 
-Everything is reusable from Python: :func:`summarise`, :func:`find_image`, :func:`render`,
-:func:`to_coco`, :func:`recall_against_gt`.
+Everything is reusable from Python: :func:`summarise`, :func:`find_image` (here),
+:func:`pipeline.render.render`, :func:`pipeline.coco_export.to_coco`,
+:func:`pipeline.recall.recall_against_gt`; the shard-reading helpers are in
+``pipeline.shard_reader``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
-from pipeline.cli import UserError, code_version
+from pipeline.cli import UserError
+from pipeline.coco_export import _write_json, to_coco
+from pipeline.recall import (
+    MAX_DETS,
+    RECALL_COLUMNS,
+    RECALL_FILE,
+    format_recall,
+    recall_against_gt,
+)
+from pipeline.render import PALETTE, render, render_tile
+from pipeline.shard_reader import _mask_areas, iter_records, iter_unique, shard_paths
 from pipeline.shards import (
     STATUS_EMPTY,
     STATUS_OK,
     STATUS_UNREADABLE,
     ImageRecord,
     ShardReader,
-    list_shards,
     list_temp_files,
     read_meta,
     shard_index,
 )
 
+# Rendering, COCO export, recall and shard reading moved to their own modules; their names stay
+# importable from here for older callers, hence the re-exports in __all__. run() looks render,
+# to_coco and recall_against_gt up in this module, so a test that swaps them patches
+# pipeline.inspector.
+__all__ = [
+    "MAX_DETS",
+    "PALETTE",
+    "PLAN_FILE",
+    "QUANTILES",
+    "RECALL_COLUMNS",
+    "RECALL_FILE",
+    "STATUS_NAMES",
+    "add_arguments",
+    "find_image",
+    "format_image",
+    "format_recall",
+    "format_summary",
+    "iter_records",
+    "iter_unique",
+    "recall_against_gt",
+    "render",
+    "render_tile",
+    "run",
+    "shard_paths",
+    "summarise",
+    "to_coco",
+]
+
 STATUS_NAMES = {STATUS_OK: "ok", STATUS_EMPTY: "empty", STATUS_UNREADABLE: "unreadable"}
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-MAX_DETS = (1, 10, 20)  # the proposal stage keeps at most top_k = 20 masks per image
-RECALL_FILE = "recall.json"
 PLAN_FILE = "plan.json"  # written by `pipeline proposals` (optional here: tells missing shards)
-# Distinct colours (RGB) for masks in rendered grids.
-PALETTE = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (170, 110, 40),
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-def shard_paths(shard_dir: str | Path) -> list[Path]:
-    """The final shard files of ``shard_dir``; UserError when the folder or shards are missing."""
-    folder = Path(shard_dir)
-    if not folder.is_dir():
-        raise UserError(f"shard folder not found: {folder}")
-    paths = list_shards(folder)
-    if not paths:
-        temps = list_temp_files(folder)
-        extra = f" ({len(temps)} unfinished temporary file(s) only)" if temps else ""
-        raise UserError(f"no shard files (shard-NNNNN.h5) in {folder}{extra}")
-    for p in paths:
-        read_meta(p)  # ShardError (one line) on an unknown schema version or a non-shard file
-    return paths
-
-
-def iter_records(paths: Sequence[Path], desc: str = "") -> Iterator[tuple[Path, int, ImageRecord]]:
-    """(shard path, index in shard, record) for every image of every shard, in shard order.
-    ``desc``: show a progress bar with this label (on a terminal only)."""
-    total = sum(int(read_meta(p)["num_images"]) for p in paths) if desc else None
-    with tqdm(
-        total=total,
-        desc=desc,
-        unit="img",
-        leave=False,
-        dynamic_ncols=True,
-        disable=None if desc else True,
-    ) as bar:
-        for path in paths:
-            with ShardReader(path) as reader:
-                for i, rec in enumerate(reader.records()):
-                    yield path, i, rec
-                    bar.update(1)
-
-
-def _rle_dicts(rec: ImageRecord) -> list[dict[str, Any]]:
-    return [{"size": [rec.height, rec.width], "counts": c} for c in rec.rles]
-
-
-def _mask_areas(rec: ImageRecord) -> np.ndarray:
-    """(K,) pixel areas of the record's masks, straight from the RLE (no decoding)."""
-    if not rec.rles:
-        return np.zeros(0, np.float64)
-    return np.asarray(mask_utils.area(_rle_dicts(rec)), np.float64)
-
-
-def iter_unique(paths: Sequence[Path], desc: str = "") -> Iterator[ImageRecord]:
-    """Every record, one at a time (all seeds of a big set would not fit in memory); UserError
-    when two images share an image_id (COCO files need unique ids)."""
-    seen: dict[int, str] = {}
-    for _, _, rec in iter_records(paths, desc):
-        if rec.image_id in seen:
-            raise UserError(
-                f"image_id {rec.image_id} appears twice ({seen[rec.image_id]} and "
-                f"{rec.file_name}); shards from different runs mixed in one folder?"
-            )
-        seen[rec.image_id] = rec.file_name
-        yield rec
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,332 +308,6 @@ def format_image(path: Path, index: int, rec: ImageRecord) -> str:
             f"  {k:>3} {rec.scores[k]:6.3f} {areas[k]:9.0f} "
             f"{100 * areas[k] / max(1, rec.height * rec.width):6.2f}%  {box:<24} ({pos})"
         )
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering
-
-
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.4) -> None:
-    """White text with a black outline, readable on any background (in place)."""
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-
-
-def render_tile(rec: ImageRecord, image: np.ndarray | None, note: str, tile: int) -> np.ndarray:
-    """One (tile, tile, 3) uint8 RGB cell: the image fitted in, masks translucent with outlines,
-    boxes and scores; a grey placeholder with ``note`` when ``image`` is None."""
-    cell = np.full((tile, tile, 3), 32, np.uint8)
-    if image is None:
-        cell[:] = 128
-        for i, line in enumerate([rec.file_name[-34:], note[:34], note[34:68]]):
-            _text(cell, line, (6, tile // 2 - 10 + 16 * i))
-        return cell
-    h, w = image.shape[:2]
-    s = min(tile / w, tile / h)
-    nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    view = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA).astype(np.float32)
-    draw_masks = not note and rec.num_masks > 0
-    if draw_masks:
-        masks = rec.decode_masks()  # (K,H,W) at the original size
-        for k in range(rec.num_masks - 1, -1, -1):  # best mask drawn last (on top)
-            m = cv2.resize(masks[k], (nw, nh), interpolation=cv2.INTER_NEAREST).astype(bool)
-            view[m] = 0.5 * view[m] + 0.5 * np.asarray(PALETTE[k % len(PALETTE)], np.float32)
-    view = view.round().clip(0, 255).astype(np.uint8)
-    if draw_masks:
-        for k in range(rec.num_masks):
-            color = PALETTE[k % len(PALETTE)]
-            x0, y0, x1, y1 = (float(v) * s for v in rec.boxes[k])
-            cv2.rectangle(view, (round(x0), round(y0)), (round(x1) - 1, round(y1) - 1), color, 1)
-            _text(view, f"{rec.scores[k]:.2f}", (round(x0) + 2, max(10, round(y0) + 11)), 0.35)
-    oy, ox = (tile - nh) // 2, (tile - nw) // 2
-    cell[oy : oy + nh, ox : ox + nw] = view
-    _text(cell, f"{rec.image_id}: {rec.file_name[-24:]} ({rec.num_masks})", (4, 12))
-    if note:
-        _text(cell, note[:40], (4, tile - 8))
-    return cell
-
-
-def render(
-    shard_dir: str | Path,
-    out_dir: str | Path,
-    image_root: str | Path,
-    max_images: int = 64,
-    grid: int = 4,
-    tile: int = 256,
-) -> list[Path]:
-    """Draw the first ``max_images`` images (shard order) as ``grid`` x ``grid`` PNG pages.
-
-    Images that cannot be read under ``image_root`` (missing, unreadable, another size than the
-    shard records) become a labelled placeholder, never an error. Returns the PNG paths.
-    """
-    from pipeline.images import UnreadableImage, decode_image  # lazy: pulls in torch
-
-    if max_images < 1 or grid < 1 or tile < 32:
-        raise UserError(
-            f"render: need max_images >= 1, grid >= 1, tile >= 32 "
-            f"(got {max_images}, {grid}, {tile})"
-        )
-    paths = shard_paths(shard_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    root = Path(image_root)
-    cells: list[np.ndarray] = []
-    for _, _, rec in iter_records(paths):
-        if len(cells) >= max_images:
-            break
-        image, note = None, ""
-        if rec.status == STATUS_UNREADABLE:
-            note = f"unreadable: {rec.error}"
-        else:
-            try:
-                image = decode_image(root / rec.file_name)
-            except UnreadableImage as e:
-                note = f"image {e}"
-            if image is not None and image.shape[:2] != (rec.height, rec.width):
-                note = f"size {image.shape[1]}x{image.shape[0]} != shard {rec.width}x{rec.height}"
-            elif image is not None and rec.status == STATUS_EMPTY:
-                note = "no mask survived"
-        cells.append(render_tile(rec, image, note, tile))
-    written = []
-    per_page = grid * grid
-    for page, start in enumerate(range(0, len(cells), per_page)):
-        canvas = np.zeros((grid * tile, grid * tile, 3), np.uint8)
-        for j, cell in enumerate(cells[start : start + per_page]):
-            r, c = divmod(j, grid)
-            canvas[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = cell
-        path = out / f"grid-{page:04d}.png"
-        if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
-            raise UserError(f"cannot write {path}")
-        written.append(path)
-    return written
-
-
-# --------------------------------------------------------------------------------------------
-# COCO export and recall against ground truth
-
-
-def _annotations(rec: ImageRecord, category_id: int, first_id: int) -> list[dict[str, Any]]:
-    """COCO annotations (RLE segmentation, xywh box, area, score) for one record's masks."""
-    areas = _mask_areas(rec)
-    anns = []
-    for k, counts in enumerate(rec.rles):
-        x0, y0, x1, y1 = (float(v) for v in rec.boxes[k])
-        anns.append(
-            {
-                "id": first_id + k,
-                "image_id": int(rec.image_id),
-                "category_id": category_id,
-                "segmentation": {"size": [rec.height, rec.width], "counts": counts.decode("ascii")},
-                "area": float(areas[k]),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": float(rec.scores[k]),
-                "iscrowd": 0,
-            }
-        )
-    return anns
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
-
-
-def to_coco(shard_dir: str | Path, path: str | Path) -> dict[str, Any]:
-    """Write the pseudo masks as a COCO instances JSON at ``path`` and return it.
-
-    Images: every readable image (ok and empty; unreadable ones have no size and are left out).
-    One category ``{"id": 1, "name": "object"}``. Annotations: compressed-RLE segmentation at the
-    original size, ``bbox`` [x, y, w, h] from the stored box, ``area`` in pixels, ``score``,
-    ``iscrowd`` 0, ids from 1. Loadable with ``pycocotools.coco.COCO(path)``.
-    """
-    paths = shard_paths(shard_dir)
-    meta = read_meta(paths[0])
-    images, anns = [], []
-    skipped = 0
-    for rec in iter_unique(paths, "to-coco"):
-        if rec.status == STATUS_UNREADABLE:
-            skipped += 1
-            continue
-        images.append(
-            {
-                "id": int(rec.image_id),
-                "file_name": rec.file_name,
-                "height": int(rec.height),
-                "width": int(rec.width),
-            }
-        )
-        anns += _annotations(rec, 1, len(anns) + 1)
-    data = {
-        "info": {
-            "description": f"saliency pseudo masks from {shard_dir}",
-            "fingerprint": meta.get("fingerprint"),
-            "backbone": meta.get("backbone"),
-            "version": code_version(),
-            "unreadable_images_left_out": skipped,
-        },
-        "images": images,
-        "annotations": anns,
-        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
-    }
-    _write_json(Path(path), data)
-    return data
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """pycocotools prints progress on stdout; keep the command's own output clean."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def _coco_eval(gt: COCO, dets: list[dict[str, Any]], img_ids: list[int]) -> dict[str, Any]:
-    """Class-agnostic segm COCOeval of ``dets`` on ``img_ids``; AP/AR read from the arrays.
-
-    COCOeval.summarize() assumes maxDets 100 for AP, so the numbers are read from
-    ``eval["precision"]`` (T,R,K,A,M) and ``eval["recall"]`` (T,K,A,M) directly.
-    """
-    dt = COCO()  # built directly: loadRes() fails on an empty list and copies every GT image
-    dt.dataset = {
-        "images": [gt.imgs[i] for i in img_ids],
-        "categories": gt.dataset["categories"],
-        "annotations": dets,
-    }
-    with _quiet():
-        dt.createIndex()
-        ev = COCOeval(gt, dt, iouType="segm")
-        ev.params.imgIds = list(img_ids)
-        ev.params.useCats = 0
-        ev.params.maxDets = list(MAX_DETS)
-        ev.evaluate()
-        ev.accumulate()
-    p, precision, recall = ev.params, ev.eval["precision"], ev.eval["recall"]
-    a = p.areaRngLbl.index("all")
-    t50 = int(np.flatnonzero(np.isclose(p.iouThrs, 0.5))[0])
-    t75 = int(np.flatnonzero(np.isclose(p.iouThrs, 0.75))[0])
-
-    def mean(x: np.ndarray) -> float | None:
-        valid = x[x > -1]  # -1 marks "no ground truth" in pycocotools' arrays
-        return float(valid.mean()) if valid.size else None
-
-    out: dict[str, Any] = {"masks_per_image": len(dets) / max(1, len(img_ids))}
-    for m, k in enumerate(MAX_DETS):
-        out[f"AR@{k}"] = mean(recall[:, 0, a, m])
-        out[f"AR50@{k}"] = mean(recall[t50, 0, a, m])
-    for area in ("small", "medium", "large"):
-        out[f"AR@{MAX_DETS[-1]}_{area}"] = mean(recall[:, 0, p.areaRngLbl.index(area), -1])
-    out["AP"] = mean(precision[:, :, 0, a, -1])
-    out["AP50"] = mean(precision[t50, :, 0, a, -1])
-    out["AP75"] = mean(precision[t75, :, 0, a, -1])
-    return out
-
-
-def recall_against_gt(
-    shard_dir: str | Path, gt_json: str | Path, score_cuts: Sequence[float] = ()
-) -> dict[str, Any]:
-    """Class-agnostic recall and AP of the pseudo masks against a COCO ground-truth file.
-
-    Images are matched by ``image_id`` and only images present in the shards are evaluated
-    (unreadable ones count, with no masks). Metrics (pycocotools, iouType "segm", useCats 0,
-    maxDets 1/10/20, 101-point AP): ``AR@k`` (IoU 0.5:0.95), ``AR50@k`` (IoU 0.5), ``AR@20_small``
-    / ``_medium`` / ``_large``, ``AP``, ``AP50``, ``AP75``; None where there is no ground truth.
-    ``score_cuts``: also evaluate keeping only masks with score >= each cut, which equals
-    re-running the proposals with that ``score_threshold`` (the threshold only filters at the
-    end), so shards made with a low threshold show every higher one.
-    """
-    paths = shard_paths(shard_dir)
-    gt_path = Path(gt_json)
-    if not gt_path.is_file():
-        raise UserError(f"ground-truth file not found: {gt_path}")
-    try:
-        with _quiet():
-            gt = COCO(str(gt_path))
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise UserError(f"{gt_path}: not a COCO instances file ({e})") from None
-    # With useCats=0 COCOeval still gathers detections through the GT's category ids, so every
-    # detection takes one of them (which one does not matter).
-    cat_ids = gt.getCatIds()
-    category = int(cat_ids[0]) if cat_ids else 1
-    if not cat_ids:
-        gt.dataset["categories"] = [{"id": 1, "name": "object"}]
-        gt.cats = {1: gt.dataset["categories"][0]}
-    img_ids, dets = [], []
-    n_records = 0
-    for rec in iter_unique(paths, "recall"):
-        n_records += 1
-        info = gt.imgs.get(rec.image_id)
-        if info is None:
-            continue
-        if rec.status != STATUS_UNREADABLE and (rec.height, rec.width) != (
-            info["height"],
-            info["width"],
-        ):
-            raise UserError(
-                f"image_id {rec.image_id} ({rec.file_name}) is {rec.width}x"
-                f"{rec.height} in the shards but {info['width']}x{info['height']} in "
-                f"{gt_path}: is this the ground truth of these images?"
-            )
-        img_ids.append(int(rec.image_id))
-        dets += _annotations(rec, category, len(dets) + 1)
-    if not img_ids:
-        raise UserError(
-            f"none of the {n_records} shard images is in {gt_path} (matched by image_id)"
-        )
-    meta = read_meta(paths[0])
-    result: dict[str, Any] = {
-        "shard_dir": str(shard_dir),
-        "gt": str(gt_path),
-        "fingerprint": meta.get("fingerprint"),
-        "backbone": meta.get("backbone"),
-        "settings": meta.get("settings"),
-        "version": code_version(),
-        "iou_type": "segm",
-        "class_agnostic": True,
-        "max_dets": list(MAX_DETS),
-        "images_in_shards": n_records,
-        "images_evaluated": len(img_ids),
-        "images_not_in_gt": n_records - len(img_ids),
-        "gt_instances": len(gt.getAnnIds(imgIds=img_ids, iscrowd=False)),
-        "masks": len(dets),
-        "metrics": _coco_eval(gt, dets, img_ids),
-        "by_score": [],
-    }
-    for cut in sorted(float(c) for c in score_cuts):
-        kept = [d for d in dets if d["score"] >= cut]
-        result["by_score"].append({"min_score": cut, **_coco_eval(gt, kept, img_ids)})
-    return result
-
-
-RECALL_COLUMNS = (
-    "masks_per_image",
-    "AR@1",
-    "AR@10",
-    "AR@20",
-    "AR50@1",
-    "AR50@10",
-    "AR50@20",
-    "AP",
-    "AP50",
-)
-
-
-def format_recall(r: dict[str, Any]) -> str:
-    lines = [
-        f"pseudo masks vs {r['gt']}: class-agnostic segm, {r['images_evaluated']} images "
-        f"({r['images_not_in_gt']} shard images not in the GT), {r['gt_instances']} "
-        f"objects, {r['masks']} masks"
-    ]
-    header = f"{'min score':>9} " + " ".join(
-        f"{c.replace('masks_per_image', 'masks/img'):>9}" for c in RECALL_COLUMNS
-    )
-    lines.append(header)
-    rows = [("all", r["metrics"])] + [(f"{b['min_score']:.2f}", b) for b in r["by_score"]]
-    for label, m in rows:
-        cells = ["n/a" if m[c] is None else f"{m[c]:.3f}" for c in RECALL_COLUMNS]
-        lines.append(f"{label:>9} " + " ".join(f"{v:>9}" for v in cells))
     return "\n".join(lines)
 
 

@@ -78,6 +78,7 @@ def plot_ap_curves(curves: dict[str, list[dict[str, Any]]], png: Path, title: st
         ax.plot(xs, [100 * r["AP"] for r in curve], marker="o", label=label)
     ax.set_xlabel("fine-tuning iteration")
     ax.set_ylabel("mask AP (%)")
+    ax.set_ylim(bottom=0)  # from zero, so a small absolute gap is not drawn as a large one
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -18,14 +18,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.cli import UserError, main
-from pipeline.inspector import (
-    PALETTE,
-    find_image,
-    recall_against_gt,
-    render,
-    summarise,
-    to_coco,
-)
+from pipeline.coco_export import to_coco
+from pipeline.inspector import find_image, summarise
+from pipeline.recall import recall_against_gt
+from pipeline.render import PALETTE, render
 from pipeline.shards import (
     STATUS_EMPTY,
     STATUS_OK,

@@ -1,0 +1,241 @@
+"""The per-shard proposal worker: a shard's images -> backbone -> saliency proposals -> shard file.
+
+Each shard is computed by a :class:`ProposalWorker`: decode and resize in a prefetching thread
+pool, frozen backbone forward, METHOD.md steps 2-8 in ``pipeline.saliency.propose``, compressed
+RLE, written atomically. The executors (``pipeline.executors``) decide where workers run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
+from pipeline.config import BackboneConfig, ProposalConfig
+from pipeline.images import (
+    ImageItem,
+    UnreadableImage,
+    decode_image,
+    normalise,
+    pad_batch,
+    resize_keep_ratio,
+)
+from pipeline.saliency import propose
+from pipeline.shard_plan import compute_fingerprint, result_settings
+from pipeline.shards import (
+    STATUS_EMPTY,
+    STATUS_OK,
+    STATUS_UNREADABLE,
+    ImageRecord,
+    ShardReader,
+    shard_name,
+    write_shard,
+)
+
+
+@dataclass
+class _Loaded:
+    """One decoded image ready for the backbone, or the reason it could not be read."""
+
+    item: ImageItem
+    tensor: torch.Tensor | None = None  # (3,h,w) normalised, resized
+    orig: tuple[int, int] = (0, 0)  # original (H, W)
+    resized: tuple[int, int] = (0, 0)  # resized (h, w)
+    error: str = ""
+
+
+def masks_to_rles(masks: np.ndarray) -> list[bytes]:
+    """(K,H,W) bool/uint8 masks -> K COCO compressed RLE ``counts`` strings."""
+    if len(masks) == 0:
+        return []
+    # pycocotools wants (H,W,K) uint8 in Fortran order.
+    stacked = np.asfortranarray(np.transpose(masks.astype(np.uint8, copy=False), (1, 2, 0)))
+    return [r["counts"] for r in mask_utils.encode(stacked)]
+
+
+class ProposalWorker:
+    """Holds a frozen backbone on one device and turns a shard's images into a shard file.
+
+    Plain Python: the local executor calls it directly, the Ray executor wraps it as an actor.
+    """
+
+    def __init__(
+        self,
+        backbone_cfg: BackboneConfig,
+        cfg: ProposalConfig,
+        out_dir: str | Path,
+        device: str | None = None,
+        threads: int | None = None,
+        decode_threads: int | None = None,
+        backbone: Backbone | None = None,
+        fingerprint: str | None = None,
+    ):
+        """``backbone`` and its ``fingerprint`` may be handed in by a caller that already built
+        and hashed it (the local executor); otherwise the worker builds it from the config."""
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        net = backbone if backbone is not None else build_backbone(backbone_cfg)
+        self.backbone = net.eval().to(self.device)
+        invariant = bool(getattr(self.backbone, "batch_invariant", False))
+        self.fingerprint = fingerprint or compute_fingerprint(
+            backbone_cfg.kind, weights_fingerprint(self.backbone), cfg, invariant
+        )
+        self.meta = {
+            "fingerprint": self.fingerprint,
+            "backbone": self.backbone.name,
+            "feature_stride": self.backbone.saliency_stride,
+            "embed_dim": self.backbone.embed_dim,
+            "settings": json.dumps(result_settings(cfg, invariant), sort_keys=True),
+        }
+        self.min_side = 2 * int(self.backbone.saliency_stride)
+        # Decoding (OpenCV/PIL) releases the GIL, so threads overlap with the forward pass.
+        self.decode_threads = decode_threads or max(2, min(8, torch.get_num_threads()))
+
+    def get_fingerprint(self) -> str:
+        return self.fingerprint
+
+    def _load(self, item: ImageItem) -> _Loaded:
+        try:
+            img = decode_image(item.path, self.min_side)
+        except UnreadableImage as e:
+            return _Loaded(item, error=str(e) or "unreadable")
+        except Exception as e:  # anything else about one file must not sink the whole shard
+            return _Loaded(item, error=f"{type(e).__name__}: {e}")
+        resized, _ = resize_keep_ratio(img, self.cfg.short_side, self.cfg.max_side)
+        return _Loaded(
+            item,
+            tensor=normalise(resized),
+            orig=(int(img.shape[0]), int(img.shape[1])),
+            resized=(int(resized.shape[0]), int(resized.shape[1])),
+        )
+
+    @torch.inference_mode()
+    def _infer(self, batch: list[_Loaded]) -> list[ImageRecord]:
+        """Backbone + saliency proposals for one batch; records in the batch's order."""
+        good = [b for b in batch if b.tensor is not None]
+        props = []
+        if good:
+            stride = self.backbone.saliency_stride
+            x = pad_batch([b.tensor for b in good], self.backbone.size_divisor).to(self.device)
+            # sizes: each image's valid pixels, so a batch-invariant backbone ignores the padding
+            feats = self.backbone.saliency_features(x, [b.resized for b in good])  # (B,C,h,w)
+            valid = [
+                (math.ceil(h / stride), math.ceil(w / stride)) for h, w in (b.resized for b in good)
+            ]
+            props = propose(
+                feats,
+                valid,
+                [b.resized for b in good],
+                [b.orig for b in good],
+                float(stride),
+                self.cfg,
+            )
+        found = iter(props)  # propose() answers the good images in order
+        records = []
+        for b in batch:
+            it = b.item
+            if b.tensor is None:
+                records.append(
+                    ImageRecord(it.file_name, int(it.image_id), 0, 0, STATUS_UNREADABLE, b.error)
+                )
+                continue
+            p = next(found)
+            h, w = b.orig
+            k = int(p.masks.shape[0])
+            if k == 0:
+                records.append(ImageRecord(it.file_name, int(it.image_id), h, w, STATUS_EMPTY))
+                continue
+            records.append(
+                ImageRecord(
+                    file_name=it.file_name,
+                    image_id=int(it.image_id),
+                    height=h,
+                    width=w,
+                    status=STATUS_OK,
+                    rles=masks_to_rles(p.masks.cpu().numpy()),
+                    boxes=p.boxes.float().cpu().numpy(),
+                    scores=p.scores.float().cpu().numpy(),
+                    seeds=p.seeds.float().cpu().numpy().astype(np.float16),
+                    seed_pos=p.seed_pos.cpu().numpy().astype(np.int16),
+                )
+            )
+        return records
+
+    def process_shard(
+        self,
+        index: int,
+        items: list[ImageItem],
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Compute and write shard ``index``; returns counts for the progress and summary.
+
+        Batch n+1..n+prefetch are decoded by the thread pool while batch n runs the backbone.
+        ``on_batch(images, masks)`` is called after each batch (local progress bar).
+        """
+        t0 = time.perf_counter()
+        bs = max(1, int(self.cfg.batch_size))
+        batches = [items[i : i + bs] for i in range(0, len(items), bs)]
+        records: list[ImageRecord] = []
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+            pending: deque = deque()
+            ahead = 1 + max(0, int(self.cfg.prefetch))
+            for b in batches[:ahead]:
+                pending.append([pool.submit(self._load, it) for it in b])
+            nxt = ahead
+            while pending:
+                futures = pending.popleft()
+                if nxt < len(batches):
+                    pending.append([pool.submit(self._load, it) for it in batches[nxt]])
+                    nxt += 1
+                out = self._infer([f.result() for f in futures])
+                records.extend(out)
+                if on_batch is not None:
+                    on_batch(len(out), sum(r.num_masks for r in out))
+        write_shard(self.out_dir / shard_name(index), records, self.meta)
+        summary = _count(records)
+        summary.update(index=index, seconds=time.perf_counter() - t0)
+        return summary
+
+
+def _count(records: list[ImageRecord]) -> dict[str, Any]:
+    statuses = [r.status for r in records]
+    return {
+        "images": len(records),
+        "ok": statuses.count(STATUS_OK),
+        "empty": statuses.count(STATUS_EMPTY),
+        "unreadable": statuses.count(STATUS_UNREADABLE),
+        "masks": sum(r.num_masks for r in records),
+        "errors": [[r.file_name, r.error] for r in records if r.status == STATUS_UNREADABLE],
+    }
+
+
+def _count_existing(path: Path) -> dict[str, Any]:
+    with ShardReader(path) as reader:
+        t = reader.image_table()
+    st = t["status"]
+    return {
+        "images": int(len(st)),
+        "ok": int((st == STATUS_OK).sum()),
+        "empty": int((st == STATUS_EMPTY).sum()),
+        "unreadable": int((st == STATUS_UNREADABLE).sum()),
+        "masks": int(t["mask_count"].sum()),
+        "errors": [
+            [str(n), str(e)]
+            for n, e, s in zip(t["file_name"], t["error"], st)
+            if s == STATUS_UNREADABLE
+        ],
+    }
