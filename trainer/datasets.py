@@ -1,17 +1,14 @@
-"""Training data: pseudo masks from proposal shards, labelled COCO, the batch, the loader.
+"""Training data: pseudo masks from proposal shards, labelled COCO, and the batch.
 
 - :class:`ShardDataset`: stage two. One sample per image whose proposals status is OK (at least
   one mask); masks decoded from the shards' RLE, seeds S_l (fp16 on disk) as float32, labels 0.
 - :class:`CocoDataset`: stage three and evaluation. Category ids mapped to contiguous indices in
   sorted-id order, crowd annotations ignored.
 - :func:`collate` builds the trainer :class:`Batch` (interfaces.md "Trainer batch").
-- :func:`build_loader`: DataLoader workers decode and augment ahead of the step; training uses
-  an infinite, epoch-seeded, resumable sampler (:class:`InfiniteSampler`) sharded over
-  torch.distributed ranks.
 
-Samples are addressed by ``(index, sample_seed)`` pairs: the sampler derives the seed from
-(seed, epoch, position), and the augmentation draws only from it, so a resumed run or a
-different worker count reproduces the same batches.
+Samples are addressed by ``(index, sample_seed)`` keys (:data:`SampleKey`, produced by
+trainer/loader.py's sampler); the augmentation draws only from the key's seed, so a resumed run
+or a different worker count reproduces the same batches.
 """
 
 from __future__ import annotations
@@ -19,19 +16,16 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from pipeline.cli import UserError
 from pipeline.images import UnreadableImage, decode_image, normalise
@@ -336,171 +330,3 @@ class CocoDataset(Dataset):
         labels = np.array([label for _, label in anns], np.int64)
         info = {"image_id": image_id, "file_name": file_name}
         return make_sample(image, masks, labels, None, self.augment, rng, info)
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling and loading
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the initialised process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class InfiniteSampler(Sampler):
-    """Endless (index, sample_seed) keys: epoch e visits a permutation seeded by (seed, e).
-
-    With ``world_size`` > 1 every epoch's order is padded to a multiple of world_size (its head
-    repeated, as DistributedSampler does) and rank r takes positions r, r + world, ... .
-    The state is (epoch, position) on this rank, derived from ``start`` = samples this rank has
-    consumed, so setting ``start`` before iterating continues exactly where a run stopped.
-    """
-
-    def __init__(
-        self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
-    ):
-        if size <= 0:
-            raise ValueError("InfiniteSampler needs a non-empty dataset")
-        self.size, self.seed, self.shuffle = size, int(seed), shuffle
-        self.rank, self.world_size = rank, world_size
-        self.per_rank = math.ceil(size / world_size)  # samples per epoch on one rank
-        self.start = 0
-
-    def state_at(self, consumed: int) -> dict[str, int]:
-        epoch, position = divmod(consumed, self.per_rank)
-        return {"epoch": epoch, "position": position}
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """This rank's (per_rank,) dataset indices for ``epoch``."""
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        else:
-            order = np.arange(self.size)
-        total = self.per_rank * self.world_size
-        if total > self.size:
-            order = np.concatenate([order, np.resize(order, total - self.size)])
-        return order[self.rank :: self.world_size]
-
-    def sample_seed(self, epoch: int, position: int) -> int:
-        """Augmentation seed of global position ``position`` of ``epoch`` (rank independent)."""
-        return int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0])
-
-    def __iter__(self) -> Iterator[SampleKey]:
-        state = self.state_at(self.start)
-        epoch, position = state["epoch"], state["position"]
-        while True:
-            order = self.epoch_order(epoch)
-            for p in range(position, self.per_rank):
-                global_position = p * self.world_size + self.rank
-                yield int(order[p]), self.sample_seed(epoch, global_position)
-            epoch, position = epoch + 1, 0
-
-
-class InfiniteLoader:
-    """Endless batches from a DataLoader over an :class:`InfiniteSampler`, resumable.
-
-    Counts the batches handed out (not the ones the workers prefetched), so
-    :meth:`state_dict` is the exact point the training loop reached.
-    """
-
-    def __init__(self, loader: DataLoader, sampler: InfiniteSampler, batch_size: int):
-        self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
-        self.consumed = 0  # samples handed out on this rank
-
-    @property
-    def dataset(self) -> Dataset:
-        return self.loader.dataset
-
-    @property
-    def batches_per_epoch(self) -> float:
-        return self.sampler.per_rank / self.batch_size
-
-    def __iter__(self) -> Iterator[Batch]:
-        self.sampler.start = self.consumed
-        for batch in self.loader:
-            self.consumed += self.batch_size
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        state = self.sampler.state_at(self.consumed)
-        state.update(
-            size=self.sampler.size,
-            world_size=self.sampler.world_size,
-            batch_size=self.batch_size,
-            seed=self.sampler.seed,
-        )
-        return state
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved (epoch, position); takes effect at the next ``iter()``."""
-        mine = self.state_dict()
-        changed = [k for k in ("size", "world_size", "seed") if k in state and state[k] != mine[k]]
-        if changed:
-            warnings.warn(
-                f"resuming with a different {', '.join(changed)} than the checkpoint: the data "
-                "order will not continue exactly",
-                stacklevel=2,
-            )
-        self.consumed = int(state["epoch"]) * self.sampler.per_rank + int(state["position"])
-
-
-def _worker_init(worker_id: int) -> None:
-    # DataLoader already limits torch to one thread per worker; OpenCV would start a pool per core.
-    cv2.setNumThreads(1)
-
-
-def worker_context() -> str | None:
-    import multiprocessing
-
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
-
-
-def build_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    size_divisor: int,
-    device: torch.device | str,
-    num_workers: int = 2,
-    seed: int = 0,
-    infinite: bool = True,
-    shuffle: bool = True,
-    prefetch_factor: int = 2,
-) -> InfiniteLoader | DataLoader:
-    """A loader of :class:`Batch` es.
-
-    infinite=True (training): an :class:`InfiniteLoader` (epoch-seeded shuffling, resumable
-    state, sharded over ranks when torch.distributed is initialised). infinite=False
-    (evaluation): one ordered pass, each rank taking every world_size-th image, last batch kept.
-    Workers are persistent, pin_memory is used only for a CUDA device.
-    """
-    device = torch.device(device)
-    rank, world = dist_info()
-    common: dict[str, Any] = dict(
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=Collate(size_divisor),
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        # An explicit generator: creating a loader iterator must not draw from the global torch
-        # RNG, or a resumed run (which creates one more) would drift from an uninterrupted one.
-        generator=torch.Generator().manual_seed(seed),
-    )
-    if num_workers > 0:
-        # forkserver, not fork: a worker forked from a process whose other threads (OpenCV, the
-        # proposals prefetch pool, Ray, BLAS) hold a lock at fork time can deadlock on it; a
-        # worker started from the clean fork server cannot. Costs one interpreter start per run.
-        common.update(
-            persistent_workers=True,
-            prefetch_factor=prefetch_factor,
-            multiprocessing_context=worker_context(),
-        )
-    if infinite:
-        sampler = InfiniteSampler(
-            len(dataset), seed=seed, shuffle=shuffle, rank=rank, world_size=world
-        )
-        return InfiniteLoader(DataLoader(dataset, sampler=sampler, **common), sampler, batch_size)
-    indices = list(range(rank, len(dataset), world))
-    return DataLoader(dataset, sampler=indices, **common)

@@ -1,11 +1,11 @@
 """The training loop shared by pre-training and fine-tuning (interfaces.md "trainer engine").
 
-``train`` runs a fixed number of iterations over an endless loader: AdamW with a linear warm-up
-then step-decay schedule, gradient clipping, optional mixed precision (bf16 autocast on CUDA),
-a progress bar, ``metrics.jsonl`` + TensorBoard every ``log_every`` iterations, atomic
+``train`` runs a fixed number of iterations over an endless loader with the optimiser and
+learning-rate schedule it is given: gradient clipping, optional mixed precision (bf16 autocast
+on CUDA), a progress bar, ``metrics.jsonl`` + TensorBoard every ``log_every`` iterations, atomic
 checkpoints, exact resume, and DDP when launched by ``torchrun``. Callers read the loop's settings
-from a config section once (``Schedule.from_section``) and the optimiser and its learning-rate
-schedule likewise (``optimizer_from_section``).
+from a config section once (``Schedule.from_section``); the optimiser and its learning-rate
+schedule come from trainer/optim.py (``optimizer_from_section``).
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, scaler, the Python / NumPy /
 torch RNG states, the sampler position and the partial logging window, saved after everything an
@@ -40,112 +40,18 @@ from trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from trainer.datasets import dist_info
-from trainer.distributed import barrier, init_distributed, shutdown_distributed
+from trainer.distributed import barrier, dist_info
 from trainer.metrics_log import (
     LogWindow,
     append_metrics,
-    loss_groups,
     plot_curves,
-    read_metrics,
     truncate_metrics,
 )
 
-# The metrics-log and process-group helpers live in trainer/metrics_log.py and
-# trainer/distributed.py; they are re-exported here for code that imports them from the engine.
-__all__ = [
-    "BACKBONE_PREFIX",
-    "Schedule",
-    "WarmupStepSchedule",
-    "build_optimizer",
-    "build_scheduler",
-    "checkpoint_path",
-    "config_changes",
-    "init_distributed",
-    "latest_checkpoint",
-    "loss_groups",
-    "optimizer_from_section",
-    "plot_curves",
-    "read_metrics",
-    "shutdown_distributed",
-    "train",
-]
-
-BACKBONE_PREFIX = "knet.backbone."
-
+__all__ = ["Schedule", "checkpoint_path", "config_changes", "latest_checkpoint", "train"]
 
 # --------------------------------------------------------------------------------------------
-# Optimiser and schedule
-
-
-def build_optimizer(
-    objective: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; ``knet.backbone.*`` ones get ``lr * backbone_lr_mult``.
-
-    Groups are named ("heads", "backbone") so logs can tell their learning rates apart.
-    """
-    heads, backbone = [], []
-    for name, p in objective.named_parameters():
-        if p.requires_grad:
-            (backbone if name.startswith(BACKBONE_PREFIX) else heads).append(p)
-    groups = []
-    if heads:
-        groups.append({"params": heads, "lr": lr, "name": "heads"})
-    if backbone:
-        groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
-    if not groups:
-        raise UserError("the model has no trainable parameter")
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-
-
-class WarmupStepSchedule:
-    """lr factor at iteration t: gamma ** #{s in steps: t >= s}, times the linear warm-up
-    ratio + (1 - ratio) * t / warmup_iters while t < warmup_iters (mmcv's "linear" warm-up)."""
-
-    def __init__(self, warmup_iters: int, warmup_ratio: float, steps: Iterable[int], gamma: float):
-        self.warmup_iters = int(warmup_iters)
-        self.warmup_ratio = float(warmup_ratio)
-        self.steps = sorted(int(s) for s in steps)
-        self.gamma = float(gamma)
-
-    def __call__(self, t: int) -> float:
-        factor = self.gamma ** sum(1 for s in self.steps if t >= s)
-        if t < self.warmup_iters:
-            factor *= self.warmup_ratio + (1.0 - self.warmup_ratio) * t / self.warmup_iters
-        return factor
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    warmup_iters: int,
-    warmup_ratio: float,
-    lr_steps: Iterable[int],
-    gamma: float,
-) -> LambdaLR:
-    """Per-iteration LambdaLR (call ``step()`` once after every optimiser step)."""
-    return LambdaLR(optimizer, WarmupStepSchedule(warmup_iters, warmup_ratio, lr_steps, gamma))
-
-
-def optimizer_from_section(
-    objective: nn.Module, section: object
-) -> tuple[torch.optim.AdamW, LambdaLR]:
-    """:func:`build_optimizer` and :func:`build_scheduler` with a config section's settings.
-
-    ``section`` (PretrainConfig, FinetuneConfig, ...) has lr, weight_decay, warmup_iters,
-    warmup_ratio, lr_steps and lr_gamma; backbone_lr_mult where it has one, else 1.0 (a section
-    without it trains a frozen backbone, or the backbone at the heads' rate).
-    """
-    optimizer = build_optimizer(
-        objective,
-        section.lr,
-        section.weight_decay,
-        getattr(section, "backbone_lr_mult", 1.0),
-    )
-    scheduler = build_scheduler(
-        optimizer, section.warmup_iters, section.warmup_ratio, section.lr_steps, section.lr_gamma
-    )
-    return optimizer, scheduler
+# The loop's schedule
 
 
 @dataclass(frozen=True)
@@ -291,7 +197,7 @@ def train(
 
     Iterations are numbered 1..iters: a record or checkpoint at iteration t is the state after t
     optimiser steps. ``loader`` yields trainer Batches (or (images, targets)); an
-    :class:`trainer.datasets.InfiniteLoader` also saves and restores its position. ``resume``
+    :class:`trainer.loader.InfiniteLoader` also saves and restores its position. ``resume``
     continues from ``out_dir/checkpoints/last.pt`` (or the newest ``iter_*.pt``) when there is one
     (a fresh start otherwise); without ``resume`` an existing checkpoint is an error.
     ``eval_fn(t)`` runs on rank 0 every ``schedule.eval_every`` iterations and at the end, in eval

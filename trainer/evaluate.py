@@ -43,7 +43,8 @@ from pipeline.cli import UserError
 from pipeline.config import apply_override, from_dict
 from trainer.checkpoint import load_checkpoint, load_matching
 from trainer.config import Config
-from trainer.datasets import CocoDataset, Collate, worker_context
+from trainer.datasets import CocoDataset, Collate
+from trainer.loader import worker_context
 from trainer.transforms import Augment
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # order of COCOeval.stats[0:6]
@@ -287,7 +288,7 @@ def build_eval_loader(
         shuffle=False,
         num_workers=workers,
         collate_fn=Collate(size_divisor),
-        # Same start method as the training loader (see trainer/datasets.py: fork can deadlock),
+        # Same start method as the training loader (see trainer/loader.py: fork can deadlock),
         # kept alive between the periodic evaluations.
         persistent_workers=workers > 0,
         multiprocessing_context=worker_context() if workers > 0 else None,

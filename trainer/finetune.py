@@ -185,10 +185,12 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
     "iteration"}, "iterations", "train_seconds", "init", "skipped", "split", ...}.
     """
     from pipeline.backbones import build_backbone, weights_fingerprint
-    from trainer.datasets import CocoDataset, build_loader, dist_info
-    from trainer.distributed import init_distributed, shutdown_distributed
-    from trainer.engine import Schedule, optimizer_from_section, train
+    from trainer.datasets import CocoDataset
+    from trainer.distributed import dist_info, init_distributed, shutdown_distributed
+    from trainer.engine import Schedule, train
+    from trainer.loader import build_loader
     from trainer.model.objective import build_objective
+    from trainer.optim import optimizer_from_section
     from trainer.transforms import Augment
 
     ft = cfg.finetune

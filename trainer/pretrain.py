@@ -25,9 +25,11 @@ from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from trainer.config import Config, load_config
-from trainer.datasets import ShardDataset, build_loader, dist_info
-from trainer.distributed import init_distributed, shutdown_distributed
-from trainer.engine import Schedule, latest_checkpoint, optimizer_from_section, train
+from trainer.datasets import ShardDataset
+from trainer.distributed import dist_info, init_distributed, shutdown_distributed
+from trainer.engine import Schedule, latest_checkpoint, train
+from trainer.loader import build_loader
+from trainer.optim import optimizer_from_section
 from trainer.transforms import Augment
 
 

@@ -22,12 +22,11 @@ from tests.trainer.helpers import coco_rle, shard_rles
 from trainer.datasets import (
     Batch,
     CocoDataset,
-    InfiniteSampler,
     ShardDataset,
-    build_loader,
     collate,
     proposals_image_root,
 )
+from trainer.loader import InfiniteSampler, build_loader
 from trainer.transforms import Augment, masks_to_boxes, resize, rotate, target_size
 
 SEED_DIM = 8

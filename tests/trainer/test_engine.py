@@ -17,16 +17,12 @@ from pipeline.cli import UserError
 from tests.trainer.helpers import train_records
 from trainer.checkpoint import load_checkpoint, load_matching, save_checkpoint
 from trainer.config import FinetuneConfig, PretrainConfig
-from trainer.datasets import build_loader, make_sample
+from trainer.datasets import make_sample
 from trainer.distributed import shutdown_distributed
-from trainer.engine import (
-    Schedule,
-    build_optimizer,
-    build_scheduler,
-    optimizer_from_section,
-    train,
-)
+from trainer.engine import Schedule, train
+from trainer.loader import build_loader
 from trainer.metrics_log import LogWindow, loss_groups, read_metrics
+from trainer.optim import build_optimizer, build_scheduler, optimizer_from_section
 from trainer.transforms import Augment
 
 
@@ -202,17 +198,6 @@ def test_log_window_averages_and_state():
         "dice": ["loss_init_dice", "loss_s1_dice"],
         "mask": ["loss_s1_mask"],
     }
-
-
-def test_engine_still_exports_the_moved_helpers():
-    import trainer.distributed
-    import trainer.engine
-    import trainer.metrics_log
-
-    for name in ("read_metrics", "plot_curves", "loss_groups"):
-        assert getattr(trainer.engine, name) is getattr(trainer.metrics_log, name)
-    for name in ("init_distributed", "shutdown_distributed"):
-        assert getattr(trainer.engine, name) is getattr(trainer.distributed, name)
 
 
 def test_resume_equals_uninterrupted(tmp_path):

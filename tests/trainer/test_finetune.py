@@ -90,8 +90,9 @@ def test_resolve_names_and_defaults(tmp_path):
 def _write_pretrain_checkpoint(cfg, out_dir: Path) -> Path:
     """A real stage-two checkpoint: class-agnostic objective with prompts and kernel supervision,
     one engine iteration on a hand-made batch with seeds."""
-    from trainer.engine import Schedule, build_optimizer, build_scheduler, train
+    from trainer.engine import Schedule, train
     from trainer.model.objective import build_objective
+    from trainer.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(1)
     backbone = build_backbone(cfg.backbone)
