@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.atomic_files import write_json, write_text
 from pipeline.config import ConfigError, dump_toml, read_toml
 
 
@@ -64,9 +64,9 @@ def record_run(
     """Write ``config.toml`` (the fully resolved config) and ``version.json`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(dump_toml(resolved))
+    write_text(out / "config.toml", dump_toml(resolved))
     info = {"version": code_version(), "argv": argv if argv is not None else sys.argv}
-    (out / "version.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / "version.json", info)
 
 
 def raw_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,19 +7,18 @@ The per-record annotations are also the detections ``pipeline.recall`` evaluates
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic_files import write_json
 from pipeline.cli import code_version
-from pipeline.shard_reader import _mask_areas, iter_unique, shard_paths
+from pipeline.shard_reader import iter_unique, mask_areas, shard_paths
 from pipeline.shards import STATUS_UNREADABLE, ImageRecord, read_meta
 
 
 def _annotations(rec: ImageRecord, category_id: int, first_id: int) -> list[dict[str, Any]]:
     """COCO annotations (RLE segmentation, xywh box, area, score) for one record's masks."""
-    areas = _mask_areas(rec)
+    areas = mask_areas(rec)
     anns = []
     for k, counts in enumerate(rec.rles):
         x0, y0, x1, y1 = (float(v) for v in rec.boxes[k])
@@ -36,13 +35,6 @@ def _annotations(rec: ImageRecord, category_id: int, first_id: int) -> list[dict
             }
         )
     return anns
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
 
 
 def to_coco(shard_dir: str | Path, path: str | Path) -> dict[str, Any]:
@@ -82,5 +74,5 @@ def to_coco(shard_dir: str | Path, path: str | Path) -> dict[str, Any]:
         "annotations": anns,
         "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
     }
-    _write_json(Path(path), data)
+    write_json(path, data, indent=None)
     return data

@@ -33,17 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
-from pipeline.coco_export import _write_json, to_coco
+from pipeline.coco_export import to_coco
 from pipeline.recall import (
-    MAX_DETS,
-    RECALL_COLUMNS,
     RECALL_FILE,
     format_recall,
     recall_against_gt,
 )
-from pipeline.render import PALETTE, render, render_tile
-from pipeline.shard_reader import _mask_areas, iter_records, iter_unique, shard_paths
+from pipeline.render import render
+from pipeline.shard_reader import iter_records, mask_areas, shard_paths
 from pipeline.shards import (
     STATUS_EMPTY,
     STATUS_OK,
@@ -55,33 +54,7 @@ from pipeline.shards import (
     shard_index,
 )
 
-# Rendering, COCO export, recall and shard reading moved to their own modules; their names stay
-# importable from here for older callers, hence the re-exports in __all__. run() looks render,
-# to_coco and recall_against_gt up in this module, so a test that swaps them patches
-# pipeline.inspector.
-__all__ = [
-    "MAX_DETS",
-    "PALETTE",
-    "PLAN_FILE",
-    "QUANTILES",
-    "RECALL_COLUMNS",
-    "RECALL_FILE",
-    "STATUS_NAMES",
-    "add_arguments",
-    "find_image",
-    "format_image",
-    "format_recall",
-    "format_summary",
-    "iter_records",
-    "iter_unique",
-    "recall_against_gt",
-    "render",
-    "render_tile",
-    "run",
-    "shard_paths",
-    "summarise",
-    "to_coco",
-]
+__all__ = ["add_arguments", "find_image", "format_image", "format_summary", "run", "summarise"]
 
 STATUS_NAMES = {STATUS_OK: "ok", STATUS_EMPTY: "empty", STATUS_UNREADABLE: "unreadable"}
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -141,7 +114,7 @@ def summarise(shard_dir: str | Path) -> dict[str, Any]:
             continue
         per_image[rec.num_masks] += 1
         scores.append(np.asarray(rec.scores, np.float64))
-        fractions.append(_mask_areas(rec) / max(1, rec.height * rec.width))
+        fractions.append(mask_areas(rec) / max(1, rec.height * rec.width))
     scores_all = np.concatenate(scores) if scores else np.zeros(0)
     fractions_all = np.concatenate(fractions) if fractions else np.zeros(0)
     n_images = sum(status.values())
@@ -296,7 +269,7 @@ def format_image(path: Path, index: int, rec: ImageRecord) -> str:
     if not rec.num_masks:
         lines.append("  no masks")
         return "\n".join(lines)
-    areas = _mask_areas(rec)
+    areas = mask_areas(rec)
     lines.append(
         f"  {'#':>3} {'score':>6} {'area px':>9} {'area %':>7}  "
         f"{'box x0,y0,x1,y1':<24} seed (scale,row,col)"
@@ -403,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_recall(result))
         try:
-            _write_json(shard_dir / RECALL_FILE, result)
+            write_json(shard_dir / RECALL_FILE, result)
         except OSError as e:
             raise UserError(f"cannot write {shard_dir / RECALL_FILE}: {e.strerror}") from None
         print(f"wrote {shard_dir / RECALL_FILE}")

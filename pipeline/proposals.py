@@ -18,14 +18,13 @@ worker in ``pipeline.proposal_worker``, the ``local`` and ``ray`` executors in
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.atomic_files import write_json
 from pipeline.backbones import build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import load_pipeline_config
@@ -81,12 +80,6 @@ PLAN_FILE, SUMMARY_FILE = "plan.json", "summary.json"
 # Output folder: resume, mismatch, overwrite
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare_out(
     out: Path, shards: list[list[ImageItem]], shard_size: int, fingerprint: str, overwrite: bool
 ) -> set[int]:
@@ -125,7 +118,7 @@ def prepare_out(
                 f"({path.name} does not match the plan); {hint}"
             )
         done.add(index)
-    _write_json(
+    write_json(
         out / PLAN_FILE,
         {
             "plan_hash": phash,
@@ -278,7 +271,7 @@ def _finish(
         "masks_per_image": round(totals["masks"] / max(1, totals["ok"] + totals["empty"]), 3),
         "unreadable_files": unreadable,
     }
-    _write_json(out / SUMMARY_FILE, summary)
+    write_json(out / SUMMARY_FILE, summary)
     print(
         f"proposals: {totals['ok']} ok, {totals['empty']} empty, {totals['unreadable']} "
         f"unreadable images; {totals['masks']} masks; {seconds:.1f} s, "

@@ -57,7 +57,7 @@ def _rle_dicts(rec: ImageRecord) -> list[dict[str, Any]]:
     return [{"size": [rec.height, rec.width], "counts": c} for c in rec.rles]
 
 
-def _mask_areas(rec: ImageRecord) -> np.ndarray:
+def mask_areas(rec: ImageRecord) -> np.ndarray:
     """(K,) pixel areas of the record's masks, straight from the RLE (no decoding)."""
     if not rec.rles:
         return np.zeros(0, np.float64)

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 from pipeline.config import apply_override, from_dict
 from trainer.checkpoint import load_checkpoint, load_matching
@@ -230,9 +230,7 @@ def evaluate(
     if not seen:
         raise UserError("the evaluation loader yielded no image")
     if results_path is not None:
-        results_path = Path(results_path)
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results))
+        write_json(results_path, results, indent=None)
     metrics = coco_mask_metrics(coco_gt, results, image_ids=seen, class_agnostic=class_agnostic)
     return {**metrics, "images": float(len(seen)), "detections": float(len(results))}
 
@@ -369,8 +367,7 @@ def run(args: argparse.Namespace) -> int:
         "class_agnostic": args.class_agnostic,
         "metrics": metrics,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     print(format_table({path.name: metrics}))
     print(f"metrics: {out}")
     print(f"detections: {out.with_name(out.stem + '-segm.json')}")

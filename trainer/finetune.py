@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic_files import write_json
 from pipeline.cli import UserError, record_run
 from trainer.config import Config, load_config
 from trainer.evaluate import METRIC_NAMES, build_eval_loader, evaluate, format_table, load_coco
@@ -262,7 +263,7 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
         resolved = dataclasses.asdict(cfg)
         if rank == 0:
             record_run(out, resolved, argv)
-            (out / "init.json").write_text(json.dumps(init, indent=2) + "\n")
+            write_json(out / "init.json", init)
             print(
                 f"finetune: {split['num_images']} of {split['total_images']} training images "
                 f"({ft.frac:g}, {split['method']}), {len(dataset)} with objects, "
@@ -296,7 +297,7 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
                 train_images=len(dataset),
                 num_classes=dataset.num_classes,
             )
-            (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(out / "metrics.json", summary)
     finally:
         shutdown_distributed()
     return summary
@@ -345,7 +346,7 @@ def _summarise(out: Path, iters: int, eval_fn, result: dict[str, Any]) -> dict[s
         metrics = eval_fn(iters)
         append_metrics(out / "metrics.jsonl", {"kind": "eval", "iter": iters, **metrics})
         curve = ap_curve(out / "metrics.jsonl")
-    (out / "ap_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
+    write_json(out / "ap_curve.json", curve)
     final = curve[-1]
     best = max(curve, key=lambda r: r["AP"])
     keep = (*METRIC_NAMES, "iteration")

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 
 
@@ -184,10 +184,7 @@ def write_split(
         "source": str(train_json),
     }
     subset["split"] = summary
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # pid in the temporary name: every torch.distributed rank writes the same (identical) file.
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(subset))
-    tmp.replace(out_path)  # atomic: a resumed run never reads a half-written split
+    # Atomic (every torch.distributed rank writes the same file): a resumed run never reads a
+    # half-written split.
+    write_json(out_path, subset, indent=None)
     return summary
