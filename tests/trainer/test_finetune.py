@@ -171,11 +171,17 @@ def _sets() -> list[str]:
     return [arg for s in TINY_SETTINGS for arg in ("--set", s)]
 
 
+def _finetune(toml: Path, iters: int, *extra: str, sets: list[str] | None = None):
+    """``trainer finetune`` on half of the tiny training set; returns run_cli's (code, out, err)."""
+    sets = _sets() if sets is None else sets
+    return run_cli(
+        "finetune", "--config", str(toml), *sets, "--frac", "0.5", "--iters", str(iters), *extra
+    )
+
+
 def test_finetune_and_evaluate_end_to_end(tiny_project):
     toml, ckpt = tiny_project
-    code, out, err = run_cli(
-        "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3"
-    )
+    code, out, err = _finetune(toml, 3)
     assert code == 0, err
     run = Path("runs/tiny/finetune-0.5")
     # Split: 4 of the 8 training images, all their annotations.
@@ -229,13 +235,9 @@ def test_finetune_and_evaluate_end_to_end(tiny_project):
     assert json.loads((run / "eval-last-agnostic-segm.json").read_text()) == detections
 
     # Without --resume an existing run is refused; with it a finished run is only re-read.
-    code, _, err = run_cli(
-        "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3"
-    )
+    code, _, err = _finetune(toml, 3)
     assert code == 2 and "--resume" in err
-    code, _, err = run_cli(
-        "finetune", "--config", str(toml), *_sets(), "--frac", "0.5", "--iters", "3", "--resume"
-    )
+    code, _, err = _finetune(toml, 3, "--resume")
     assert code == 0, err
     again = json.loads((run / "metrics.json").read_text())
     assert again["final"] == metrics["final"]
@@ -243,18 +245,7 @@ def test_finetune_and_evaluate_end_to_end(tiny_project):
 
 def test_finetune_bad_init_is_a_clear_error(tiny_project, tmp_path):
     toml, _ = tiny_project
-    code, _, err = run_cli(
-        "finetune",
-        "--config",
-        str(toml),
-        *_sets(),
-        "--frac",
-        "0.5",
-        "--iters",
-        "1",
-        "--init",
-        str(tmp_path / "nope.pt"),
-    )
+    code, _, err = _finetune(toml, 1, "--init", str(tmp_path / "nope.pt"))
     assert code == 2 and "checkpoint not found" in err
 
 
@@ -298,17 +289,5 @@ def test_compare_refuses_a_run_from_an_older_pretraining(tiny_project):
     torch.save(state, ckpt)
     code, _, err = run_cli(*args)
     assert code == 2 and "initialised from a different checkpoint" in err
-    code, _, err = run_cli(
-        "finetune",
-        "--config",
-        str(toml),
-        *sets,
-        "--frac",
-        "0.5",
-        "--iters",
-        "1",
-        "--tag",
-        "sp",
-        "--resume",
-    )
+    code, _, err = _finetune(toml, 1, "--tag", "sp", "--resume", sets=sets)
     assert code == 2 and "initialised from a different checkpoint" in err
