@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pipeline import cli  # noqa: E402
+from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
 from pipeline.executors import _ray_init, run_local, run_ray  # noqa: E402
 from pipeline.images import (  # noqa: E402
@@ -338,11 +339,7 @@ def main() -> int:
         )
     report["ratios"] = ratios
 
-    dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dest = dest.with_name(dest.name + ".tmp")
-    tmp_dest.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_dest, dest)
+    dest = write_json(args.out, report)
     fr = report["profile"]["stage_fractions"]
     top = max(fr, key=fr.get)
     ray_txt = ""

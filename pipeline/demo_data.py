@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import functools
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 import skimage.data
 from pycocotools import mask as mask_utils
 
+from pipeline.atomic_files import write_json
 from pipeline.cli import UserError, record_run
 from pipeline.config import DataConfig, load_pipeline_config
 
@@ -420,9 +420,7 @@ def build_split(out_dir: Path, split: str, count: int, cfg: DataConfig) -> dict:
             {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORIES)
         ],
     }
-    ann_dir = out_dir / "annotations"
-    ann_dir.mkdir(parents=True, exist_ok=True)
-    (ann_dir / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
+    write_json(out_dir / "annotations" / f"instances_{split}.json", coco, indent=None)
     return {
         "images": len(images),
         "instances": len(annotations),
@@ -542,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     # The fully resolved stage-one sections, plus any trainer sections of the file as given.
     record_run(out, {**raw, **dataclasses.asdict(cfg)})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     for split, counts in summary.items():
         cats = ", ".join(f"{k} {v}" for k, v in counts["per_category"].items())
         sizes = ", ".join(f"{k} {v}" for k, v in counts["area"].items())

@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic_files import write_text
 from pipeline.cli import UserError
 from pipeline.config import dump_toml
 from trainer.config import Config, load_config
@@ -174,7 +175,7 @@ def compare(
         ]
     )
     results_md = folder / "results.md"
-    results_md.write_text(text)
+    write_text(results_md, text)
     png = plot_ap_curves(
         curves,
         folder / "ap_vs_iter.png",

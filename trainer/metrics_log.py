@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic_files import write_text
+
 
 class LogWindow:
     """Sums over the iterations since the last log line (saved in checkpoints for exact logs)."""
@@ -67,7 +69,8 @@ def truncate_metrics(path: Path, keep_until: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a crash
             continue
-    path.write_text("".join(f"{line}\n" for line in kept))
+    # Atomic: a crash while truncating must not lose the records being kept.
+    write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
