@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.executors import _ray_init, run_local, run_ray  # noqa: E402
+from pipeline.executors import ray_init, run_local, run_ray  # noqa: E402
 from pipeline.images import (  # noqa: E402
     decode_image,
     list_images,
@@ -112,7 +112,7 @@ def end_to_end(worker: ProposalWorker, items: list, shard_size: int, out: Path) 
 
 def ray_runs(cfg, items: list, out: Path, worker_counts: list[int], fingerprint: str) -> dict:
     """(3) the Ray executor at each worker count (actor start-up timed separately)."""
-    ray, started = _ray_init(max(worker_counts))
+    ray, started = ray_init(max(worker_counts))
     results = {}
     try:
         jobs = list(enumerate(make_plan(items, cfg.proposals.shard_size)))

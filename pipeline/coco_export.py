@@ -16,7 +16,7 @@ from pipeline.shard_reader import iter_unique, mask_areas, shard_paths
 from pipeline.shards import STATUS_UNREADABLE, ImageRecord, read_meta
 
 
-def _annotations(rec: ImageRecord, category_id: int, first_id: int) -> list[dict[str, Any]]:
+def record_annotations(rec: ImageRecord, category_id: int, first_id: int) -> list[dict[str, Any]]:
     """COCO annotations (RLE segmentation, xywh box, area, score) for one record's masks."""
     areas = mask_areas(rec)
     anns = []
@@ -61,7 +61,7 @@ def to_coco(shard_dir: str | Path, path: str | Path) -> dict[str, Any]:
                 "width": int(rec.width),
             }
         )
-        anns += _annotations(rec, 1, len(anns) + 1)
+        anns += record_annotations(rec, 1, len(anns) + 1)
     data = {
         "info": {
             "description": f"saliency pseudo masks from {shard_dir}",

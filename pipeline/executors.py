@@ -52,7 +52,7 @@ def run_local(
     return failed
 
 
-def _ray_init(workers: int, num_cpus: int | None = None):
+def ray_init(workers: int, num_cpus: int | None = None):
     """Connect to RAY_ADDRESS's cluster, or start a private local one (no dashboard, bound to
     127.0.0.1, quiet). Returns (ray module, whether this call started it)."""
     import ray  # only this module imports Ray, and only when asked to
@@ -115,7 +115,7 @@ def run_ray(
         import ray  # noqa: F401
     except ImportError:
         raise UserError("ray is not installed; use --executor local") from None
-    ray, started = _ray_init(workers)
+    ray, started = ray_init(workers)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))

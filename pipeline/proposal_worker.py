@@ -223,7 +223,7 @@ def _count(records: list[ImageRecord]) -> dict[str, Any]:
     }
 
 
-def _count_existing(path: Path) -> dict[str, Any]:
+def count_existing(path: Path) -> dict[str, Any]:
     with ShardReader(path) as reader:
         t = reader.image_table()
     st = t["status"]

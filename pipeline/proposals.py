@@ -28,16 +28,14 @@ from pipeline.atomic_files import write_json
 from pipeline.backbones import build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import load_pipeline_config
-from pipeline.executors import MAX_RETRIES, Job, _ray_init, run_local, run_ray
+from pipeline.executors import run_local, run_ray
 from pipeline.images import ImageItem, list_images
-from pipeline.proposal_worker import ProposalWorker, _count_existing, masks_to_rles
+from pipeline.proposal_worker import ProposalWorker, count_existing
 from pipeline.shard_plan import (
-    NON_RESULT_FIELDS,
-    _items_key,
     compute_fingerprint,
+    items_key,
     make_plan,
     plan_hash,
-    result_settings,
 )
 from pipeline.shards import (
     SCHEMA_VERSION,
@@ -49,29 +47,9 @@ from pipeline.shards import (
     shard_name,
 )
 
-# The plan, fingerprint, worker and executors moved to their own modules; their names stay
-# importable from here (trainer/pretrain.py and older scripts import them from
-# pipeline.proposals), hence the re-exports in __all__. run() looks run_local/run_ray up in
-# this module, so a test that swaps them patches pipeline.proposals.
-__all__ = [
-    "MAX_RETRIES",
-    "NON_RESULT_FIELDS",
-    "PLAN_FILE",
-    "SUMMARY_FILE",
-    "Job",
-    "ProposalWorker",
-    "_ray_init",
-    "add_arguments",
-    "compute_fingerprint",
-    "make_plan",
-    "masks_to_rles",
-    "plan_hash",
-    "prepare_out",
-    "result_settings",
-    "run",
-    "run_local",
-    "run_ray",
-]
+# run() looks run_local / run_ray up in this module, so a test that swaps them patches
+# pipeline.proposals.
+__all__ = ["PLAN_FILE", "SUMMARY_FILE", "add_arguments", "prepare_out", "run"]
 
 PLAN_FILE, SUMMARY_FILE = "plan.json", "summary.json"
 
@@ -112,7 +90,7 @@ def prepare_out(
         with ShardReader(path) as reader:
             t = reader.image_table()
         have = [[str(n), int(i)] for n, i in zip(t["file_name"], t["image_id"])]
-        if index >= len(shards) or have != _items_key(shards[index]):
+        if index >= len(shards) or have != items_key(shards[index]):
             raise UserError(
                 f"{out} holds shards of a different image list or shard_size "
                 f"({path.name} does not match the plan); {hint}"
@@ -253,7 +231,7 @@ def _finish(
     computed = sorted(s["index"] for s in summaries)
     totals = {k: 0 for k in ("images", "ok", "empty", "unreadable", "masks")}
     unreadable: list = []
-    for s in summaries + [_count_existing(out / shard_name(i)) for i in sorted(done)]:
+    for s in summaries + [count_existing(out / shard_name(i)) for i in sorted(done)]:
         for k in totals:
             totals[k] += s[k]
         unreadable += s["errors"]

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline.cli import UserError, code_version
-from pipeline.coco_export import _annotations
+from pipeline.coco_export import record_annotations
 from pipeline.shard_reader import iter_unique, shard_paths
 from pipeline.shards import STATUS_UNREADABLE, read_meta
 
@@ -119,7 +119,7 @@ def recall_against_gt(
                 f"{gt_path}: is this the ground truth of these images?"
             )
         img_ids.append(int(rec.image_id))
-        dets += _annotations(rec, category, len(dets) + 1)
+        dets += record_annotations(rec, category, len(dets) + 1)
     if not img_ids:
         raise UserError(
             f"none of the {n_records} shard images is in {gt_path} (matched by image_id)"

@@ -36,13 +36,13 @@ def make_plan(items: list[ImageItem], shard_size: int) -> list[list[ImageItem]]:
     return [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
 
 
-def _items_key(items: list[ImageItem]) -> list[list[Any]]:
+def items_key(items: list[ImageItem]) -> list[list[Any]]:
     return [[it.file_name, int(it.image_id)] for it in items]
 
 
 def plan_hash(shards: list[list[ImageItem]]) -> str:
     """Hash of the plan: which images (name and id) go to which shard."""
-    data = json.dumps([_items_key(s) for s in shards], separators=(",", ":"))
+    data = json.dumps([items_key(s) for s in shards], separators=(",", ":"))
     return hashlib.sha256(data.encode()).hexdigest()
 
 

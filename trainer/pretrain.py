@@ -84,7 +84,7 @@ def check_shards(dataset: ShardDataset, backbone: Backbone, cfg: Config) -> list
         )
     notes = []
     try:
-        from pipeline.proposals import compute_fingerprint, result_settings
+        from pipeline.shard_plan import compute_fingerprint, result_settings
 
         stored = json.loads(meta.get("settings", "{}"))
         made_with = from_dict(ProposalConfig, stored)

@@ -205,7 +205,7 @@ def test_random_weights_are_seeded(kind):
 def test_batch_size_is_fingerprinted_only_for_batch_dependent_backbones():
     # pipeline.proposals reads batch_invariant: batch_size changes a ResNet's border cells only.
     from pipeline.config import ProposalConfig
-    from pipeline.proposals import compute_fingerprint, result_settings
+    from pipeline.shard_plan import compute_fingerprint, result_settings
 
     base, other = ProposalConfig(batch_size=2), ProposalConfig(batch_size=3)
     for kind, invariant in (("dinov2_vits14", True), ("resnet50", False)):

@@ -415,7 +415,7 @@ def test_ray_matches_local_and_survives_a_dead_actor(tmp_path, weights, monkeypa
     # in pipeline.proposals, so that is where it is swapped.
     real = executors.run_ray
     monkeypatch.setattr(proposals, "run_ray", lambda *a, **k: real(*a, worker_cls=DiesOnce, **k))
-    ray, started = executors._ray_init(2, num_cpus=2)  # 2 actors x 1 thread, like this process
+    ray, started = executors.ray_init(2, num_cpus=2)  # 2 actors x 1 thread, like this process
     try:
         out = tmp_path / "ray"
         assert _run(config, images, out, "--executor", "ray", "--workers", "2") == 0

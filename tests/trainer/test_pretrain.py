@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.backbones import build_backbone, weights_fingerprint
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from pipeline.proposals import compute_fingerprint, result_settings
+from pipeline.shard_plan import compute_fingerprint, result_settings
 from pipeline.shards import STATUS_EMPTY, STATUS_OK, ImageRecord, shard_name, write_shard
 from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, shard_rles, train_records
 from trainer.checkpoint import load_checkpoint, load_matching
