@@ -135,15 +135,20 @@ def run_pretrain(
     dataset = ShardDataset(shards, Augment(p.short_side, p.max_side, flip=p.flip), image_root)
     backbone = build_backbone(cfg.backbone)
     notes = check_shards(dataset, backbone, cfg)
-    objective = build_objective(
-        backbone,
-        cfg.model,
-        num_classes=1,
-        prompts=p.prompts,
-        kernel_supervision=p.kernel_supervision,
-        prompt_slots=p.prompt_slots,
-        prompt_keep=p.prompt_keep,
-    )
+    try:
+        objective = build_objective(
+            backbone,
+            cfg.model,
+            num_classes=1,
+            prompts=p.prompts,
+            kernel_supervision=p.kernel_supervision,
+            prompt_slots=p.prompt_slots,
+            prompt_keep=p.prompt_keep,
+            ks_target=p.ks_target,
+            ks_decorrelation=p.ks_decorrelation,
+        )
+    except ValueError as e:  # a bad prompt or kernel-supervision setting: one line, not a trace
+        raise UserError(f"pretrain: {e}") from None
     loader = build_loader(
         dataset,
         p.batch_size,

@@ -19,6 +19,15 @@ Kernel supervision. t_l = Linear(Cs -> D)(S_l), trainable. At each update stage 
 that the stage's Hungarian assignment pairs with mask l adds 1 - cos(K^i_n, t_l); the stage's loss
 is the mean over its matched pairs, weight ``LOSS_WEIGHTS["kernel_sup"]``; the engine sums stages.
 **[choice]** Pairs come from the assignment, not index order (the authors' code mismatched them).
+
+Target collapse remedies (switches; the paper's trainable Linear stays the default). The targets'
+mean pairwise cosine ("target_spread", logged as stat_target_spread) rises toward 1 when the
+trainable Linear is free to move every t_l toward the kernels. ``target="detached"`` keeps the
+Linear but stops the gradient at t_l, so only kernels move (the Linear stays at its random init);
+``"frozen_orthogonal"`` replaces it by a fixed random projection with orthonormal rows (a buffer,
+saved in checkpoints, never trained), which preserves the seeds' own angles up to the projection.
+``decorrelation`` > 0 adds weight * mean over pairs i != j of cos(t_i, t_j)^2 (trainable Linear
+only: with fixed targets it would have nothing to move).
 """
 
 from __future__ import annotations
@@ -159,6 +168,9 @@ class PromptKernelMatching(nn.Module):
         return kernels + addition, stats
 
 
+TARGET_KINDS = ("linear", "detached", "frozen_orthogonal")
+
+
 class KernelSupervision(nn.Module):
     """t_l = Linear(Cs -> D)(S_l); per update stage, mean over matched pairs of 1 - cos(K^i_n, t_l).
 
@@ -166,12 +178,42 @@ class KernelSupervision(nn.Module):
         seed_dim: Cs, the seed embedding width (backbone.embed_dim: 2048 ResNet, 384 ViT-S).
         kernel_dim: D.
         weight: loss weight (``LOSS_WEIGHTS["kernel_sup"]``).
+        target: one of TARGET_KINDS (see the module docstring).
+        decorrelation: weight of the targets' mean squared pairwise cosine (0 = off).
     """
 
-    def __init__(self, seed_dim: int, kernel_dim: int, weight: float | None = None) -> None:
+    def __init__(
+        self,
+        seed_dim: int,
+        kernel_dim: int,
+        weight: float | None = None,
+        target: str = "linear",
+        decorrelation: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.proj = nn.Linear(seed_dim, kernel_dim)
+        if target not in TARGET_KINDS:
+            raise ValueError(f"ks_target must be one of {', '.join(TARGET_KINDS)}, got {target!r}")
+        if decorrelation < 0 or (decorrelation > 0 and target != "linear"):
+            raise ValueError(
+                f"ks_decorrelation={decorrelation} needs a value >= 0, and > 0 only with "
+                f"ks_target='linear' (got '{target}': its targets have no trainable parameter)"
+            )
+        self.target = target
+        self.decorrelation = decorrelation
+        if target == "frozen_orthogonal":
+            basis = torch.empty(kernel_dim, seed_dim)
+            nn.init.orthogonal_(basis)  # orthonormal rows (or columns when D > Cs)
+            self.register_buffer("basis", basis)
+        else:
+            self.proj = nn.Linear(seed_dim, kernel_dim)
         self.weight = LOSS_WEIGHTS["kernel_sup"] if weight is None else weight
+
+    def targets(self, seeds: Tensor) -> Tensor:
+        """(L, Cs) seeds S_l -> (L, D) targets t_l (no graph to any parameter unless "linear")."""
+        if self.target == "frozen_orthogonal":
+            return seeds.to(self.basis.dtype) @ self.basis.T
+        t = self.proj(seeds.to(dtype=self.proj.weight.dtype))
+        return t.detach() if self.target == "detached" else t
 
     def forward(
         self,
@@ -189,7 +231,7 @@ class KernelSupervision(nn.Module):
         if len(stage_kernels) != len(assignments):
             raise ValueError(f"{len(stage_kernels)} stages but {len(assignments)} assignments")
         device = stage_kernels[0].device
-        targets = [self.proj(s.to(device=device, dtype=self.proj.weight.dtype)) for s in seeds]
+        targets = [self.targets(s.to(device=device)) for s in seeds]
         all_t = torch.cat(targets).float()  # (T, D)
         losses = {}
         for i, (kernels, assign) in enumerate(zip(stage_kernels, assignments), start=1):
@@ -200,6 +242,8 @@ class KernelSupervision(nn.Module):
             else:
                 loss = (1.0 - F.cosine_similarity(k, t, dim=-1)).mean()
             losses[f"loss_s{i}_kernel"] = self.weight * loss
+        if self.decorrelation > 0:
+            losses["loss_ks_decorrelation"] = self.decorrelation * _mean_squared_cosine(all_t)
         stats = {}
         if all_t.shape[0] >= 2:
             with torch.no_grad():
@@ -208,3 +252,14 @@ class KernelSupervision(nn.Module):
                 n = cos.shape[0]
                 stats["target_spread"] = (cos.sum() - cos.diagonal().sum()) / (n * (n - 1))
         return losses, stats
+
+
+def _mean_squared_cosine(vectors: Tensor) -> Tensor:
+    """Mean over pairs i != j of cos(v_i, v_j)^2 (0 with the graph kept for fewer than two)."""
+    n = vectors.shape[0]
+    if n < 2:
+        return vectors.sum() * 0.0
+    unit = F.normalize(vectors, dim=-1)
+    cos = unit @ unit.T
+    off = cos - torch.diag_embed(cos.diagonal())
+    return off.pow(2).sum() / (n * (n - 1))

@@ -97,6 +97,8 @@ def build_objective(
     kernel_supervision: bool,
     prompt_slots: int = 20,
     prompt_keep: float = 0.9,
+    ks_target: str = "linear",
+    ks_decorrelation: float = 0.0,
 ) -> Objective:
     """K-Net over ``backbone`` with its criterion; prompt matching and kernel supervision as
     switched (pre-training: both on by default; fine-tuning: both off)."""
@@ -104,7 +106,12 @@ def build_objective(
     criterion = SetCriterion(num_classes)
     matching = PromptKernelMatching(prompt_slots, prompt_keep) if prompts else None
     supervision = (
-        KernelSupervision(int(backbone.embed_dim), model_cfg.channels)
+        KernelSupervision(
+            int(backbone.embed_dim),
+            model_cfg.channels,
+            target=ks_target,
+            decorrelation=ks_decorrelation,
+        )
         if kernel_supervision
         else None
     )
