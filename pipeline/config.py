@@ -18,7 +18,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pipeline.ranges import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    OneOf,
+    Range,
+    section_problems,
+)
 
 
 class ConfigError(ValueError):
@@ -92,7 +102,12 @@ def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    problems = section_problems(section)
+    if problems:
+        # The first problem is enough to fix; the key is named with its section.
+        raise ConfigError(f"{where}.{problems[0]}" if where else problems[0])
+    return section
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -128,7 +143,15 @@ def read_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        raw = tomllib.loads(text)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text config file (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start} is not UTF-8)"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     raw.setdefault("name", path.stem)
@@ -182,6 +205,26 @@ class DataConfig:
     num_val: int = 100
     min_size: int = 320
     max_size: int = 480
+    # Untrusted input (every command that decodes images): larger images are refused from their
+    # header before any pixel is decoded; files over the size cap are not read; a COCO
+    # file_name that leaves the image root ('../x.jpg', '/etc/x.jpg') is refused unless allowed.
+    max_image_pixels: int = 64_000_000  # 8000 x 8000; OpenCV's own limit is 2^30
+    max_image_mb: float = 256.0
+    allow_outside_root: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_train": AT_LEAST_ONE,
+        "num_val": AT_LEAST_ONE,
+        "min_size": AT_LEAST_ONE,
+        "max_size": AT_LEAST_ONE,
+        "max_image_pixels": AT_LEAST_ONE,
+        "max_image_mb": POSITIVE,
+    }
+
+    def cross_checks(self) -> list[str]:
+        if self.max_size < self.min_size:
+            return [f"max_size must be >= min_size ({self.min_size}), got {self.max_size}"]
+        return []
 
 
 @dataclass
@@ -218,6 +261,27 @@ class ProposalConfig:
     images: str = ""  # image folder or COCO JSON; empty = data.train_json
     out: str = ""  # empty = runs/<name>/proposals
 
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "short_side": AT_LEAST_ONE,
+        "max_side": AT_LEAST_ONE,
+        "scales": Range(lo=0, hi=1, lo_open=True),  # fractions of the feature grid
+        "mask_threshold": FRACTION,  # the soft maps are min-max normalised to [0, 1]
+        "min_cells": NON_NEGATIVE,
+        "nms_sigma": POSITIVE,
+        "top_k": AT_LEAST_ONE,
+        "score_threshold": FRACTION,
+        "min_center_y": FRACTION,
+        "max_box_width": POSITIVE,
+        "batch_size": AT_LEAST_ONE,
+        "shard_size": AT_LEAST_ONE,
+        "workers": AT_LEAST_ONE,
+        "executor": OneOf(("ray", "local")),
+        "prefetch": NON_NEGATIVE,
+    }
+
+    def cross_checks(self) -> list[str]:
+        return [] if self.scales else ["scales must list at least one scale, got []"]
+
 
 @dataclass
 class PipelineConfig:
@@ -228,7 +292,7 @@ class PipelineConfig:
 
 
 # Sections owned by trainer/config.py: tolerated (not validated) by stage-one commands.
-TRAINER_SECTIONS = ("model", "pretrain", "finetune")
+TRAINER_SECTIONS = ("model", "pretrain", "finetune", "compare")
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):

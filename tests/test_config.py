@@ -82,3 +82,60 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.toml")
     assert again.finetune.frac == 0.1 and again.name == raw["name"]
     assert (tmp_path / "version.json").is_file()
+
+
+# Every out-of-range setting the hostile-input review (issue 15) fed the commands: each used to
+# give a traceback or a silently useless run; now the load stops with the key named.
+OUT_OF_RANGE = [
+    ("pretrain.lr=-1", "pretrain.lr must be > 0"),
+    ("pretrain.lr=nan", "pretrain.lr must be a finite number"),
+    ("finetune.lr=inf", "finetune.lr must be a finite number"),
+    ("pretrain.batch_size=0", "pretrain.batch_size must be >= 1"),
+    ("model.num_heads=3", "model.num_heads must divide channels"),
+    ("model.num_stages=0", "model.num_stages must be >= 1"),
+    ("pretrain.short_side=0", "pretrain.short_side must be >= 1"),
+    ("pretrain.prompt_keep=1.5", "pretrain.prompt_keep must be in [0, 1]"),
+    ("proposals.top_k=0", "proposals.top_k must be >= 1"),
+    ("proposals.top_k=-3", "proposals.top_k must be >= 1"),
+    ("proposals.short_side=0", "proposals.short_side must be >= 1"),
+    ("proposals.mask_threshold=2", "proposals.mask_threshold must be in [0, 1]"),
+    ("proposals.max_side=-1", "proposals.max_side must be >= 1"),
+    ("proposals.scales=[]", "proposals.scales must list at least one scale"),
+    ("proposals.scales=[1.0, 0]", "proposals.scales[1] must be in (0, 1]"),
+    ("proposals.executor=dask", "proposals.executor must be one of 'ray', 'local'"),
+    ("model.num_kernels=0", "model.num_kernels must be >= 1"),
+    ("finetune.rotate_prob=3", "finetune.rotate_prob must be in [0, 1]"),
+    ("finetune.test_mask_threshold=5", "finetune.test_mask_threshold must be in [0, 1]"),
+    ("finetune.lr_steps=[100, 0]", "finetune.lr_steps[1] must be >= 1"),
+    ("finetune.frac=0", "finetune.frac must be in (0, 1]"),
+    ("data.max_image_pixels=0", "data.max_image_pixels must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("override, message", OUT_OF_RANGE)
+def test_out_of_range_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.toml", [override])
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["proposals.top_k=0", "proposals.mask_threshold=2"])
+def test_stage_one_view_checks_ranges_too(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_pipeline_config(ROOT / "configs" / "demo.toml", [override])
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(
+        ROOT / "configs" / "demo.toml",
+        ["finetune.frozen_stages=-1", "pretrain.prompt_keep=1.0", "finetune.num_workers=0"],
+    )
+    assert cfg.pretrain.prompt_keep == 1.0 and cfg.finetune.frozen_stages == -1
+
+
+def test_binary_config_file_is_one_line(tmp_path):
+    path = tmp_path / "model.toml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=r"model.toml: not a text config file \(byte 0x89"):
+        read_toml(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from pipeline.config import (
     BackboneConfig,
@@ -16,11 +17,55 @@ from pipeline.config import (
     from_dict,
     read_toml,
 )
+from pipeline.ranges import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_FRACTION,
+    OneOf,
+    Range,
+)
+
+# Allowed ranges (pipeline/ranges.py) of the keys pretrain and finetune share: the schedule, the
+# optimiser and the input size. Checked when a section is loaded, naming the key.
+_TRAINING_RANGES: dict[str, Range | OneOf] = {
+    "iters": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "clip_grad": NON_NEGATIVE,  # 0: no clipping
+    "warmup_iters": NON_NEGATIVE,
+    "warmup_ratio": FRACTION,
+    "lr_steps": AT_LEAST_ONE,
+    "lr_gamma": POSITIVE,
+    "short_side": AT_LEAST_ONE,
+    "max_side": AT_LEAST_ONE,
+    "flip": FRACTION,
+    "num_workers": NON_NEGATIVE,
+    "log_every": AT_LEAST_ONE,
+    "ckpt_every": AT_LEAST_ONE,
+}
 
 
 @dataclass
 class ModelConfig:
     """K-Net "s3" (METHOD.md stage two). Paper sizes by default."""
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "num_kernels": AT_LEAST_ONE,
+        "channels": AT_LEAST_ONE,
+        "num_stages": AT_LEAST_ONE,
+        "num_heads": AT_LEAST_ONE,
+        "ffn_dim": AT_LEAST_ONE,
+        "mask_threshold": FRACTION,
+        "kernel_pooling": OneOf(("mean", "sum")),
+    }
+
+    def cross_checks(self) -> list[str]:
+        if self.channels % self.num_heads:
+            return [f"num_heads must divide channels ({self.channels}), got {self.num_heads}"]
+        return []
 
     num_kernels: int = 100
     channels: int = 256  # FPN width = kernel dimension
@@ -37,6 +82,13 @@ class ModelConfig:
 @dataclass
 class PretrainConfig:
     """Stage two: class-agnostic K-Net on pseudo masks, prompts and kernel supervision."""
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        **_TRAINING_RANGES,
+        "prompt_slots": AT_LEAST_ONE,
+        "prompt_keep": FRACTION,
+        "ks_decorrelation": NON_NEGATIVE,
+    }
 
     shards: str = ""  # empty = runs/<name>/proposals
     out: str = ""  # empty = runs/<name>/pretrain
@@ -71,6 +123,18 @@ class PretrainConfig:
 @dataclass
 class FinetuneConfig:
     """Stage three: K-Net with the dataset's classes on a labelled fraction."""
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        **_TRAINING_RANGES,
+        "frac": POSITIVE_FRACTION,
+        "split_fold": AT_LEAST_ONE,
+        "backbone_lr_mult": NON_NEGATIVE,
+        "frozen_stages": Range(lo=-1),  # -1: the whole backbone frozen
+        "rotate_deg": Range(lo=0, hi=180),
+        "rotate_prob": FRACTION,
+        "test_mask_threshold": FRACTION,
+        "max_detections": AT_LEAST_ONE,
+    }
 
     frac: float = 0.05
     split_seed: int = 0
