@@ -5,12 +5,12 @@ file plus the folder its ``file_name`` entries are relative to; labels in the JS
 COCO ids are kept. Decoding goes through OpenCV (``cv2.imdecode`` on the file's bytes) and always
 returns an ``(H, W, 3)`` uint8 RGB array in the image's upright (EXIF-corrected) orientation, or
 raises :class:`UnreadableImage` whose message is the reason, so the proposals driver can record
-the file as unreadable and carry on.
+the file as unreadable and carry on. Files are untrusted: ``pipeline.image_files`` bounds what
+one may cost (regular files only, a size cap, a pixel limit read from the header) before decoding.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -23,6 +23,8 @@ from torch import Tensor
 
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.cli import UserError
+from pipeline.coco_file import load_coco_file
+from pipeline.image_files import ImageLimits, UnreadableImage, check_pixels, read_image_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -38,10 +40,6 @@ class ImageItem:
     file_name: str
     image_id: int
     path: Path
-
-
-class UnreadableImage(Exception):
-    """An image that cannot be used; ``str(e)`` is the reason ("truncated", "not an image"...)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,41 +61,32 @@ def _list_folder(root: Path) -> list[ImageItem]:
     return [ImageItem(name, i, root / name) for i, name in enumerate(files)]
 
 
-def _list_coco(json_path: Path, image_root: str | Path | None) -> list[ImageItem]:
+def _list_coco(
+    json_path: Path, image_root: str | Path | None, allow_outside_root: bool
+) -> list[ImageItem]:
     if image_root is None or str(image_root) == "":
         raise UserError(f"{json_path}: a COCO JSON source needs the image folder (image root)")
     root = Path(image_root)
     if not root.is_dir():
         raise UserError(f"image root not found: {root}")
-    try:
-        data = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{json_path}: not valid JSON ({e})") from None
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list):
-        raise UserError(f"{json_path}: not a COCO file (no 'images' list)")
-    items, seen = [], set()
-    for k, entry in enumerate(images):
-        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
-            raise UserError(f"{json_path}: images[{k}] lacks 'file_name' or 'id'")
-        image_id = int(entry["id"])
-        if image_id in seen:
-            raise UserError(f"{json_path}: image id {image_id} appears twice")
-        seen.add(image_id)
-        name = str(entry["file_name"])
-        items.append(ImageItem(name, image_id, root / name))
-    if not items:
-        raise UserError(f"{json_path}: the 'images' list is empty")
+    # Labels are ignored here, so only the images are validated (ids, names inside the root).
+    coco = load_coco_file(json_path, labels=False, allow_outside_root=allow_outside_root)
+    items = [
+        ImageItem(im["file_name"], im["id"], root / im["file_name"]) for im in coco.data["images"]
+    ]
     items.sort(key=lambda it: it.file_name)
     return items
 
 
-def list_images(source: str | Path, image_root: str | Path | None = None) -> list[ImageItem]:
+def list_images(
+    source: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False
+) -> list[ImageItem]:
     """List the images of a folder (recursive) or of a COCO JSON file.
 
     Folder: sorted by relative path, ``image_id`` = index in that order. COCO JSON: the JSON's
-    images sorted by ``file_name``, their ids kept, paths under ``image_root`` (required). Files
-    a JSON names but that are missing are listed anyway; decoding reports them as unreadable.
+    images sorted by ``file_name``, their ids kept, paths under ``image_root`` (required; a
+    ``file_name`` outside it is refused unless ``allow_outside_root``). Files a JSON names but
+    that are missing are listed anyway; decoding reports them as unreadable.
     Raises ``UserError`` for a missing source or one without images.
     """
     src = Path(source)
@@ -106,7 +95,7 @@ def list_images(source: str | Path, image_root: str | Path | None = None) -> lis
     if src.is_dir():
         return _list_folder(src)
     if src.suffix.lower() == ".json":
-        return _list_coco(src, image_root)
+        return _list_coco(src, image_root, allow_outside_root)
     raise UserError(f"expected an image folder or a COCO JSON file, got {src}")
 
 
@@ -223,8 +212,8 @@ def _apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     return img
 
 
-def _to_rgb8(img: np.ndarray) -> np.ndarray:
-    """Any OpenCV decode result (gray, BGR, BGRA; 8/16-bit or float) -> (H, W, 3) uint8 RGB."""
+def _rows_to_rgb8(img: np.ndarray) -> np.ndarray:
+    """A band of rows of an OpenCV decode result -> (rows, W, 3) RGB, uint8 or float32."""
     if img.dtype == np.uint16:
         img = (img.astype(np.float32) / 257.0).round()  # 65535 -> 255 exactly
     elif img.dtype in (np.float32, np.float64):
@@ -243,12 +232,31 @@ def _to_rgb8(img: np.ndarray) -> np.ndarray:
         rgb = (bgr * alpha + _ALPHA_BACKGROUND[::-1] * (1.0 - alpha))[:, :, ::-1]
     else:
         raise UnreadableImage(f"unsupported channel layout {img.shape}")
-    if rgb.dtype != np.uint8:
-        rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb)
+    return rgb
 
 
-def decode_image(path: Path, min_side: int = 1) -> np.ndarray:
+# Rows converted at a time: float32 intermediates exist for one band only, never for the whole
+# image (at the pixel limit a full-size float32 RGBA copy would be over 1 GB).
+_BAND_ROWS = 256
+
+
+def _to_rgb8(img: np.ndarray) -> np.ndarray:
+    """Any OpenCV decode result (gray, BGR, BGRA; 8/16-bit or float) -> (H, W, 3) uint8 RGB."""
+    if img.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise UnreadableImage(f"unsupported pixel type {img.dtype}")
+    channels = 1 if img.ndim == 2 else img.shape[2] if img.ndim == 3 else 0
+    if channels not in (1, 3, 4):
+        raise UnreadableImage(f"unsupported channel layout {img.shape}")
+    out = np.empty((img.shape[0], img.shape[1], 3), np.uint8)
+    for top in range(0, img.shape[0], _BAND_ROWS):
+        band = _rows_to_rgb8(img[top : top + _BAND_ROWS])
+        if band.dtype != np.uint8:
+            band = np.clip(np.round(band), 0, 255)
+        out[top : top + _BAND_ROWS] = band
+    return out
+
+
+def decode_image(path: Path, min_side: int = 1, limits: ImageLimits | None = None) -> np.ndarray:
     """Decode ``path`` to an upright ``(H, W, 3)`` uint8 RGB array.
 
     Grayscale, RGBA / palette with transparency (composited onto the ImageNet mean colour),
@@ -256,20 +264,14 @@ def decode_image(path: Path, min_side: int = 1) -> np.ndarray:
     is applied. ``min_side``: the smallest allowed height and width (callers pass two backbone
     patches). Raises :class:`UnreadableImage` with a short reason otherwise.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UnreadableImage("file not found") from None
-    except IsADirectoryError:
-        raise UnreadableImage("is a directory") from None
-    except OSError as e:
-        raise UnreadableImage(f"cannot read file ({e.strerror or e})") from None
+    limits = limits or ImageLimits()
+    data = read_image_bytes(Path(path), limits)
     if not data:
         raise UnreadableImage("zero-byte file")
     fmt = _sniff(data)
     if fmt and _is_truncated(data, fmt):
         raise UnreadableImage(f"truncated {fmt.upper()} file")
+    check_pixels(data, fmt, limits)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:

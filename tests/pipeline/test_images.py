@@ -16,9 +16,11 @@ from PIL import Image, ImageOps
 
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.cli import UserError
+from pipeline.image_files import ImageLimits
 from pipeline.images import (
     ImageItem,
     UnreadableImage,
+    _to_rgb8,
     decode_image,
     list_images,
     normalise,
@@ -278,7 +280,7 @@ def test_list_coco_errors(tmp_path):
     ann.write_text(
         json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}]})
     )
-    with pytest.raises(UserError, match="twice"):
+    with pytest.raises(UserError, match="duplicate image id"):
         list_images(ann, tmp_path / "imgs")
 
 
@@ -314,3 +316,93 @@ def test_normalise_and_pad_batch():
     assert batch[0, :, 20:].abs().sum() == 0 and batch[1, :, :, 10:].abs().sum() == 0
     with pytest.raises(ValueError):
         pad_batch([], 14)
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted files: bounded memory, no hangs, no reading outside the image root (issue 15)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import zlib
+
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+
+
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A few hundred bytes whose header declares width x height RGBA pixels."""
+    import zlib
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 6, 0, 0, 0])
+    idat = zlib.compress(b"\x00" * 4096, 9)
+    data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+    path.write_bytes(data + _png_chunk(b"IEND", b""))
+    return path
+
+
+def test_header_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    bomb = _bomb_png(tmp_path / "bomb.png", 14000, 14000)
+    assert bomb.stat().st_size < 1000
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded a bomb"))
+    reason = _reason(bomb, limits=ImageLimits(max_pixels=10_000_000))
+    assert reason.startswith("too large to decode (14000x14000 = 196 MP; the limit is 10 MP")
+    # a JPEG whose frame header was edited to claim 20000 x 20000 pixels
+    data = bytearray(_write_cv(tmp_path / "small.jpg", _blocks()).read_bytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") * 2
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data))
+    assert "20000x20000" in _reason(tmp_path / "bomb.jpg", limits=ImageLimits(max_pixels=10**6))
+
+
+def test_default_pixel_limit_is_far_below_opencv():
+    assert ImageLimits().max_pixels <= 2**30 // 16
+
+
+def test_image_at_the_pixel_limit_decodes(tmp_path):
+    path = _write_cv(tmp_path / "ok.png", _blocks(30, 40))
+    assert decode_image(path, limits=ImageLimits(max_pixels=1200)).shape == (30, 40, 3)
+    assert "too large" in _reason(path, limits=ImageLimits(max_pixels=1199))
+
+
+def test_file_size_cap(tmp_path):
+    path = _write_cv(tmp_path / "big.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3)))
+    assert "file too large" in _reason(path, limits=ImageLimits(max_bytes=1000))
+
+
+def test_devices_and_fifos_are_refused_without_reading(tmp_path):
+    import threading
+
+    assert _reason(Path("/dev/null")) == "not a regular file (a device, FIFO or socket)"
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    result: list[str] = []
+    # Opening a FIFO with no writer blocks forever in a plain open(): run it where a hang shows.
+    t = threading.Thread(target=lambda: result.append(_reason(fifo)), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert result == ["not a regular file (a device, FIFO or socket)"]
+
+
+def test_coco_file_names_outside_the_root_are_refused(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    ann = tmp_path / "ann.json"
+    for name in ("../secret.png", "/dev/zero", "sub/../../x.png"):
+        ann.write_text(json.dumps({"images": [{"id": 1, "file_name": name}]}))
+        with pytest.raises(UserError, match="outside the image root"):
+            list_images(ann, tmp_path / "imgs")
+    items = list_images(ann, tmp_path / "imgs", allow_outside_root=True)
+    assert items[0].file_name == "sub/../../x.png"
+
+
+def test_conversion_makes_no_full_size_float_copy():
+    import tracemalloc
+
+    rgba16 = np.random.default_rng(0).integers(0, 65535, (2048, 2048, 4), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        out = _to_rgb8(rgba16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (2048, 2048, 3) and out.dtype == np.uint8
+    assert peak < 2048 * 2048 * 4 * 4  # less than one float32 copy of the image
