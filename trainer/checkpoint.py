@@ -5,17 +5,24 @@ A training checkpoint (written by trainer/engine.py) is a dict::
     {"model": objective.knet.state_dict(), "extras": pre-training-only modules (kernel
      supervision Linear), "optimizer", "scheduler", "scaler" (None without fp16 scaling),
      "rng": capture_rng_state(), "loader": sampler (epoch, position), "iteration",
-     "config": resolved config dict, "num_classes", "log_window": partial logging window}
+     "config": resolved config dict, "num_classes", "log_window": partial logging window,
+     "frozen_backbone": {"prefix", "fingerprint"} or absent}
 
 Everything in it is a tensor or a plain Python value, so it loads with ``weights_only=True``
 (no arbitrary unpickling of a file someone handed you).
+
+A backbone that is frozen whole is rebuilt from the config's weights on every load, so its
+tensors are not stored (88 MB of ViT-S per checkpoint): "model" lacks them and "frozen_backbone"
+records their fingerprint, which :func:`model_state` checks before filling them back in.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +71,141 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> None:
         raise
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU with ``weights_only=True``; UserError when unreadable."""
+    """Load a checkpoint onto the CPU with ``weights_only=True``; UserError (one line) when it is
+    missing, unreadable, not a PyTorch file, or holds something other than a dict."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    # torch.save writes a zip archive (or, in old versions, a pickle starting with 0x80); the
+    # unpickler's own message for anything else is a bare byte value ("101").
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":
+        raise UserError(f"cannot load checkpoint {path}: not a PyTorch checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load checkpoint {path}: {first}") from None
+        raise UserError(f"cannot load checkpoint {path}: {_first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise UserError(
+            f"{path} holds a {type(state).__name__}, not a checkpoint dict "
+            "(expected the dict written by the trainer, with 'model', 'config', ...)"
+        )
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# A run's checkpoints: the newest intact one, pruning
+
+
+_ITER_RE = re.compile(r"^iter_(\d+)\.pt$")
+
+
+def numbered_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """``iter_*.pt`` files of a checkpoints folder, oldest first."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _ITER_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(_ITER_RE.match(p.name).group(1)))
+
+
+def load_latest(out_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, state) of the newest loadable checkpoint of a run: ``last.pt``, else the newest
+    intact ``iter_*.pt`` (saying so on stderr); (None, None) when the run has none.
+
+    A corrupt last.pt (a disk fault, a bad copy) must not strand the intact numbered checkpoints
+    next to it. UserError when checkpoints exist but none loads.
+    """
+    folder = Path(out_dir) / "checkpoints"
+    candidates = [folder / "last.pt"] if (folder / "last.pt").is_file() else []
+    candidates += numbered_checkpoints(folder)[::-1]
+    problems = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(
+                f"warning: {problems[0]}; resuming from the newest intact checkpoint {path}",
+                file=sys.stderr,
+            )
+        return path, state
+    if problems:
+        raise UserError(f"no loadable checkpoint in {folder} ({problems[0]})")
+    return None, None
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``iter_*.pt`` (``keep`` <= 0 keeps all); last.pt is a
+    link to the newest, so it stays valid. Returns the deleted paths."""
+    if keep <= 0:
+        return []
+    old = numbered_checkpoints(ckpt_dir)[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen backbones: stored as a fingerprint, rebuilt from the config
+
+
+def _frozen_backbone(knet: nn.Module) -> nn.Module | None:
+    backbone = getattr(knet, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        return None
+    params = list(backbone.parameters())
+    return backbone if params and not any(p.requires_grad for p in params) else None
+
+
+def strip_frozen(knet: nn.Module, model_state: dict[str, Any], fingerprint: str | None = None):
+    """(model_state without a wholly frozen backbone's tensors, the "frozen_backbone" record or
+    None). ``fingerprint``: the backbone's, if already computed (it never changes)."""
+    from pipeline.backbones import weights_fingerprint
+
+    backbone = _frozen_backbone(knet)
+    if backbone is None:
+        return model_state, None
+    kept = {k: v for k, v in model_state.items() if not k.startswith("backbone.")}
+    record = {"prefix": "backbone.", "fingerprint": fingerprint or weights_fingerprint(backbone)}
+    return kept, record
+
+
+def model_state(state: dict[str, Any], knet: nn.Module, path: str | Path) -> dict[str, Any]:
+    """``state["model"]`` completed with ``knet``'s own backbone tensors when the checkpoint
+    recorded a frozen backbone instead of storing it; UserError when ``knet``'s backbone is not
+    the one the checkpoint was trained with (other weights)."""
+    from pipeline.backbones import weights_fingerprint
+
+    model = state.get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"{path} holds no 'model' state (not a trainer checkpoint)")
+    frozen = state.get("frozen_backbone")
+    if not frozen:
+        return model
+    backbone = getattr(knet, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise UserError(f"{path} expects a model with a backbone")
+    if weights_fingerprint(backbone) != frozen.get("fingerprint"):
+        raise UserError(
+            f"{path} was trained on other backbone weights than backbone.weights gives "
+            f"(fingerprint {str(frozen.get('fingerprint'))[:12]}); set backbone.weights to "
+            "the ones it was trained with"
+        )
+    prefix = str(frozen.get("prefix", "backbone."))
+    return {**{prefix + k: v for k, v in backbone.state_dict().items()}, **model}
 
 
 def load_matching(
