@@ -135,8 +135,9 @@ def _category_problems(categories: list) -> list[str]:
     return problems
 
 
-def _annotation_problem(ann: Any, images: dict[int, dict], cat_ids: set, seen: set) -> str:
-    """Why ``ann`` cannot be used ('' when it can); fills in iscrowd and area."""
+def _annotation_problem(ann: Any, images: dict[int, dict], cat_ids: set | None, seen: set) -> str:
+    """Why ``ann`` cannot be used ('' when it can); fills in iscrowd and area. ``cat_ids`` None:
+    the file has no categories and none are needed (class-agnostic recall)."""
     if not isinstance(ann, dict):
         return "not an object"
     if not _is_int(ann.get("id")):
@@ -146,7 +147,8 @@ def _annotation_problem(ann: Any, images: dict[int, dict], cat_ids: set, seen: s
     image = images.get(ann.get("image_id")) if _is_int(ann.get("image_id")) else None
     if image is None:
         return f"'image_id' {ann.get('image_id')!r} is not an image of this file"
-    if not _is_int(ann.get("category_id")) or ann["category_id"] not in cat_ids:
+    category = ann.get("category_id")
+    if cat_ids is not None and (not _is_int(category) or category not in cat_ids):
         return f"'category_id' {ann.get('category_id')!r} is not a category of this file"
     crowd = ann.setdefault("iscrowd", 0)
     if crowd not in (0, 1) or isinstance(crowd, float):
@@ -163,7 +165,7 @@ def _annotation_problem(ann: Any, images: dict[int, dict], cat_ids: set, seen: s
 
 def _clean_annotations(annotations: list, images: list, categories: list) -> tuple[list, list]:
     by_id = {im["id"]: im for im in images}
-    cat_ids = {c["id"] for c in categories}
+    cat_ids = {c["id"] for c in categories} if categories else None
     kept, skipped, seen = [], [], set()
     for k, ann in enumerate(annotations):
         problem = _annotation_problem(ann, by_id, cat_ids, seen)

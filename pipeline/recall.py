@@ -18,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline.cli import UserError, code_version
 from pipeline.coco_export import record_annotations
+from pipeline.coco_file import load_coco_file
 from pipeline.shard_reader import iter_unique, shard_paths
 from pipeline.shards import STATUS_UNREADABLE, read_meta
 
@@ -90,11 +91,9 @@ def recall_against_gt(
     gt_path = Path(gt_json)
     if not gt_path.is_file():
         raise UserError(f"ground-truth file not found: {gt_path}")
-    try:
-        with _quiet():
-            gt = COCO(str(gt_path))
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise UserError(f"{gt_path}: not a COCO instances file ({e})") from None
+    # Validated like every COCO reader (pipeline/coco_file.py); categories are optional here:
+    # recall is class-agnostic.
+    gt = load_coco_file(gt_path, categories=False).to_coco()
     # With useCats=0 COCOeval still gathers detections through the GT's category ids, so every
     # detection takes one of them (which one does not matter).
     cat_ids = gt.getCatIds()

@@ -28,6 +28,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline.cli import UserError
+from pipeline.coco_file import load_coco_file
+from pipeline.image_files import ImageLimits
 from pipeline.images import UnreadableImage, decode_image, normalise
 from pipeline.shards import STATUS_OK, ShardReader, list_shards, read_meta
 from trainer.transforms import Augment, masks_to_boxes, pad_to
@@ -138,10 +140,12 @@ def collate(samples: list[dict[str, Any]], size_divisor: int) -> Batch:
     return Collate(size_divisor)(samples)
 
 
-def _load_image(path: Path, height: int, width: int) -> np.ndarray:
+def _load_image(
+    path: Path, height: int, width: int, limits: ImageLimits | None = None
+) -> np.ndarray:
     """Decode an image that the index says exists with size (height, width)."""
     try:
-        image = decode_image(path)
+        image = decode_image(path, limits=limits)
     except (UnreadableImage, FileNotFoundError, OSError) as e:
         raise UserError(f"cannot read training image {path}: {e}") from None
     if image.shape[:2] != (height, width):
@@ -193,8 +197,15 @@ class ShardDataset(Dataset):
     A sample's target: masks (L,h,w) uint8, boxes (L,4), labels (L,) all 0, seeds (L,C) float32.
     """
 
-    def __init__(self, folder: str | Path, augment: Augment, image_root: str | Path | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        augment: Augment,
+        image_root: str | Path | None = None,
+        limits: ImageLimits | None = None,
+    ):
         self.folder = Path(folder)
+        self.limits = limits  # [data] max_image_pixels / max_image_mb; None: the defaults
         paths = list_shards(self.folder)
         if not paths:
             raise UserError(
@@ -234,7 +245,9 @@ class ShardDataset(Dataset):
         index, rng = _split_key(key)
         s, r = self.index[index]
         record = self.readers[s].record(r)
-        image = _load_image(self.image_root / record.file_name, record.height, record.width)
+        image = _load_image(
+            self.image_root / record.file_name, record.height, record.width, self.limits
+        )
         masks = record.decode_masks()
         labels = np.zeros(masks.shape[0], np.int64)  # class-agnostic pre-training
         info = {"image_id": record.image_id, "file_name": record.file_name}
@@ -273,20 +286,21 @@ class CocoDataset(Dataset):
         image_ids: Sequence[int] | None = None,
         train: bool = True,
         with_masks: bool = True,
+        limits: ImageLimits | None = None,
+        allow_outside_root: bool = False,
     ):
         ann_file = Path(ann_file)
         if not ann_file.is_file():
             raise UserError(f"annotation file not found: {ann_file}")
-        try:
-            data = json.loads(ann_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{ann_file}: not valid JSON ({e})") from None
+        # Validated once for every reader (bad annotations skipped and listed, bad files refused).
+        coco = load_coco_file(ann_file, allow_outside_root=allow_outside_root)
+        data = coco.data
         self.image_root = Path(image_root).expanduser()
+        self.limits = limits  # [data] max_image_pixels / max_image_mb; None: the defaults
         self.augment = augment
         self.with_masks = with_masks
-        self.cat_ids = sorted(int(c["id"]) for c in data.get("categories", []))
-        if not self.cat_ids:
-            raise UserError(f"{ann_file}: no categories")
+        self.categories = coco.categories()  # (id, name), sorted by id
+        self.cat_ids = [cat_id for cat_id, _ in self.categories]
         label_of = {c: i for i, c in enumerate(self.cat_ids)}
         per_image: dict[int, list[tuple[Any, int]]] = {}
         for ann in data.get("annotations", []):
@@ -320,7 +334,7 @@ class CocoDataset(Dataset):
     def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
         index, rng = _split_key(key)
         file_name, image_id, height, width = self.images[index]
-        image = _load_image(self.image_root / file_name, height, width)
+        image = _load_image(self.image_root / file_name, height, width, self.limits)
         anns = self.annotations[index] if self.with_masks else []
         if anns:
             rles = [_annotation_rle(segm, height, width) for segm, _ in anns]

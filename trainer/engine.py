@@ -305,6 +305,9 @@ def train(
                 "iteration": iteration,
                 "config": config,
                 "num_classes": getattr(knet, "num_classes", None),
+                # (COCO id, name) per class where the model was given them (fine-tuning), so
+                # evaluation can check the categories it scores are the ones trained.
+                "categories": getattr(knet, "categories", None),
             }
             path = checkpoint_path(out_dir, iteration)
             save_checkpoint(path, state)

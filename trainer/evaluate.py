@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import io
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
+from pipeline.coco_file import load_coco_file
 from pipeline.config import apply_override, from_dict
+from pipeline.image_files import ImageLimits
 from trainer.checkpoint import load_checkpoint, load_matching
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
@@ -236,12 +239,40 @@ def evaluate(
 
 
 def load_coco(path: str | Path) -> COCO:
-    """pycocotools COCO for a ground-truth JSON, without its prints; UserError when missing."""
+    """pycocotools COCO for a ground-truth JSON, validated (pipeline/coco_file.py), without its
+    prints; UserError when missing or malformed. Quiet: the evaluation dataset, built from the
+    same file, has already listed any skipped annotation."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"annotation file not found: {path}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
+    return load_coco_file(path, quiet=True).to_coco()
+
+
+def check_categories(checkpoint: Path, trained: Any, val_json: str, scored: list) -> None:
+    """UserError unless ``scored`` (the evaluation set's (id, name) per class) are the classes
+    the checkpoint was trained on, in the same order: a matching count is not enough (class i
+    would be scored as another category). Checkpoints from before categories were recorded
+    are checked by count only, with a note."""
+    scored = [(int(i), str(n)) for i, n in scored]
+    if trained is None:
+        print(
+            f"evaluate: {checkpoint} records no category names (an older checkpoint): only "
+            "the number of classes is checked",
+            file=sys.stderr,
+        )
+        return
+    trained = [(int(i), str(n)) for i, n in trained]
+    for k, (was, now) in enumerate(zip(trained, scored, strict=False)):
+        if was != now:
+            raise UserError(
+                f"{checkpoint} was trained with class {k} = category {was[0]} '{was[1]}' but "
+                f"{val_json} has {now[0]} '{now[1]}' there: not the categories it learnt"
+            )
+    if len(trained) != len(scored):
+        raise UserError(
+            f"{checkpoint} was trained on {len(trained)} categories but {val_json} has "
+            f"{len(scored)}"
+        )
 
 
 def format_table(rows: dict[str, dict[str, Any]], extra: Sequence[str] = ()) -> str:
@@ -278,6 +309,8 @@ def build_eval_loader(
         Augment(ft.short_side, ft.max_side),
         train=False,
         with_masks=False,
+        limits=ImageLimits.from_data(cfg.data),
+        allow_outside_root=cfg.data.allow_outside_root,
     )
     workers = ft.num_workers if num_workers is None else num_workers
     return DataLoader(
@@ -343,6 +376,10 @@ def run(args: argparse.Namespace) -> int:
     knet.to(device)
     loader = build_eval_loader(cfg, knet.size_divisor)
     category_ids = list(loader.dataset.cat_ids)
+    if not args.class_agnostic:
+        check_categories(
+            path, state.get("categories"), cfg.data.val_json, loader.dataset.categories
+        )
     if args.class_agnostic and len(category_ids) != int(num_classes):
         # A pre-training checkpoint predicts one "object" class: label its detections with the
         # first category; useCats=0 makes the label irrelevant to the score.

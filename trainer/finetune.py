@@ -35,6 +35,7 @@ import torch
 
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError, record_run
+from pipeline.image_files import ImageLimits
 from trainer.config import Config, load_config
 from trainer.evaluate import METRIC_NAMES, build_eval_loader, evaluate, format_table, load_coco
 from trainer.metrics_log import append_metrics, read_metrics
@@ -219,7 +220,14 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
             rotate_deg=ft.rotate_deg,
             rotate_prob=ft.rotate_prob,
         )
-        dataset = CocoDataset(out / "split.json", cfg.data.train_images, augment, train=True)
+        dataset = CocoDataset(
+            out / "split.json",
+            cfg.data.train_images,
+            augment,
+            train=True,
+            limits=ImageLimits.from_data(cfg.data),
+            allow_outside_root=cfg.data.allow_outside_root,
+        )
 
         backbone = build_backbone(cfg.backbone)
         backbone_print = weights_fingerprint(backbone)
@@ -231,6 +239,7 @@ def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None
             kernel_supervision=False,
         )
         knet = objective.knet
+        knet.categories = [list(c) for c in dataset.categories]  # saved in every checkpoint
         if ft.init == NO_INIT:
             skipped: list[str] = []
             init_note = (

@@ -24,6 +24,7 @@ import torch
 from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
+from pipeline.image_files import ImageLimits
 from trainer.config import Config, load_config
 from trainer.datasets import ShardDataset
 from trainer.distributed import dist_info, init_distributed, shutdown_distributed
@@ -132,7 +133,8 @@ def run_pretrain(
     np.random.seed(p.seed)  # noqa: NPY002 (seeds any library code using the global one)
     torch.manual_seed(p.seed)
 
-    dataset = ShardDataset(shards, Augment(p.short_side, p.max_side, flip=p.flip), image_root)
+    augment = Augment(p.short_side, p.max_side, flip=p.flip)
+    dataset = ShardDataset(shards, augment, image_root, ImageLimits.from_data(cfg.data))
     backbone = build_backbone(cfg.backbone)
     notes = check_shards(dataset, backbone, cfg)
     try:

@@ -33,6 +33,7 @@ import numpy as np
 
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
+from pipeline.coco_file import load_coco_file
 
 
 def _num_selected(frac: float, total: int) -> int:
@@ -163,7 +164,8 @@ def write_split(
     train_json = Path(train_json)
     if not train_json.is_file():
         raise UserError(f"training annotations not found: {train_json}")
-    coco = json.loads(train_json.read_text())
+    # Validated like every COCO reader; file names are checked by the dataset that opens them.
+    coco = load_coco_file(train_json, allow_outside_root=True).data
     if split_file:
         ids = unbiased_teacher_image_ids(coco, split_file, frac, split_fold)
         how: dict[str, Any] = {
