@@ -8,10 +8,32 @@ name keeps concurrent writers (torch.distributed ranks writing the same file) ap
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+# errno values meaning "this disk or folder cannot take the write": the CLI reports them as one
+# line naming the path (pipeline/cli.py), so writers make sure the path is attached.
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied (read-only?)",
+    errno.EPERM: "operation not permitted (read-only?)",
+}
+
+
+def with_path(e: OSError, path: str | Path) -> OSError:
+    """``e`` with ``path`` as its file name when it has none (a failed write() names no file)."""
+    if e.filename is None and e.errno is not None:
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+    return e
+
+
+def disk_full_or_read_only(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_ERRORS
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -22,6 +44,8 @@ def write_text(path: str | Path, text: str) -> Path:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        raise with_path(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.atomic_files import write_json, write_text
+from pipeline.atomic_files import DISK_ERRORS, write_json, write_text
 from pipeline.config import ConfigError, dump_toml, read_toml
 
 
@@ -101,6 +101,13 @@ def main(prog: str, commands: dict[str, str], argv: list[str] | None = None) -> 
         return int(args._module.run(args) or 0)
     except (UserError, ConfigError, FileNotFoundError) as e:
         print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A full disk or a read-only folder is the user's to fix: one line naming the path.
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog} {args.command}: error: {where}{DISK_ERRORS[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog} {args.command}: interrupted", file=sys.stderr)

@@ -33,6 +33,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline import __version__
+from pipeline.atomic_files import with_path
 from pipeline.cli import UserError
 
 SCHEMA_VERSION = 1
@@ -162,8 +163,11 @@ def write_shard(path: str | Path, records: list[ImageRecord], meta: dict[str, An
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
+        # Built in memory and written with plain file I/O: HDF5 hitting a full disk mid-write
+        # can crash the process (a segmentation fault), a plain write raises OSError(ENOSPC).
         # track_order/times off: the bytes depend on content only, not on when it was written.
-        with h5py.File(tmp, "w", track_order=False) as f:
+        in_memory = {"driver": "core", "backing_store": False}
+        with h5py.File(final.name, "w", track_order=False, **in_memory) as f:
             f.attrs["schema_version"] = np.int64(SCHEMA_VERSION)
             f.attrs["fingerprint"] = str(meta["fingerprint"])
             f.attrs["backbone"] = str(meta["backbone"])
@@ -192,9 +196,16 @@ def write_shard(path: str | Path, records: list[ImageRecord], meta: dict[str, An
             seeds = [r.seeds for r in records if len(r.rles)]
             put("masks/seed", _stack(seeds, (c,), np.float16))
             put("masks/seed_pos", _stack([r.seed_pos for r in records], (3,), np.int16))
-        with open(tmp, "rb+") as fh:
+            f.flush()
+            image = f.id.get_file_image()
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, final) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

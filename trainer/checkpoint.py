@@ -18,6 +18,7 @@ records their fingerprint, which :func:`model_state` checks before filling them 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic_files import with_path
 from pipeline.cli import UserError
 
 
@@ -49,9 +51,27 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except RuntimeError:
+        # torch's zip writer reports a failed write as RuntimeError ("unexpected pos N", "file
+        # write failed"); checked before the temporary file is removed and frees the space.
+        full = _disk_nearly_full(path.parent)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _disk_nearly_full(folder: Path, margin: int = 16 * 2**20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def link_checkpoint(src: str | Path, dst: str | Path) -> None:
