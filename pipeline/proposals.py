@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     source, image_root = _resolve_inputs(args, cfg)
     if not Path(source).exists():
         raise UserError(f"image input not found: {source}")
-    items = list_images(source, image_root)
+    items = list_images(source, image_root, cfg.data.allow_outside_root)
     if args.limit is not None:
         if args.limit < 1:
             raise UserError(f"--limit must be >= 1, got {args.limit}")

@@ -50,7 +50,8 @@ _TRAINING_RANGES: dict[str, Range | OneOf] = {
 
 @dataclass
 class ModelConfig:
-    """K-Net "s3" (METHOD.md stage two). Paper sizes by default."""
+    """The query-based model: K-Net "s3" (METHOD.md stage two) or Mask2Former. Paper sizes by
+    default. Mask2Former reads num_kernels (its queries), channels, num_heads and ffn_dim too."""
 
     RANGES: ClassVar[dict[str, Range | OneOf]] = {
         "num_kernels": AT_LEAST_ONE,
@@ -60,6 +61,16 @@ class ModelConfig:
         "ffn_dim": AT_LEAST_ONE,
         "mask_threshold": FRACTION,
         "kernel_pooling": OneOf(("mean", "sum")),
+        "kind": OneOf(("knet", "mask2former")),
+        "decoder_layers": AT_LEAST_ONE,
+        "pixel_decoder": OneOf(("deformable", "fpn")),
+        "encoder_layers": NON_NEGATIVE,
+        "encoder_ffn_dim": AT_LEAST_ONE,
+        "encoder_points": AT_LEAST_ONE,
+        "mask_loss": OneOf(("auto", "dense", "points")),
+        "num_points": AT_LEAST_ONE,
+        "oversample": Range(lo=1),
+        "importance": FRACTION,
     }
 
     def cross_checks(self) -> list[str]:
@@ -77,6 +88,20 @@ class ModelConfig:
     # project's choice: K^0 stays at the scale of the additive prompts) or "sum" (K-Net's code,
     # grows with mask area, which would make a prompt added to K^0 negligible).
     kernel_pooling: str = "mean"
+    # Which model (trainer/model/factory.py): "knet" or "mask2former".
+    kind: str = "knet"
+    # Mask2Former only (trainer/model/mask2former/), the published sizes by default:
+    decoder_layers: int = 9  # masked-attention decoder layers (three rounds over three scales)
+    pixel_decoder: str = "deformable"  # multi-scale deformable-attention encoder, or "fpn"
+    encoder_layers: int = 6  # deformable encoder layers of the pixel decoder
+    encoder_ffn_dim: int = 1024
+    encoder_points: int = 4  # sampling points per head and level
+    # Mask costs and losses (trainer/point_sampling.py): "auto" = each model's published choice
+    # (K-Net every cell, Mask2Former points), "dense" or "points" for either model.
+    mask_loss: str = "auto"
+    num_points: int = 12544  # 112 x 112: uniform for matching, importance-sampled for the losses
+    oversample: float = 3.0
+    importance: float = 0.75  # share of the points taken where the prediction is most uncertain
 
 
 @dataclass

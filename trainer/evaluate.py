@@ -1,4 +1,4 @@
-"""Evaluate a fine-tuned K-Net: COCO mask AP, AP50, AP75, APs, APm, APl (pycocotools).
+"""Evaluate a fine-tuned K-Net or Mask2Former: COCO mask AP, AP50, AP75, APs, APm, APl (pycocotools).
 
 ``python -m trainer evaluate --checkpoint CKPT [--out FILE]`` loads a fine-tuning checkpoint and
 scores it on the config's validation set (``data.val_json`` / ``data.val_images``).
@@ -13,7 +13,9 @@ the resized image, bilinear resize to the original size, threshold at ``test_mas
 mean soft mask inside the binary mask; K-Net's instance decoder does not (its detection score is
 the class probability alone; see ``get_seg_masks``/``segm2result`` in K-Net's
 ``kernel_update_head.py``). Saliency Prompt fine-tunes and tests a plain K-Net, so the score here
-is the sigmoid class probability, as in K-Net.
+is the sigmoid class probability, as in K-Net. A Mask2Former is scored as Mask2Former scores it
+(its ``detection_scores``: softmax class probability without no-object, times the mask score);
+both binarise masks at the same ``test_mask_threshold``.
 
 Detections whose binary mask is empty are dropped: an empty mask matches no object (IoU 0), so it
 cannot change AP, and keeping it would only bloat the results file.
@@ -69,6 +71,7 @@ def image_results(
     orig_size: tuple[int, int],
     mask_threshold: float = 0.3,
     max_detections: int = 100,
+    scores: Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """COCO results for one image from the last stage's predictions.
 
@@ -76,15 +79,18 @@ def image_results(
     mask_logits: (N, h, w) logits on the mask grid (h = Hp / mask_stride, w = Wp / mask_stride).
     input_size: (Hp, Wp) padded network input; image_size: (h_img, w_img) the resized image inside
     it (top-left); orig_size: (H, W) of the image on disk, the frame of the ground truth.
+    scores: (N, C) detection scores when they are not the sigmoid of ``class_logits`` (a model's
+    ``detection_scores``; Mask2Former: softmax without no-object, times the mask score).
     Returns up to ``max_detections`` dicts {"image_id", "category_id", "segmentation" (compressed
     RLE, counts as str), "score"}, sorted by score descending, empty masks left out.
     """
-    num_kernels, num_classes = class_logits.shape
+    probs = class_logits.float().sigmoid() if scores is None else scores.float()
+    num_kernels, num_classes = probs.shape
     if num_classes != len(category_ids):
-        raise ValueError(f"{num_classes} class logits but {len(category_ids)} category ids")
-    scores = class_logits.float().sigmoid().flatten()  # (N*C,), kernel-major
-    k = min(max_detections, scores.numel())
-    top_scores, top_index = scores.topk(k, sorted=True)
+        raise ValueError(f"{num_classes} class scores but {len(category_ids)} category ids")
+    flat = probs.flatten()  # (N*C,), kernel-major
+    k = min(max_detections, flat.numel())
+    top_scores, top_index = flat.topk(k, sorted=True)
     kernels = torch.div(top_index, num_classes, rounding_mode="floor")
     labels = top_index % num_classes
 
@@ -158,6 +164,13 @@ def coco_mask_metrics(
     return {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
 
 
+def detection_scores(model: nn.Module, stage: dict[str, Tensor]) -> Tensor:
+    """(B, N, C) detection scores of a prediction: the model's own ``detection_scores`` where
+    it has one (Mask2Former), else the sigmoid class probabilities (K-Net)."""
+    own = getattr(model, "detection_scores", None)
+    return own(stage) if own is not None else stage["logits"].float().sigmoid()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The KNet inside an Objective and/or DistributedDataParallel wrapper."""
     model = getattr(model, "module", model)
@@ -215,11 +228,13 @@ def evaluate(
         for batch in batches:
             images = batch.images.to(device, non_blocking=device.type == "cuda")
             last = knet(images)["stages"][-1]
+            scores = detection_scores(knet, last)
             for i, info in enumerate(batch.infos):
                 seen.append(int(info["image_id"]))
                 results += image_results(
                     last["logits"][i],
                     last["masks"][i],
+                    scores=scores[i],
                     image_id=info["image_id"],
                     category_ids=category_ids,
                     input_size=tuple(images.shape[-2:]),
@@ -356,7 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.backbones import build_backbone
     from trainer.distributed import init_distributed
-    from trainer.model.knet import KNet
+    from trainer.model.factory import build_model
 
     path = Path(args.checkpoint)
     state = load_checkpoint(path)
@@ -371,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size > 0:
         cfg.finetune.batch_size = args.batch_size
     device = init_distributed()
-    knet = KNet(build_backbone(cfg.backbone), cfg.model, int(num_classes))
+    knet = build_model(cfg.model, build_backbone(cfg.backbone), int(num_classes))
     load_matching(knet, state["model"], allowed_skips=())  # strict: every tensor must fit
     knet.to(device)
     loader = build_eval_loader(cfg, knet.size_divisor)

@@ -99,16 +99,15 @@ def resolve(
 def load_init(knet: torch.nn.Module, path: str | Path) -> list[str]:
     """Load a pre-trained K-Net into ``knet``: every tensor whose name and shape match.
 
-    Only the class layers (KNet.CLASS_LAYER_PREFIXES) may be skipped; anything else missing,
+    Only the model's class layers (its CLASS_LAYER_PREFIXES) may be skipped; anything else missing,
     unexpected or of another shape is a UserError. Returns the sorted skipped names.
     """
     from trainer.checkpoint import load_checkpoint, load_matching
-    from trainer.model.knet import KNet
 
     state = load_checkpoint(path)
     if "model" not in state:
         raise UserError(f"{path} holds no 'model' state (not a trainer checkpoint)")
-    return load_matching(knet, state["model"], allowed_skips=KNet.CLASS_LAYER_PREFIXES)
+    return load_matching(knet, state["model"], allowed_skips=knet.CLASS_LAYER_PREFIXES)
 
 
 def init_record(init: str) -> dict[str, str | None]:

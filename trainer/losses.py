@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from trainer.matcher import FOCAL_ALPHA, FOCAL_GAMMA, Assignment, HungarianMatcher
+from trainer.point_sampling import PointSampling, importance_pairs
 
 # Every loss weight of stage two and three (kernel supervision's too, read by trainer.prompts).
 LOSS_WEIGHTS: dict[str, float] = {
@@ -74,14 +75,23 @@ def _gather_pairs(
 
 
 def matched_mask_losses(
-    pred_masks: Tensor, targets: list[Tensor], assignments: list[Assignment]
+    pred_masks: Tensor,
+    targets: list[Tensor],
+    assignments: list[Assignment],
+    points: PointSampling | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean per-pixel BCE and mean Dice over the M matched pairs; (0, 0) with the graph kept
-    when M == 0 (so every parameter still receives a (zero) gradient)."""
+    when M == 0 (so every parameter still receives a (zero) gradient). With ``points`` both are
+    read at each prediction's importance-sampled points instead of at every cell (then the
+    targets may have another resolution than the predictions, e.g. the input's)."""
     preds, tgts = _gather_pairs(pred_masks, targets, assignments)
     if preds.shape[0] == 0:
         zero = pred_masks.float().sum() * 0.0
         return zero, zero
+    if points is not None:
+        preds, tgts = importance_pairs(
+            preds.view(-1, *pred_masks.shape[-2:]), tgts.view(-1, *targets[0].shape[-2:]), points
+        )
     bce = F.binary_cross_entropy_with_logits(preds, tgts)
     return bce, dice_loss(preds, tgts).mean()
 
@@ -115,6 +125,9 @@ class SetCriterion(nn.Module):
         num_classes: C.
         matcher: the Hungarian matcher (default: ``HungarianMatcher()``).
         weights: loss weights (default ``LOSS_WEIGHTS``).
+        points: Mask2Former's point sampling (trainer/point_sampling.py) for the matcher's mask
+            costs (uniform points) and the BCE and Dice losses (importance-sampled points), or
+            None for K-Net's dense costs and losses on every cell of the mask grid.
     """
 
     def __init__(
@@ -122,11 +135,15 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: HungarianMatcher | None = None,
         weights: dict[str, float] | None = None,
+        points: PointSampling | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        if matcher is None:
+            matcher = HungarianMatcher(num_points=points.num_points if points else 0)
+        self.matcher = matcher
         self.weights = dict(LOSS_WEIGHTS if weights is None else weights)
+        self.points = points
 
     def forward(
         self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]
@@ -149,7 +166,7 @@ class SetCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
 
         init_assign = self.matcher(init["masks"], masks)
-        bce, dice = matched_mask_losses(init["masks"], masks, init_assign)
+        bce, dice = matched_mask_losses(init["masks"], masks, init_assign, self.points)
         losses["loss_init_mask"] = w["init_mask"] * bce
         losses["loss_init_dice"] = w["init_dice"] * dice
         sem_targets = semantic_targets(masks, labels, self.num_classes)
@@ -165,7 +182,7 @@ class SetCriterion(nn.Module):
             else:
                 assign = self.matcher(prev_masks, masks, prev_logits, labels)
             losses[f"loss_s{i}_cls"] = w["cls"] * class_loss(stage["logits"], labels, assign)
-            bce, dice = matched_mask_losses(stage["masks"], masks, assign)
+            bce, dice = matched_mask_losses(stage["masks"], masks, assign, self.points)
             losses[f"loss_s{i}_mask"] = w["mask"] * bce
             losses[f"loss_s{i}_dice"] = w["dice"] * dice
             assignments.append(assign)

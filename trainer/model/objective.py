@@ -1,6 +1,8 @@
-"""What the engine trains: K-Net + criterion (+ prompt-kernel matching, + kernel supervision).
+"""What the engine trains: the model + criterion (+ prompt-kernel matching, + kernel supervision).
 
-One forward pass: K-Net runs with prompt-kernel matching injected between the kernel head and the
+The model is K-Net or Mask2Former (``model.kind``, trainer/model/factory.py); for Mask2Former read
+"query" for "kernel" and "decoder layer" for "update stage" below. One forward pass: the model
+runs with prompt-kernel matching injected between the kernel head and the
 update stages (when enabled), the set criterion matches and scores every stage, and kernel
 supervision (when enabled) pulls each matched kernel K^i_n toward its mask's projected seed. The
 returned dict holds weighted losses ("loss_*", summed by the engine) and detached scalars to log
@@ -15,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
-from trainer.losses import SetCriterion
-from trainer.model.knet import KNet
+from trainer.model.factory import build_criterion, build_model
 from trainer.prompts import KernelSupervision, PromptKernelMatching
 
 if TYPE_CHECKING:
@@ -24,11 +25,12 @@ if TYPE_CHECKING:
 
 
 class Objective(nn.Module):
-    """Wraps a KNet with its training losses.
+    """Wraps a model with its training losses.
 
     Args:
-        knet: the model (what checkpoints save as "model").
-        criterion: ``SetCriterion``.
+        knet: the model, K-Net or Mask2Former (what checkpoints save as "model"; the attribute
+            keeps its first name so that checkpoints and their readers stay as they were).
+        criterion: the model's set criterion (``build_criterion``).
         prompt_matching: ``PromptKernelMatching`` or None (switched off).
         kernel_supervision: ``KernelSupervision`` or None (switched off); its Linear is a
             pre-training-only module (checkpoint "extras").
@@ -36,8 +38,8 @@ class Objective(nn.Module):
 
     def __init__(
         self,
-        knet: KNet,
-        criterion: SetCriterion,
+        knet: nn.Module,
+        criterion: nn.Module,
         prompt_matching: PromptKernelMatching | None = None,
         kernel_supervision: KernelSupervision | None = None,
     ) -> None:
@@ -100,10 +102,10 @@ def build_objective(
     ks_target: str = "linear",
     ks_decorrelation: float = 0.0,
 ) -> Objective:
-    """K-Net over ``backbone`` with its criterion; prompt matching and kernel supervision as
-    switched (pre-training: both on by default; fine-tuning: both off)."""
-    knet = KNet(backbone, model_cfg, num_classes)
-    criterion = SetCriterion(num_classes)
+    """The ``model_cfg.kind`` model over ``backbone`` with its criterion; prompt matching and
+    kernel supervision as switched (pre-training: both on by default; fine-tuning: both off)."""
+    knet = build_model(model_cfg, backbone, num_classes)
+    criterion = build_criterion(model_cfg, num_classes)
     matching = PromptKernelMatching(prompt_slots, prompt_keep) if prompts else None
     supervision = (
         KernelSupervision(

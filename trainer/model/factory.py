@@ -1,0 +1,65 @@
+"""The model is a choice, not a fork: ``model.kind`` picks K-Net or Mask2Former and its criterion.
+
+Every model takes the backbone, returns DESIGN.md's output contract ("init", "stages" with
+"masks", "logits", "kernels", and "pyramid"), exposes strides, mask_stride, size_divisor,
+num_classes and num_kernels, and lists in ``CLASS_LAYER_PREFIXES`` the parameters whose shape
+depends on the class count. Everything else (engine, prompts, kernel supervision, checkpoints,
+evaluation) serves both through that contract.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from trainer.config import ModelConfig
+from trainer.point_sampling import PointSampling
+
+if TYPE_CHECKING:
+    from pipeline.backbones import Backbone
+
+MODEL_KINDS = ("knet", "mask2former")
+
+
+def _check_kind(cfg: ModelConfig) -> None:
+    if cfg.kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model.kind '{cfg.kind}' (expected one of {MODEL_KINDS})")
+
+
+def build_model(cfg: ModelConfig, backbone: Backbone, num_classes: int) -> nn.Module:
+    """The ``cfg.kind`` model over ``backbone`` with ``num_classes`` classes."""
+    _check_kind(cfg)
+    if cfg.kind == "mask2former":
+        from trainer.model.mask2former.model import Mask2Former
+
+        return Mask2Former(backbone, cfg, num_classes)
+    from trainer.model.knet import KNet
+
+    return KNet(backbone, cfg, num_classes)
+
+
+def point_sampling(cfg: ModelConfig) -> PointSampling | None:
+    """Point sampling for the mask costs and losses, or None for dense ones: ``model.mask_loss``
+    "points" or "dense", or "auto" = the model's published choice (Mask2Former points, K-Net
+    dense)."""
+    use_points = cfg.mask_loss == "points" or (
+        cfg.mask_loss == "auto" and cfg.kind == "mask2former"
+    )
+    if not use_points:
+        return None
+    return PointSampling(cfg.num_points, cfg.oversample, cfg.importance)
+
+
+def build_criterion(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The ``cfg.kind`` model's set criterion: outputs, targets -> (losses, assignments), where
+    assignments[0] belongs to the initial prediction and assignments[i] to stage / layer i."""
+    _check_kind(cfg)
+    points = point_sampling(cfg)
+    if cfg.kind == "mask2former":
+        from trainer.model.mask2former.criterion import Mask2FormerCriterion
+
+        return Mask2FormerCriterion(num_classes, points)
+    from trainer.losses import SetCriterion
+
+    return SetCriterion(num_classes, points=points)

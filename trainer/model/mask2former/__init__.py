@@ -1,0 +1,1 @@
+"""Mask2Former in plain PyTorch: deformable pixel decoder, masked-attention decoder, criterion."""
