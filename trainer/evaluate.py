@@ -1,4 +1,4 @@
-"""Evaluate a fine-tuned K-Net or Mask2Former: COCO mask AP, AP50, AP75, APs, APm, APl (pycocotools).
+"""Evaluate a fine-tuned K-Net or Mask2Former: COCO mask AP, AP50, AP75, APs, APm, APl.
 
 ``python -m trainer evaluate --checkpoint CKPT [--out FILE]`` loads a fine-tuning checkpoint and
 scores it on the config's validation set (``data.val_json`` / ``data.val_images``).
