@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEPS := "ray[data]" h5py "opencv-python-headless<5" pycocotools tqdm scipy timm tensorboard \
         scikit-image onnx onnxruntime matplotlib pillow pytest ruff
 
-.PHONY: install data proposals inspect pretrain finetune compare demo test bench lint format clean
+.PHONY: install data proposals inspect pretrain finetune compare study demo test bench lint format clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ finetune: $(STAMP)
 
 compare: $(STAMP)
 	$(PY) -m trainer compare --config $(CONFIG) --frac $(FRAC) $(ARGS)
+
+# The paper's ablations under compare's protocol: pre-training variants x pre-training seeds x
+# fine-tuning seeds, plus the baseline (compare.* in the config; ARGS="--variants ... --seeds ...").
+# Every finished run is reused, so a killed study resumes.
+study: $(STAMP)
+	$(PY) -m trainer study --config $(CONFIG) --frac $(FRAC) $(ARGS)
 
 # The whole method on the embedded dataset. Every stage resumes, so a re-run only does what is missing.
 demo: $(STAMP)

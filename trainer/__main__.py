@@ -1,4 +1,4 @@
-"""python -m trainer {pretrain,finetune,evaluate,compare}"""
+"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels}"""
 
 import sys
 
@@ -9,6 +9,8 @@ COMMANDS = {
     "finetune": "trainer.finetune",
     "evaluate": "trainer.evaluate",
     "compare": "trainer.compare",
+    "study": "trainer.study",
+    "kernels": "trainer.kernels",
 }
 
 if __name__ == "__main__":

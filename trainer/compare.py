@@ -1,14 +1,20 @@
-"""Saliency Prompt vs baseline: one fine-tuning from the pre-trained K-Net, one from the backbone.
+"""Saliency Prompt vs baseline over fine-tuning seeds: the same split and budget for every run.
 
-    python -m trainer compare --frac F [--pretrained CKPT] [--iters N]
+    python -m trainer compare --frac F [--pretrained CKPT] [--seeds 0,1,2] [--iters N] [--out DIR]
 
-Runs ``finetune`` twice with the same config, budget, seed and split: once initialised from the
-pre-training checkpoint (tag "sp", default runs/<name>/pretrain/checkpoints/last.pt) and once from
-the backbone weights alone with fresh heads (tag "baseline", ``--init none``). A run that already
-finished with the same settings and the same init checkpoint (by sha256) is reused; an unfinished
-one is resumed; one made with other settings or from another checkpoint is an error. Then writes
-runs/<name>/compare-<frac>/results.md (final and best mask AP of both, iterations, time) and
-ap_vs_iter.png (AP against iteration, both curves), and prints the table.
+For every seed (default compare.seeds) runs ``finetune`` twice with the same config, budget and
+split (the split is fixed by finetune.split_seed; the seed is finetune.seed, which changes the
+fresh heads' initialisation and the batch order only): once initialised from the pre-training
+checkpoint (row "sp", default finetune.init, else runs/<name>/pretrain/checkpoints/last.pt) and
+once from the backbone weights alone with fresh heads (row "baseline", ``--init none``). Runs live
+under the compare's folder (default runs/<name>/compare-<frac>) as ``<row>-seed<k>/``.
+
+A run that already finished with the same settings and the same init checkpoint (by sha256) is
+reused; an unfinished one is resumed; one made with other settings or from another checkpoint is
+an error. Then writes, in that folder (trainer/results.py): results.json (settings, every run's
+final and per-evaluation metrics, seed, init sha256, and the summary), results.md (mean ± sd per
+row, paired differences per seed, the iteration at which SP first reaches the baseline's final AP)
+and ap_vs_iter.png (every seed's curve and each row's mean).
 """
 
 from __future__ import annotations
@@ -18,17 +24,34 @@ import dataclasses
 import json
 import sys
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic_files import write_text
 from pipeline.cli import UserError
 from pipeline.config import dump_toml
 from trainer.config import Config, load_config
-from trainer.evaluate import format_table
 from trainer.finetune import NO_INIT, check_init, finetune, init_record, resolve
+from trainer.results import write_report
 
-RUNS = (("sp", "Saliency Prompt (pre-trained K-Net)"), ("baseline", "baseline (backbone only)"))
+LABELS = {"sp": "Saliency Prompt (pre-trained K-Net)", "baseline": "baseline (backbone only)"}
+# Sections that say what a compare or study repeats, not what one run does: a run folder made
+# under other seeds lists (or another study's variants) is still the same run.
+IGNORED_SECTIONS = ("compare",)
+
+
+def parse_seeds(text: str | None, default: Sequence[int]) -> list[int]:
+    """ "0,1,2" -> [0, 1, 2] (None -> ``default``); refuses an empty, repeated or bad list."""
+    if text is None:
+        seeds = [int(s) for s in default]
+    else:
+        try:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"seeds must be integers separated by commas, got '{text}'") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds must be a non-empty list without repeats, got {seeds}")
+    return seeds
 
 
 def _differences(a: Any, b: Any, where: str = "") -> list[str]:
@@ -48,45 +71,124 @@ def _check_same_settings(cfg: Config) -> None:
         return
     now = tomllib.loads(dump_toml(dataclasses.asdict(cfg)))
     then = tomllib.loads(recorded.read_text())
+    for section in IGNORED_SECTIONS:
+        now.pop(section, None)
+        then.pop(section, None)
     diff = _differences(now, then)
     if diff:
         raise UserError(
             f"{recorded.parent} was made with other settings: {'; '.join(diff[:3])}"
-            f"{' ...' if len(diff) > 3 else ''}. Delete it or change --set finetune.out"
+            f"{' ...' if len(diff) > 3 else ''}. Delete it or choose another --out"
         )
 
 
-def _finished(cfg: Config) -> dict[str, Any] | None:
-    """metrics.json of a run folder that completed ``cfg.finetune.iters`` iterations, else None."""
+def _finished(cfg: Config, sha256: str | None) -> dict[str, Any] | None:
+    """metrics.json of a run folder that completed ``cfg.finetune.iters`` iterations from the
+    init checkpoint with this sha256, else None (a finished run from other bytes is an error)."""
     path = Path(cfg.finetune.out) / "metrics.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
     done = summary.get("iterations") == cfg.finetune.iters
-    return summary if done and summary["final"]["iteration"] == cfg.finetune.iters else None
+    if not (done and summary["final"]["iteration"] == cfg.finetune.iters):
+        return None
+    if summary.get("init_sha256") != sha256:
+        raise UserError(
+            f"{cfg.finetune.out} finished from another checkpoint (sha256 "
+            f"{str(summary.get('init_sha256'))[:12]}, now {str(sha256)[:12]}): delete that "
+            "folder or choose another --out"
+        )
+    return summary
 
 
-def plot_ap_curves(curves: dict[str, list[dict[str, Any]]], png: Path, title: str) -> Path:
-    """AP (percent) against iteration, one line per run."""
-    import matplotlib
+def run_config(
+    cfg: Config, *, frac: float | None, init: str, iters: int | None, out: Path, seed: int
+) -> Config:
+    """The resolved config of one fine-tuning run: ``cfg`` with this init, folder and seed."""
+    run_cfg = resolve(cfg, frac=frac, init=init, iters=iters, out=str(out))
+    run_cfg.finetune.seed = seed
+    return run_cfg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, curve in curves.items():
-        xs = [r["iteration"] for r in curve]
-        ax.plot(xs, [100 * r["AP"] for r in curve], marker="o", label=label)
-    ax.set_xlabel("fine-tuning iteration")
-    ax.set_ylabel("mask AP (%)")
-    ax.set_ylim(bottom=0)  # from zero, so a small absolute gap is not drawn as a large one
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+def run_or_reuse(run_cfg: Config) -> dict[str, Any]:
+    """metrics.json of the run described by ``run_cfg``: reused when it finished with the same
+    settings and init bytes, else trained (resuming a partial run). Empty on non-zero ranks."""
+    _check_same_settings(run_cfg)
+    record = init_record(run_cfg.finetune.init)
+    check_init(Path(run_cfg.finetune.out), record)
+    summary = _finished(run_cfg, record["sha256"])
+    if summary is not None:
+        print(f"compare: reusing the finished run {run_cfg.finetune.out}", file=sys.stderr)
+        return summary
+    return finetune(run_cfg, resume=True)
+
+
+def run_record(
+    run_cfg: Config, summary: dict[str, Any], row: str, pretrain_seed: int | None = None
+) -> dict[str, Any]:
+    """One run as trainer/results.py reads it (its curve from the run's ap_curve.json)."""
+    out = Path(run_cfg.finetune.out)
+    return {
+        "row": row,
+        "seed": run_cfg.finetune.seed,
+        "pretrain_seed": pretrain_seed,
+        "out": str(out),
+        "init": run_cfg.finetune.init,
+        "init_sha256": summary.get("init_sha256"),
+        "iterations": summary["iterations"],
+        "train_seconds": summary["train_seconds"],
+        "final": summary["final"],
+        "best": summary["best"],
+        "curve": json.loads((out / "ap_curve.json").read_text()),
+    }
+
+
+def check_same_split(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The split every run trained on (split.json of the first); UserError if any differs."""
+    splits = [json.loads((Path(r["out"]) / "split.json").read_text()) for r in records]
+    for r, split in zip(records, splits):
+        if split["images"] != splits[0]["images"]:
+            raise UserError(f"{r['out']} trained on another split than {records[0]['out']}")
+    return splits[0]
+
+
+def settings_record(
+    run_cfg: Config, split: dict[str, Any], seeds: Sequence[int], **extra: Any
+) -> dict[str, Any]:
+    """What every run of a compare or study shares, for results.json."""
+    ft = run_cfg.finetune
+    return {
+        "config": run_cfg.name,
+        "frac": ft.frac,
+        "iters": ft.iters,
+        "batch_size": ft.batch_size,
+        "lr": ft.lr,
+        "eval_every": ft.eval_every,
+        "seeds": list(seeds),
+        "split_seed": ft.split_seed,
+        "split_method": split.get("method"),
+        "split_images": split.get("num_images", len(split["images"])),
+        "val_json": run_cfg.data.val_json,
+        **extra,
+    }
+
+
+def intro_lines(settings: dict[str, Any]) -> list[str]:
+    """The results.md paragraph that states the shared protocol."""
+    return [
+        f"Every run: {settings['iters']} iterations, batch {settings['batch_size']}, lr "
+        f"{settings['lr']:g}, the same {settings['split_images']} training images "
+        f"({settings['split_method']} split, split seed {settings['split_seed']}), evaluated on "
+        f"{settings['val_json']} every {settings['eval_every']} iterations. Fine-tuning seeds "
+        f"{', '.join(map(str, settings['seeds']))} (finetune.seed: head initialisation and batch "
+        "order; the split does not change)."
+    ]
+
+
+def default_folder(cfg: Config, frac: float | None, kind: str) -> Path:
+    """runs/<name>/<kind>-<frac> (kind: compare, study)."""
+    value = cfg.finetune.frac if frac is None else frac
+    return Path(f"runs/{cfg.name}/{kind}-{value:g}")
 
 
 def compare(
@@ -96,98 +198,41 @@ def compare(
     pretrained: str | None = None,
     iters: int | None = None,
     out: str | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Run (or reuse) both fine-tunings and write the comparison; returns {"results_md",
-    "png", "runs": {tag: metrics.json content}}. Empty dict on non-zero torch.distributed ranks.
-    """
+    """Run (or reuse) every fine-tuning and write the report; returns write_report's dict plus
+    "rows" (the run records). Empty dict on non-zero torch.distributed ranks."""
+    seeds = list(cfg.compare.seeds if seeds is None else seeds)
     configured = cfg.finetune.init if cfg.finetune.init.lower() != NO_INIT else ""
-    runs = {
-        "sp": resolve(cfg, frac=frac, init=pretrained or configured, iters=iters, tag="sp"),
-        "baseline": resolve(cfg, frac=frac, init=NO_INIT, iters=iters, tag="baseline"),
-    }
-    summaries: dict[str, dict[str, Any]] = {}
-    for tag, run_cfg in runs.items():
-        _check_same_settings(run_cfg)
-        check_init(Path(run_cfg.finetune.out), init_record(run_cfg.finetune.init))
-        summary = _finished(run_cfg)
-        if summary is not None:
-            print(f"compare: reusing the finished run {run_cfg.finetune.out}", file=sys.stderr)
-        else:
-            summary = finetune(run_cfg, resume=True)
-            if not summary:
-                return {}  # not rank 0
-        summaries[tag] = summary
-
-    splits = {
-        tag: json.loads((Path(c.finetune.out) / "split.json").read_text())["images"]
-        for tag, c in runs.items()
-    }
-    if splits["sp"] != splits["baseline"]:
-        raise UserError("the two runs were trained on different splits")
-
-    frac_value = runs["sp"].finetune.frac
-    folder = Path(out or f"runs/{cfg.name}/compare-{frac_value:g}")
-    folder.mkdir(parents=True, exist_ok=True)
-    names = dict(RUNS)
-    final_rows, best_rows, curves = {}, {}, {}
-    for tag, summary in summaries.items():
-        run_cfg = runs[tag]
-        final_rows[names[tag]] = {
-            **summary["final"],
-            "iterations": summary["iterations"],
-            "time (s)": f"{summary['train_seconds']:.0f}",
-        }
-        best = summary["best"]
-        best_rows[names[tag]] = {**best, "at iteration": best["iteration"]}
-        curve_path = Path(run_cfg.finetune.out) / "ap_curve.json"
-        curves[names[tag]] = json.loads(curve_path.read_text())
-    final_table = format_table(final_rows, extra=("iterations", "time (s)"))
-    best_table = format_table(best_rows, extra=("at iteration",))
-    sp, base = summaries["sp"]["final"], summaries["baseline"]["final"]
-    delta = 100 * (sp["AP"] - base["AP"])
-    split = summaries["sp"]["split"]
-    ft = runs["sp"].finetune
-    text = "\n".join(
-        [
-            f"# Saliency Prompt vs baseline: {cfg.name}, {frac_value:g} of the training images",
-            "",
-            f"Same fine-tuning for both: {ft.iters} iterations, batch {ft.batch_size}, seed "
-            f"{ft.seed}, the same {split['num_images']} training images ({split['method']} split), "
-            f"evaluated on {cfg.data.val_json}. Mask AP in percent (pycocotools), final iteration.",
-            "",
-            final_table,
-            "",
-            f"Saliency Prompt - baseline: {delta:+.1f} AP.",
-            "",
-            "Best evaluation of each run (labelled as such; the final one above is the result):",
-            "",
-            best_table,
-            "",
-            "Runs:",
-            "",
-            *(
-                f"- {names[t]}: `{runs[t].finetune.out}` (init: `{runs[t].finetune.init}`)"
-                for t in runs
-            ),
-            "",
-            "Time is the sum of training-step and evaluation time logged by the runs.",
-            "",
-        ]
+    inits = {"sp": pretrained or configured, "baseline": NO_INIT}
+    folder = Path(out) if out else default_folder(cfg, frac, "compare")
+    rows: dict[str, list[dict[str, Any]]] = {row: [] for row in inits}
+    main = True
+    for seed in seeds:
+        for row, init in inits.items():
+            run_cfg = run_config(
+                cfg, frac=frac, init=init, iters=iters, out=folder / f"{row}-seed{seed}", seed=seed
+            )
+            summary = run_or_reuse(run_cfg)
+            # Non-zero torch.distributed ranks get no summary: they train along, rank 0 reports.
+            main = main and bool(summary)
+            if main:
+                rows[row].append(run_record(run_cfg, summary, row))
+    if not main:
+        return {}
+    split = check_same_split([r for runs in rows.values() for r in runs])
+    settings = settings_record(run_cfg, split, seeds, command="compare")
+    frac_value = run_cfg.finetune.frac
+    report = write_report(
+        folder,
+        title=f"Saliency Prompt vs baseline: {cfg.name}, {frac_value:g} of the training images",
+        intro=intro_lines(settings),
+        rows=rows,
+        labels=LABELS,
+        baseline="baseline",
+        settings=settings,
     )
-    results_md = folder / "results.md"
-    write_text(results_md, text)
-    png = plot_ap_curves(
-        curves,
-        folder / "ap_vs_iter.png",
-        f"{cfg.name}: fine-tuning on {frac_value:g} of the images",
-    )
-    return {
-        "results_md": str(results_md),
-        "png": str(png),
-        "runs": summaries,
-        "table": final_table,
-        "delta_ap": delta,
-    }
+    return {**report, "rows": rows}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -204,6 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs/<name>/pretrain/checkpoints/last.pt)",
     )
     parser.add_argument(
+        "--seeds", default=None, help="fine-tuning seeds, e.g. 0,1,2 (default: compare.seeds)"
+    )
+    parser.add_argument(
         "--iters",
         type=int,
         default=None,
@@ -214,15 +262,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def print_summary(result: dict[str, Any], labels: dict[str, str], command: str) -> None:
+    """The metrics table and each row's mean paired AP difference, on stdout."""
+    print(result["table"])
+    for key, entry in result["summary"].items():
+        diff = entry.get("difference")
+        if diff and diff["AP"]["mean"] is not None:
+            sd = diff["AP"]["sd"]
+            spread = f" ± {100 * sd:.1f}" if sd is not None else ""
+            print(f"{labels[key]} - baseline: {100 * diff['AP']['mean']:+.1f}{spread} AP")
+    print(f"{command}: {result['results_md']}, {result['results_json']}, {result['png']}")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.pretrained is not None and args.pretrained.lower() == NO_INIT:
         raise UserError("--pretrained needs a checkpoint; the baseline run is made anyway")
     result = compare(
-        cfg, frac=args.frac, pretrained=args.pretrained, iters=args.iters, out=args.out
+        cfg,
+        frac=args.frac,
+        pretrained=args.pretrained,
+        iters=args.iters,
+        out=args.out,
+        seeds=parse_seeds(args.seeds, cfg.compare.seeds),
     )
     if result:
-        print(result["table"])
-        print(f"Saliency Prompt - baseline: {result['delta_ap']:+.1f} AP")
-        print(f"compare: {result['results_md']}, {result['png']}")
+        print_summary(result, LABELS, "compare")
     return 0

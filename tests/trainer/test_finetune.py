@@ -17,7 +17,6 @@ import torch
 from pipeline.backbones import build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from pipeline.weight_files import file_sha256
 from tests.trainer.helpers import TINY_MODEL, TINY_MODEL_SETTINGS, run_cli, write_tiny_coco
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ModelConfig, load_config
@@ -247,47 +246,3 @@ def test_finetune_bad_init_is_a_clear_error(tiny_project, tmp_path):
     toml, _ = tiny_project
     code, _, err = _finetune(toml, 1, "--init", str(tmp_path / "nope.pt"))
     assert code == 2 and "checkpoint not found" in err
-
-
-def test_compare_runs_both_and_reuses_them(tiny_project):
-    toml, ckpt = tiny_project
-    # Whole backbone frozen here (faster; the end-to-end test above trains stages 2-4).
-    sets = [*_sets(), "--set", "finetune.frozen_stages=-1"]
-    args = ("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "2")
-    code, out, err = run_cli(*args)
-    assert code == 0, err
-    folder = Path("runs/tiny/compare-0.5")
-    text = (folder / "results.md").read_text()
-    assert "Saliency Prompt (pre-trained K-Net)" in text and "baseline (backbone only)" in text
-    assert "| run | AP | AP50 | AP75 | APs | APm | APl | iterations | time (s) |" in text
-    assert (folder / "ap_vs_iter.png").stat().st_size > 0
-    sp = json.loads(Path("runs/tiny/finetune-0.5-sp/metrics.json").read_text())
-    base = json.loads(Path("runs/tiny/finetune-0.5-baseline/metrics.json").read_text())
-    assert sp["init"].endswith("last.pt") and base["init"] == "none" and base["skipped"] == []
-    assert sp["split"]["num_images"] == base["split"]["num_images"] == 4
-    assert "| run | AP |" in out
-    # A second call reuses both finished runs.
-    code, out, err = run_cli(*args)
-    assert code == 0, err
-    assert err.count("reusing the finished run") == 2
-    # Different settings in an existing folder are refused, not silently mixed.
-    code, _, err = run_cli("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "3")
-    assert code == 2 and "other settings" in err and "finetune.iters" in err
-    assert sp["init_sha256"] == file_sha256(ckpt) and base["init_sha256"] is None
-
-
-def test_compare_refuses_a_run_from_an_older_pretraining(tiny_project):
-    """Re-running pre-training rewrites last.pt behind the same path: the finished "sp" run was
-    made from the old weights and must not be reused (nor resumed) as if it were current."""
-    toml, ckpt = tiny_project
-    sets = [*_sets(), "--set", "finetune.frozen_stages=-1"]
-    args = ("compare", "--config", str(toml), *sets, "--frac", "0.5", "--iters", "1")
-    code, _, err = run_cli(*args)
-    assert code == 0, err
-    state = load_checkpoint(ckpt)
-    state["iteration"] = 2  # any change to the file's bytes
-    torch.save(state, ckpt)
-    code, _, err = run_cli(*args)
-    assert code == 2 and "initialised from a different checkpoint" in err
-    code, _, err = _finetune(toml, 1, "--tag", "sp", "--resume", sets=sets)
-    assert code == 2 and "initialised from a different checkpoint" in err
