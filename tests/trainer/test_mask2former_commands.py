@@ -1,0 +1,132 @@
+"""The trainer commands with ``model.kind = "mask2former"``: pretrain (prompts and query
+supervision on hand-made shards) with exact resume, finetune from it with the exact skipped class
+layer, and evaluate reproducing the run's final AP. A random-weight ViT-S/14 at 56 px, as in
+test_pretrain.py, and a tiny Mask2Former."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.backbones import build_backbone
+from pipeline.cli import UserError
+from tests.trainer.helpers import run_cli, train_records, write_tiny_coco
+from tests.trainer.test_pretrain import TINY, make_shards
+from trainer.checkpoint import load_checkpoint, load_matching, model_state
+from trainer.config import load_config
+from trainer.finetune import load_init
+from trainer.metrics_log import read_metrics
+from trainer.model.factory import build_model
+from trainer.model.mask2former.model import Mask2Former
+
+ROOT = Path(__file__).resolve().parents[2]
+# On top of test_pretrain's tiny settings (which hold a tiny K-Net's sizes).
+MASK2FORMER = [
+    "model.kind=mask2former",
+    "model.decoder_layers=3",
+    "model.encoder_layers=1",
+    "model.encoder_ffn_dim=32",
+    "model.num_points=64",
+    "pretrain.prompt_keep=0.95",
+    "pretrain.num_workers=0",  # no worker start-up (K-Net's test covers resuming one)
+]
+FINETUNE = [
+    "finetune.batch_size=2",
+    "finetune.short_side=56",
+    "finetune.max_side=56",
+    "finetune.num_workers=0",
+    "finetune.log_every=1",
+    "finetune.ckpt_every=2",
+    "finetune.eval_every=2",
+    "finetune.warmup_iters=1",
+    "finetune.lr_steps=[]",
+    "finetune.frozen_stages=-1",
+]
+
+
+def _sets(*groups: list[str]) -> list[str]:
+    return [arg for group in groups for s in group for arg in ("--set", s)]
+
+
+def _pretrain(shards: Path, out: Path, iters: int, *extra: str):
+    return run_cli(
+        "pretrain",
+        "--config",
+        str(ROOT / "configs" / "demo.toml"),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--iters",
+        str(iters),
+        *_sets(TINY, MASK2FORMER),
+        *extra,
+    )
+
+
+def test_pretrain_resume_finetune_evaluate(tmp_path, monkeypatch):
+    shards = make_shards(tmp_path)
+    out = tmp_path / "pretrain"
+    code, _, stderr = _pretrain(shards, out, 3)
+    assert code == 0, stderr
+    records = train_records(out)
+    for r in records:  # query supervision at every decoder layer, prompts on
+        assert {f"loss_s{i}_kernel" for i in (1, 2, 3)} <= r.keys()
+        assert "loss_init_cls" in r and "stat_prompt_cos" in r
+    recorded = load_config(out / "config.toml")
+    assert recorded.model.kind == "mask2former" and recorded.pretrain.prompt_keep == 0.95
+
+    # The checkpoint holds a class-agnostic Mask2Former (one class + no object) that loads
+    # completely into a fresh one.
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["num_classes"] == 1
+    model = Mask2Former(build_backbone(recorded.backbone), recorded.model, num_classes=1)
+    assert load_matching(model, model_state(state, model, "last.pt"), allowed_skips=()) == []
+
+    # Resumed to 4 iterations, it computes exactly what an uninterrupted run computes.
+    code, _, stderr = _pretrain(shards, out, 4, "--resume")
+    assert code == 0, stderr
+    code, _, stderr = _pretrain(shards, tmp_path / "straight", 4)
+    assert code == 0, stderr
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["loss"] for r in straight] == [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+    # Fine-tuning from it loads every tensor but the class layer, and says so.
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    write_tiny_coco(data, "train", num_images=4, seed=0, size=56)
+    write_tiny_coco(data, "val", num_images=2, seed=1, size=56)
+    sets = [
+        f"data.train_images={data / 'train'}",
+        f"data.train_json={data / 'annotations' / 'instances_train.json'}",
+        f"data.val_images={data / 'val'}",
+        f"data.val_json={data / 'annotations' / 'instances_val.json'}",
+    ]
+    args = ("--config", str(ROOT / "configs" / "demo.toml"), *_sets(TINY, MASK2FORMER, FINETUNE))
+    init = str(out / "checkpoints" / "last.pt")
+    run = tmp_path / "ft"
+    common = (*args, *_sets(sets), "--frac", "1.0", "--iters", "2", "--out", str(run))
+    code, _, err = run_cli("finetune", *common, "--init", init)
+    assert code == 0, err
+    skipped = "decoder.class_embed.bias, decoder.class_embed.weight"
+    assert f"skipped 2 tensors (class layers): {skipped}" in err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["skipped"] == skipped.split(", ") and metrics["num_classes"] == 2
+    assert 0.0 <= metrics["final"]["AP"] <= 1.0
+
+    # evaluate on the fine-tuned checkpoint reproduces the run's final evaluation.
+    code, _, err = run_cli(
+        "evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", "eval.json"
+    )
+    assert code == 0, err
+    report = json.loads(Path("eval.json").read_text())
+    for key in ("AP", "AP50", "AP75"):
+        assert report["metrics"][key] == pytest.approx(metrics["final"][key], abs=1e-9)
+
+    # A K-Net cannot start from a Mask2Former checkpoint: an error naming what does not fit.
+    knet_cfg = dataclasses.replace(recorded.model, kind="knet")
+    with pytest.raises(UserError, match="does not fit the model"):
+        load_init(build_model(knet_cfg, model.backbone, 2), init)
