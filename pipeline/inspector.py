@@ -307,7 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="folder the shards' file names are relative to "
-        "(default: the config's data.train_images)",
+        "(default: the one recorded in SHARD_DIR/plan.json, else data.train_images)",
     )
     parser.add_argument(
         "--max-render",
@@ -336,6 +336,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def image_root(args: argparse.Namespace, shard_dir: Path) -> tuple[str, str]:
+    """(root, where it came from): --image-root, else the one the proposals recorded in
+    plan.json, else (folders made before roots were recorded) the config's data.train_images."""
+    if args.image_root is not None:
+        return str(args.image_root), "from --image-root"
+    try:
+        recorded = json.loads((shard_dir / PLAN_FILE).read_text()).get("image_root")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded:
+        return str(recorded), f"recorded in {PLAN_FILE}"
+    from pipeline.config import load_pipeline_config
+
+    root = load_pipeline_config(args.config, args.overrides)[0].data.train_images
+    return root, f"data.train_images: {shard_dir} records none"
+
+
 def run(args: argparse.Namespace) -> int:
     shard_dir = Path(args.shard_dir)
     try:
@@ -352,18 +369,17 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.image is not None:
+        found = find_image(shard_dir, args.image)
+        root, where = image_root(args, shard_dir)
         print()
-        print(format_image(*find_image(shard_dir, args.image)))
+        print(format_image(*found))
+        print(f"  file {Path(root) / found[2].file_name} (image root {where})")
     if args.render:
-        root = args.image_root
-        if root is None:
-            from pipeline.config import load_pipeline_config
-
-            root = load_pipeline_config(args.config, args.overrides)[0].data.train_images
+        root, where = image_root(args, shard_dir)
         pages = render(shard_dir, args.render, root, args.max_render)
         print(
-            f"\nrendered {min(args.max_render, summary['images'])} images (root {root}) "
-            f"into {len(pages)} PNG(s) in {args.render}"
+            f"\nrendered {min(args.max_render, summary['images'])} images (image root {root}, "
+            f"{where}) into {len(pages)} PNG(s) in {args.render}"
         )
     if args.to_coco:
         data = to_coco(shard_dir, args.to_coco)

@@ -1,15 +1,17 @@
 """Recall of proposal shards against ground truth: class-agnostic recall and AP of the pseudo
 masks with pycocotools (segm, useCats=0, maxDets 1/10/20), over the shards' images only, matched
-by ``image_id``; ``pipeline inspect --gt`` prints the table and writes it to
+by ``image_id``, or by ``file_name`` when the ids do not correspond (shards of an image folder
+number images by plan position); ``pipeline inspect --gt`` prints the table and writes it to
 ``SHARD_DIR/recall.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ from pipeline.cli import UserError, code_version
 from pipeline.coco_export import record_annotations
 from pipeline.coco_file import load_coco_file
 from pipeline.shard_reader import iter_unique, shard_paths
-from pipeline.shards import STATUS_UNREADABLE, read_meta
+from pipeline.shards import STATUS_UNREADABLE, ShardReader, read_meta
 
 MAX_DETS = (1, 10, 20)  # the proposal stage keeps at most top_k = 20 masks per image
 RECALL_FILE = "recall.json"
@@ -74,6 +76,41 @@ def _coco_eval(gt: COCO, dets: list[dict[str, Any]], img_ids: list[int]) -> dict
     return out
 
 
+def _name_index(gt: COCO) -> dict[str, int]:
+    """GT image id by file_name, and by base name where that is unique."""
+    by_name = {str(im["file_name"]): int(i) for i, im in gt.imgs.items()}
+    bases: dict[str, list[int]] = {}
+    for name, i in by_name.items():
+        bases.setdefault(PurePosixPath(name).name, []).append(i)
+    return {**{b: ids[0] for b, ids in bases.items() if len(ids) == 1}, **by_name}
+
+
+def choose_matching(paths: Sequence[Path], gt: COCO) -> tuple[str, Callable[[int, str], int]]:
+    """("image_id" | "file_name", (shard image_id, file_name) -> GT image id or -1).
+
+    Shards of a COCO JSON keep its ids; shards of a folder number images by plan position, which
+    a GT file's ids need not follow. Ids are used when every shard image found under its id there
+    has that file name too; otherwise images are matched by file name (then base name)."""
+    by_name = _name_index(gt)
+    conflicts = agree = 0
+    for path in paths:
+        with ShardReader(path) as reader:
+            table = reader.image_table()
+        for i, name in zip(table["image_id"].tolist(), table["file_name"].tolist()):
+            info = gt.imgs.get(int(i))
+            if info is None:
+                continue
+            same = PurePosixPath(str(info["file_name"])).name == PurePosixPath(str(name)).name
+            agree, conflicts = agree + same, conflicts + (not same)
+    if agree and not conflicts:
+        return "image_id", lambda image_id, file_name: int(image_id)
+
+    def by_file(image_id: int, file_name: str) -> int:
+        return by_name.get(file_name, by_name.get(PurePosixPath(file_name).name, -1))
+
+    return "file_name", by_file
+
+
 def recall_against_gt(
     shard_dir: str | Path, gt_json: str | Path, score_cuts: Sequence[float] = ()
 ) -> dict[str, Any]:
@@ -101,13 +138,15 @@ def recall_against_gt(
     if not cat_ids:
         gt.dataset["categories"] = [{"id": 1, "name": "object"}]
         gt.cats = {1: gt.dataset["categories"][0]}
+    matched_by, gt_id_of = choose_matching(paths, gt)
     img_ids, dets = [], []
     n_records = 0
     for rec in iter_unique(paths, "recall"):
         n_records += 1
-        info = gt.imgs.get(rec.image_id)
+        info = gt.imgs.get(gt_id_of(rec.image_id, rec.file_name))
         if info is None:
             continue
+        rec = dataclasses.replace(rec, image_id=int(info["id"]))
         if rec.status != STATUS_UNREADABLE and (rec.height, rec.width) != (
             info["height"],
             info["width"],
@@ -121,7 +160,8 @@ def recall_against_gt(
         dets += record_annotations(rec, category, len(dets) + 1)
     if not img_ids:
         raise UserError(
-            f"none of the {n_records} shard images is in {gt_path} (matched by image_id)"
+            f"none of the {n_records} shard images is in {gt_path} (matched by image_id or "
+            "file_name)"
         )
     meta = read_meta(paths[0])
     result: dict[str, Any] = {
@@ -132,6 +172,7 @@ def recall_against_gt(
         "settings": meta.get("settings"),
         "version": code_version(),
         "iou_type": "segm",
+        "matched_by": matched_by,
         "class_agnostic": True,
         "max_dets": list(MAX_DETS),
         "images_in_shards": n_records,
@@ -164,6 +205,7 @@ RECALL_COLUMNS = (
 def format_recall(r: dict[str, Any]) -> str:
     lines = [
         f"pseudo masks vs {r['gt']}: class-agnostic segm, {r['images_evaluated']} images "
+        f"matched by {r.get('matched_by', 'image_id')} "
         f"({r['images_not_in_gt']} shard images not in the GT), {r['gt_instances']} "
         f"objects, {r['masks']} masks"
     ]

@@ -81,9 +81,12 @@ def render(
     """Draw the first ``max_images`` images (shard order) as ``grid`` x ``grid`` PNG pages.
 
     Images that cannot be read under ``image_root`` (missing, unreadable, another size than the
-    shard records) become a labelled placeholder, never an error. Returns the PNG paths.
+    shard records) become a labelled placeholder. A file of another byte size than the one the
+    proposals read (plan.json) is another picture under the same name: a UserError naming it,
+    never masks drawn over the wrong image. Returns the PNG paths.
     """
     from pipeline.images import UnreadableImage, decode_image  # lazy: pulls in torch
+    from pipeline.shard_plan import check_image_file, recorded_inputs
 
     if max_images < 1 or grid < 1 or tile < 32:
         raise UserError(
@@ -94,6 +97,8 @@ def render(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(image_root)
+    inputs = recorded_inputs(shard_dir)
+    file_bytes, recorded_root = inputs.get("file_bytes", {}), inputs.get("image_root", root)
     cells: list[np.ndarray] = []
     for _, _, rec in iter_records(paths):
         if len(cells) >= max_images:
@@ -102,6 +107,8 @@ def render(
         if rec.status == STATUS_UNREADABLE:
             note = f"unreadable: {rec.error}"
         else:
+            if (root / rec.file_name).exists():
+                check_image_file(root / rec.file_name, rec.file_name, file_bytes, recorded_root)
             try:
                 image = decode_image(root / rec.file_name)
             except UnreadableImage as e:

@@ -7,6 +7,11 @@ from shards made with other weights or settings.
 
 Its own module so that the worker (which stamps shards with the fingerprint) and the
 ``proposals`` command (which checks them) both import it without importing each other.
+
+The plan's inputs (source, absolute image root, the listing's hash and each file's size in bytes)
+go into the proposals folder's plan.json, outside the shard schema. Every later reader takes the
+image root from there unless told otherwise, and checks that a file it opens has the size the
+proposals read, so a folder never silently pairs its masks with other pictures of the same name.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from pipeline.backbones import BACKBONE_CLASSES
@@ -76,3 +83,62 @@ def compute_fingerprint(
         "settings": result_settings(cfg, batch_invariant),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The plan's inputs, recorded in plan.json for every later reader
+
+PLAN_FILE = "plan.json"
+
+
+def image_root_of(items: list[ImageItem]) -> Path:
+    """The absolute folder the items' file names are relative to."""
+    first = items[0]
+    depth = len(Path(first.file_name).parts)
+    return Path(first.path).absolute().parents[depth - 1]
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1  # missing: the worker records it as unreadable
+
+
+def plan_inputs(source: str | Path, items: list[ImageItem]) -> dict[str, Any]:
+    """{"source", "image_root" (absolute), "listing_hash", "file_bytes": {file_name: size}} of
+    the images a proposals run reads (sizes -1 for files that are not there)."""
+    sizes = {it.file_name: _file_bytes(Path(it.path)) for it in items}
+    listing = [[it.file_name, int(it.image_id), sizes[it.file_name]] for it in items]
+    digest = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+    return {
+        "source": str(Path(source).absolute()),
+        "image_root": str(image_root_of(items)),
+        "listing_hash": digest,
+        "file_bytes": sizes,
+    }
+
+
+def recorded_inputs(folder: str | Path) -> dict[str, Any]:
+    """The inputs a proposals folder's plan.json records ({} for folders made before they were
+    recorded, or without a plan)."""
+    try:
+        plan = json.loads((Path(folder) / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return plan if isinstance(plan, dict) and "image_root" in plan else {}
+
+
+def check_image_file(path: Path, file_name: str, file_bytes: dict[str, int], root: Path) -> None:
+    """UserError naming the file when ``path`` is not the file the proposals read (another size
+    on disk than plan.json records); nothing when the plan records no size for it."""
+    want = file_bytes.get(file_name, -1)
+    if want < 0:
+        return
+    got = _file_bytes(path)
+    if got != want:
+        what = "is missing" if got < 0 else f"has {got} bytes"
+        raise UserError(
+            f"{path} {what}, but the proposals read {want} bytes from "
+            f"{Path(root) / file_name}: not the image the shards describe (wrong --image-root?)"
+        )

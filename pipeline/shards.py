@@ -15,7 +15,9 @@ backbone width C::
     /masks/seed (M,C) float16       /masks/seed_pos (M,3) int16
 
 A shard is written under a temporary name in the same folder and renamed into place when
-complete, so a file with a final name (``shard-NNNNN.h5``) is always whole.
+complete, so a file with a final name (``shard-NNNNN.h5``) is always whole. Each dataset carries
+a ``checksum`` attribute (pipeline/shard_integrity.py), checked with :func:`verify_shard` and on
+a reader's first access; any read failure is a :class:`ShardError` naming the shard and field.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pycocotools import mask as mask_utils
 from pipeline import __version__
 from pipeline.atomic_files import with_path
 from pipeline.cli import UserError
+from pipeline.shard_integrity import CHECKSUM_ATTR, digest, find_problem
 
 SCHEMA_VERSION = 1
 STATUS_OK, STATUS_EMPTY, STATUS_UNREADABLE = 0, 1, 2
@@ -179,7 +182,9 @@ def write_shard(path: str | Path, records: list[ImageRecord], meta: dict[str, An
             f.attrs["settings"] = settings
 
             def put(name: str, data: np.ndarray, dtype: Any = None) -> None:
-                f.create_dataset(name, data=data, dtype=dtype, track_times=False)
+                ds = f.create_dataset(name, data=data, dtype=dtype, track_times=False)
+                # Of the content as read back, so a reader recomputes exactly this.
+                ds.attrs[CHECKSUM_ATTR] = digest(ds[()])
 
             put("images/file_name", np.array([r.file_name for r in records], dtype=object), _STR)
             put("images/image_id", np.array([r.image_id for r in records], np.int64))
@@ -239,6 +244,18 @@ def _open(path: Path) -> h5py.File:
         raise ShardError(f"{path}: cannot open as HDF5 ({e})") from None
 
 
+def verify_shard(path: str | Path) -> dict[str, Any]:
+    """The shard's attributes after checking every dataset against its checksum and the
+    structure readers rely on; ShardError naming the shard and field when anything is wrong."""
+    path = Path(path)
+    with _open(path) as f:
+        meta = _attrs_to_meta(f.attrs, path)
+        problem = find_problem(f, int(meta.get("num_images", -1)), int(meta.get("num_masks", -1)))
+    if problem:
+        raise ShardError(f"{path}: {problem}")
+    return meta
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The shard's attributes as plain Python values; ShardError on an unknown schema version."""
     path = Path(path)
@@ -261,14 +278,21 @@ class ShardReader:
         "error",
     )
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
+        # Checksums are checked on first access; a copy pickled into a DataLoader worker skips
+        # that (its parent checked the same file) and keeps the per-field read errors.
+        self.verify = verify
+        self._verified = False
         self._file: h5py.File | None = None
         self._meta: dict[str, Any] | None = None
         self._images: dict[str, np.ndarray] | None = None
 
     def _ensure(self) -> h5py.File:
         if self._file is None:
+            if self.verify and not self._verified:
+                verify_shard(self.path)
+                self._verified = True
             f = _open(self.path)
             try:
                 self._meta = _attrs_to_meta(f.attrs, self.path)
@@ -307,6 +331,14 @@ class ShardReader:
         im = self._images
         start, count = int(im["mask_start"][i]), int(im["mask_count"][i])
         sl = slice(start, start + count)
+
+        def masks(name: str) -> np.ndarray:
+            try:
+                return f[f"masks/{name}"][sl]
+            except Exception as e:  # KeyError, OSError, ... from a damaged file
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ShardError(f"{self.path}: cannot read masks/{name} ({first})") from None
+
         return ImageRecord(
             file_name=str(im["file_name"][i]),
             image_id=int(im["image_id"][i]),
@@ -314,11 +346,11 @@ class ShardReader:
             width=int(im["width"][i]),
             status=int(im["status"][i]),
             error=str(im["error"][i]),
-            rles=[bytes(c) for c in f["masks/rle"][sl]],
-            boxes=f["masks/box"][sl],
-            scores=f["masks/score"][sl],
-            seeds=f["masks/seed"][sl],
-            seed_pos=f["masks/seed_pos"][sl],
+            rles=[bytes(c) for c in masks("rle")],
+            boxes=masks("box"),
+            scores=masks("score"),
+            seeds=masks("seed"),
+            seed_pos=masks("seed_pos"),
         )
 
     def image_table(self) -> dict[str, np.ndarray]:
@@ -344,10 +376,10 @@ class ShardReader:
 
     def __getstate__(self) -> dict[str, Any]:
         # An open h5py handle cannot cross processes; the copy reopens on first access.
-        return {"path": self.path}
+        return {"path": self.path, "verify": self.verify and not self._verified}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], state.get("verify", True))
 
     def __del__(self) -> None:
         try:
