@@ -36,15 +36,17 @@ from pipeline.shard_plan import (
     items_key,
     make_plan,
     plan_hash,
+    plan_inputs,
 )
 from pipeline.shards import (
     SCHEMA_VERSION,
+    ShardError,
     ShardReader,
     list_shards,
     list_temp_files,
-    read_meta,
     shard_index,
     shard_name,
+    verify_shard,
 )
 
 # run() looks run_local / run_ray up in this module, so a test that swaps them patches
@@ -59,7 +61,12 @@ PLAN_FILE, SUMMARY_FILE = "plan.json", "summary.json"
 
 
 def prepare_out(
-    out: Path, shards: list[list[ImageItem]], shard_size: int, fingerprint: str, overwrite: bool
+    out: Path,
+    shards: list[list[ImageItem]],
+    shard_size: int,
+    fingerprint: str,
+    overwrite: bool,
+    inputs: dict | None = None,
 ) -> set[int]:
     """Clean stale temp files, check existing shards, write plan.json; returns finished indices.
 
@@ -81,7 +88,12 @@ def prepare_out(
     done = set()
     for path in existing:
         index = shard_index(path)
-        meta = read_meta(path)
+        try:  # checksums and structure: a damaged shard is recomputed, not counted as done
+            meta = verify_shard(path)
+        except ShardError as e:
+            print(f"proposals: {e}; recomputing that shard", file=sys.stderr)
+            path.unlink()
+            continue
         if meta.get("fingerprint") != fingerprint:
             raise UserError(
                 f"{out} holds shards made with other backbone weights or proposal settings "
@@ -105,6 +117,7 @@ def prepare_out(
             "num_images": sum(len(s) for s in shards),
             "shard_size": shard_size,
             "num_shards": len(shards),
+            **(inputs or {}),  # source, image root, listing hash, file sizes (shard_plan.py)
         },
     )
     return done
@@ -168,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     fingerprint = compute_fingerprint(
         cfg.backbone.kind, weights_fingerprint(backbone), pcfg, backbone.batch_invariant
     )
-    done = prepare_out(out, shards, pcfg.shard_size, fingerprint, args.overwrite)
+    inputs = plan_inputs(source, items)
+    done = prepare_out(out, shards, pcfg.shard_size, fingerprint, args.overwrite, inputs)
     raw.setdefault("proposals", {}).update(
         images=str(source), out=str(out), executor=executor, workers=workers
     )
