@@ -56,8 +56,15 @@ study: $(STAMP)
 	$(PY) -m trainer study --config $(CONFIG) --frac $(FRAC) $(ARGS)
 
 # The whole method on the embedded dataset. Every stage resumes, so a re-run only does what is missing.
+# Demo data of another version (or other settings) is rebuilt; a run folder made from other data
+# (its data-digest differs) is moved aside, never mixed with the new images.
 demo: $(STAMP)
-	test -f data/demo/annotations/instances_val.json || $(PY) -m pipeline data --config $(CONFIG)
+	$(PY) -m pipeline data --config $(CONFIG) --if-stale
+	@digest=$$($(PY) -c "import json; print(json.load(open('data/demo/summary.json'))['digest'])"); \
+	if [ -d $(RUN) ] && [ "$$(cat $(RUN)/data-digest 2>/dev/null)" != "$$digest" ]; then \
+		aside=$(RUN).stale-$$(date +%Y%m%d-%H%M%S); \
+		echo "demo: $(RUN) was made from other demo data: moved to $$aside"; mv $(RUN) $$aside; \
+	fi; mkdir -p $(RUN); echo $$digest > $(RUN)/data-digest
 	$(PY) -m pipeline proposals --config $(CONFIG)
 	$(PY) -m pipeline inspect --config $(CONFIG) $(RUN)/proposals --gt data/demo/annotations/instances_train.json \
 		--render $(RUN)/proposals/render --max-render 32

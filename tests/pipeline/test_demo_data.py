@@ -188,3 +188,55 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys):
     ]
     assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 2
     assert "min_size" in capsys.readouterr().err
+
+
+def test_backgrounds_come_only_from_the_measured_subject_free_list(monkeypatch):
+    """The property "no salient unlabelled subject": every background is drawn from BACKGROUNDS,
+    and every entry there was measured (bench/backgrounds.py) to give stage one no more pseudo
+    masks on a background-only image than the plain texture photographs do."""
+    import pipeline.demo_data as demo_data
+    from pipeline.demo_sources import BACKGROUNDS, PHOTOS
+
+    drawn = []
+    real = demo_data.render_background
+
+    def spy(rng, height, width):
+        canvas, name = real(rng, height, width)
+        drawn.append(name)
+        return canvas, name
+
+    monkeypatch.setattr(demo_data, "render_background", spy)
+    cfg = DataConfig(seed=5, min_size=64, max_size=96)
+    for i in range(40):
+        render_sample(cfg.seed, "train", i, cfg)
+    approved = {name for name, _ in BACKGROUNDS}
+    assert len(drawn) == 40 and set(drawn) <= approved
+    assert len(set(drawn)) > 1  # several materials, not one
+
+    measured = json.loads(
+        (Path(__file__).resolve().parents[2] / "bench" / "results" / "backgrounds.json").read_text()
+    )
+    rows = {(r["photo"], r["treatment"]): r for r in measured["rows"]}
+    for source in BACKGROUNDS:
+        assert source[0] in PHOTOS and source in rows, source
+        assert rows[source]["masks_per_image"] <= measured["reference_masks_per_image"], source
+
+
+def test_if_stale_skips_a_current_folder_and_rebuilds_another_version(tmp_path, capsys):
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        'name = "demo"\n[data]\nnum_train = 2\nnum_val = 1\nmin_size = 64\nmax_size = 80\n'
+    )
+    out = tmp_path / "data"
+    argv = ["data", "--config", str(config), "--out", str(out), "--if-stale"]
+    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data_version"] == 2 and len(summary["digest"]) == 64
+    capsys.readouterr()
+    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    # A folder of another data version (or whose labels changed) is rebuilt whole.
+    (out / "summary.json").write_text(json.dumps({**summary, "data_version": 1}))
+    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["data_version"] == 2
