@@ -1,14 +1,17 @@
 """Benchmark stage one on the demo images: where does proposals throughput go?
 
     python bench/proposals.py [--config configs/demo.toml] [--set section.key=value ...]
-                              [--num-images 32] [--mem-sizes 32,128] [--ray-workers 1,2]
-                              [--profile-images 16] [--no-ray] [--out bench/results/proposals.json]
+                              [--num-images 32] [--compare-images 400] [--ray-workers 1,2]
+                              [--mem-sizes 32,128] [--profile-images 16] [--no-ray]
+                              [--out bench/results/proposals.json]
 
 Measured in one run, on one device, with the config's batch size (ratios, never pass/fail):
 1. bare backbone forward throughput (images decoded, resized and batched beforehand);
 2. end-to-end throughput through the local executor (decode, resize, forward, saliency, RLE,
    shard write) and its ratio to (1);
-3. the Ray executor with 1 and 2 workers (actor start-up excluded, reported separately);
+3. local against Ray with 1 and 2 workers on the same images (the demo's 400 by default), each
+   as a ratio to local: throughput of the work itself (the local worker's construction and Ray's
+   start-up excluded) and of the whole call including start-up;
 4. peak RSS of a whole ``proposals`` run at two dataset sizes (goal: flat);
 5. where the time goes: each stage run alone (fractions), plus the top cProfile entries of the
    end-to-end loop's main thread.
@@ -21,7 +24,6 @@ import cProfile
 import dataclasses
 import json
 import math
-import os
 import pstats
 import resource
 import subprocess
@@ -38,7 +40,7 @@ import torch  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.executors import ray_init, run_local, run_ray  # noqa: E402
+from pipeline.executors import run_local, run_ray  # noqa: E402
 from pipeline.images import (  # noqa: E402
     decode_image,
     list_images,
@@ -47,6 +49,7 @@ from pipeline.images import (  # noqa: E402
     resize_keep_ratio,
 )
 from pipeline.proposal_worker import ProposalWorker, masks_to_rles  # noqa: E402
+from pipeline.ray_cluster import machine_cpus, ray_init  # noqa: E402
 from pipeline.saliency import propose  # noqa: E402
 from pipeline.shard_plan import make_plan  # noqa: E402
 from pipeline.shards import ImageRecord, write_shard  # noqa: E402
@@ -110,38 +113,63 @@ def end_to_end(worker: ProposalWorker, items: list, shard_size: int, out: Path) 
     }
 
 
-def ray_runs(cfg, items: list, out: Path, worker_counts: list[int], fingerprint: str) -> dict:
-    """(3) the Ray executor at each worker count (actor start-up timed separately)."""
-    ray, started = ray_init(max(worker_counts))
+def executor_runs(cfg, items: list, out: Path, worker_counts: list[int], fingerprint: str) -> dict:
+    """(3) local, then Ray at each worker count, over the same images and plan."""
+    jobs = list(enumerate(make_plan(items, cfg.proposals.shard_size)))
+    t0 = time.perf_counter()
+    worker = ProposalWorker(cfg.backbone, cfg.proposals, out / "cmp-local")
+    start = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    failed = run_local(worker, jobs, lambda s: None)
+    work = time.perf_counter() - t0
+    del worker
+    local = {
+        "start_s": start,
+        "seconds": work,
+        "images_per_s": len(items) / work,
+        "images_per_s_with_start": len(items) / (work + start),
+        "failed_shards": len(failed),
+    }
+    t0 = time.perf_counter()
+    ray, started = ray_init()
+    init_s = time.perf_counter() - t0
     results = {}
     try:
-        jobs = list(enumerate(make_plan(items, cfg.proposals.shard_size)))
         for n in worker_counts:
             stats: dict = {}
             t0 = time.perf_counter()
             failed = run_ray(
-                cfg.backbone,
-                cfg.proposals,
-                out / f"ray{n}",
-                jobs,
-                n,
-                fingerprint,
-                lambda s: None,
-                stats,
-            )
+                cfg.backbone, cfg.proposals, out / f"ray{n}", jobs, n, fingerprint,
+                lambda s: None, stats,
+            )  # fmt: skip
             wall = time.perf_counter() - t0
-            work = wall - stats.get("spawn_s", 0.0)
+            work = wall - stats["spawn_s"]
             results[str(n)] = {
-                "actors": stats.get("actors"),
-                "spawn_s": stats.get("spawn_s"),
+                "actors": stats["actors"],
+                "threads_per_actor": stats["threads"],
+                "spawn_s": stats["spawn_s"],
                 "seconds": work,
                 "images_per_s": len(items) / work,
+                "images_per_s_with_start": len(items) / (wall + init_s),
                 "failed_shards": len(failed),
             }
     finally:
         if started:
             ray.shutdown()
-    return results
+    ratios = {}
+    for n, r in results.items():
+        ratios[f"ray_{n}_over_local"] = round(r["images_per_s"] / local["images_per_s"], 4)
+        ratios[f"ray_{n}_over_local_with_start"] = round(
+            r["images_per_s_with_start"] / local["images_per_s_with_start"], 4
+        )
+    return {
+        "images": len(items),
+        "shards": len(jobs),
+        "ray_init_s": init_s,
+        "local": local,
+        "ray": results,
+        "ratios": ratios,
+    }
 
 
 def peak_rss(args: argparse.Namespace, images: str, sizes: list[int], out: Path) -> dict:
@@ -274,9 +302,11 @@ def main() -> int:
     p.add_argument("--images", default=None, help="image folder (default data.train_images)")
     p.add_argument("--num-images", type=int, default=32, help="images for (1), (2), (3)")
     p.add_argument("--mem-sizes", default="32,128", help="dataset sizes for (4)")
-    p.add_argument("--ray-workers", default="1,2", help="worker counts for (3)")
+    p.add_argument("--compare-images", type=int, default=400, help="images for (3)")
+    p.add_argument("--ray-workers", default="1,2", help="Ray worker counts for (3)")
     p.add_argument("--profile-images", type=int, default=16, help="images for (5)")
     p.add_argument("--no-ray", action="store_true", help="skip (3)")
+    p.add_argument("--note", default="", help="how the machine was shared, for the record")
     p.add_argument("--out", default="bench/results/proposals.json")
     p.add_argument("--_rss-child", dest="rss_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -306,7 +336,8 @@ def main() -> int:
         "device": torch.cuda.get_device_name(worker.device) if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
         "decode_threads": worker.decode_threads,
-        "cpus": os.cpu_count(),
+        "cpus": machine_cpus(),
+        "note": args.note,
         "torch": torch.__version__,
         "images_dir": images,
         "num_images": len(bench_items),
@@ -321,17 +352,15 @@ def main() -> int:
         fingerprint = worker.fingerprint
         del worker
         if not args.no_ray:
-            report["ray"] = ray_runs(cfg, bench_items, out, ray_workers, fingerprint)
+            cmp_items = items[: args.compare_images]
+            report["executors"] = executor_runs(cfg, cmp_items, out, ray_workers, fingerprint)
         report["peak_rss_mb"] = peak_rss(args, images, mem_sizes, out)
 
     bare = report["bare_backbone"]["images_per_s"]
     e2e = report["end_to_end_local"]["images_per_s"]
     ratios = {"end_to_end_over_bare": round(e2e / bare, 4)}
-    if "ray" in report and len(ray_workers) >= 2:
-        a, b = report["ray"][str(ray_workers[0])], report["ray"][str(ray_workers[-1])]
-        ratios[f"ray_{ray_workers[-1]}_over_{ray_workers[0]}_workers"] = round(
-            b["images_per_s"] / a["images_per_s"], 4
-        )
+    if "executors" in report:
+        ratios.update(report["executors"]["ratios"])
     rss = report["peak_rss_mb"]
     if len(mem_sizes) >= 2:
         ratios[f"rss_{mem_sizes[-1]}_over_{mem_sizes[0]}"] = round(
@@ -343,11 +372,15 @@ def main() -> int:
     fr = report["profile"]["stage_fractions"]
     top = max(fr, key=fr.get)
     ray_txt = ""
-    if "ray" in report:
-        ray_txt = (
-            "; ray "
-            + ", ".join(f"{k} worker(s) {v['images_per_s']:.2f}" for k, v in report["ray"].items())
-            + " img/s"
+    if "executors" in report:
+        ex = report["executors"]
+        ray_txt = f"; {ex['images']} images: local {ex['local']['images_per_s']:.2f} img/s, " + (
+            ", ".join(
+                f"ray {k} worker(s) {v['images_per_s']:.2f} img/s "
+                f"(x{ex['ratios'][f'ray_{k}_over_local']:.2f}, "
+                f"x{ex['ratios'][f'ray_{k}_over_local_with_start']:.2f} with start-up)"
+                for k, v in ex["ray"].items()
+            )
         )
     print(
         f"bench proposals on {report['device']} (batch {cfg.proposals.batch_size}, "

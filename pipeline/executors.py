@@ -1,14 +1,18 @@
 """Executors of a proposals run: where and how the shards' ProposalWorkers run.
 
-``local`` runs one worker in this process; ``ray`` runs one actor per GPU (or ``--workers`` CPU
-actors) and hands out shards as actors become free, retrying a failed shard (also when its actor
-died) before recording it as failed. Both write identical shards.
+``local`` runs one worker in this process, shard after shard. ``ray`` runs actors as
+``pipeline.ray_cluster.plan_actors`` sizes them (one per GPU, else CPU actors sharing the cores)
+and balances the work: shards are cut into batches (``pipeline.work_units``) that any free actor
+takes, two in flight per actor so decoding overlaps the backbone; once no batch is left, an idle
+actor takes a copy of a batch still running elsewhere, and the first answer wins, so a slow actor
+does not hold the run's tail. The driver writes each shard when all its batches are in. A failed
+batch is retried (also when its actor died) before its shard is recorded as failed. Both
+executors write identical shards.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,17 +21,18 @@ from typing import Any
 
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig, ProposalConfig
-from pipeline.images import ImageItem
-from pipeline.proposal_worker import ProposalWorker
+from pipeline.proposal_worker import ProposalWorker, count_records
+from pipeline.ray_cluster import ActorPlan, cluster_shape, plan_actors, ray_init
+from pipeline.shards import shard_name, write_shard
+from pipeline.work_units import Job, Piece, ShardAssembler, plan_pieces
 
-MAX_RETRIES = 2  # extra attempts per shard before it is recorded as failed
+MAX_RETRIES = 2  # extra attempts per shard (local) or batch (Ray) before the shard fails
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
-# Executors: both call on_done(summary) per finished shard and return {index: error} failures.
-
-Job = tuple[int, list[ImageItem]]
+# Executors: both call on_batch(images, masks) per batch and on_done(summary) per written shard,
+# and return {shard index: error} for the shards that failed.
 
 
 def run_local(
@@ -52,47 +57,177 @@ def run_local(
     return failed
 
 
-def ray_init(workers: int, num_cpus: int | None = None):
-    """Connect to RAY_ADDRESS's cluster, or start a private local one (no dashboard, bound to
-    127.0.0.1, quiet). Returns (ray module, whether this call started it)."""
-    import ray  # only this module imports Ray, and only when asked to
+# --------------------------------------------------------------------------------------------
+# Ray
 
-    if ray.is_initialized():
-        return ray, False
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": path}}
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(
-                address="auto",
-                runtime_env=runtime_env,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
+DEPTH = 2  # batches in flight per actor: one decodes while the other runs the backbone
+SPAWN_TIMEOUT_S = 600.0  # actors must be placed and have built their backbone by then
+
+
+def _last_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1]
+
+
+class _Actors:
+    """The run's actors: started as planned, checked against the driver, replaced when dead."""
+
+    def __init__(self, ray, worker_cls, plan: ActorPlan, args: tuple, fingerprint: str):
+        class RayProposalWorker(worker_cls):
+            def cancelled(self) -> bool:  # a copy that lost the race stops before the backbone
+                return ray.get_runtime_context().is_canceled()
+
+        self.ray, self.plan, self.args, self.fingerprint = ray, plan, args, fingerprint
+        self.cls = ray.remote(RayProposalWorker)
+        self.live: dict[int, Any] = {}  # id -> handle
+        self.slot: dict[int, int] = {}  # id -> index into the plan's shares
+        self._next = 0
+
+    def start(self, slots: list[int]) -> list[int]:
+        """Start one actor per plan slot, in parallel; each must hold the driver's weights."""
+        ids = []
+        for s in slots:
+            opts = {"num_cpus": self.plan.cpus[s], "max_concurrency": DEPTH}
+            if self.plan.gpus:
+                opts["num_gpus"] = self.plan.gpus
+            handle = self.cls.options(**opts).remote(
+                *self.args, None, self.plan.cpus[s], self.plan.decode_threads[s]
             )
+            self.live[self._next], self.slot[self._next] = handle, s
+            ids.append(self._next)
+            self._next += 1
+        refs = [self.live[i].get_fingerprint.remote() for i in ids]
+        for got in self.ray.get(refs, timeout=SPAWN_TIMEOUT_S):
+            if got != self.fingerprint:
+                raise RuntimeError(
+                    "a Ray worker built a backbone with different weights "
+                    f"(fingerprint {got[:12]} != {self.fingerprint[:12]})"
+                )
+        return ids
+
+    def replace(self, dead: int) -> None:
+        """Kill a dead actor's handle and start another in its slot (best effort)."""
+        handle = self.live.pop(dead, None)
+        if handle is None:
+            return
+        self.ray.kill(handle, no_restart=True)
+        try:
+            self.start([self.slot[dead]])
+        except Exception as e:  # cannot replace it: carry on with the others
+            log.warning("could not restart a Ray worker: %s", _last_line(e))
+
+    def call(self, actor: int, method: str, *args):
+        return getattr(self.live[actor], method).remote(*args)
+
+
+class _Schedule:
+    """Hands pieces to free actors, copies a straggler's pieces to idle ones, retries failures,
+    and writes each shard as soon as all its pieces are in."""
+
+    def __init__(self, ray, actors: _Actors, jobs: list[Job], batch_size: int, write, on_batch):
+        self.ray, self.actors, self.write, self.on_batch = ray, actors, write, on_batch
+        self.queue = deque(plan_pieces(jobs, batch_size))
+        self.assembler = ShardAssembler(jobs)
+        self.running: dict[Any, tuple[Piece, int]] = {}  # ref -> (piece, actor id)
+        self.copies: dict[tuple[int, int], list] = {}  # piece key -> refs in flight
+        self.load = dict.fromkeys(actors.live, 0)
+        self.finished: set[tuple[int, int]] = set()
+        self.attempts: dict[tuple[int, int], int] = {}
+        self.failed: dict[int, str] = {}
+
+    def run(self) -> dict[int, str]:
+        while self.queue or self.running:
+            self._fill()
+            if not self.running:  # every actor is gone: the rest cannot run
+                self.failed.update({p.shard: "no Ray worker left" for p in self.queue})
+                break
+            [ref], _ = self.ray.wait(list(self.running), num_returns=1)
+            self._collect(ref)
+        return self.failed
+
+    def _issue(self, piece: Piece, actor: int) -> None:
+        ref = self.actors.call(actor, "process_batch", list(piece.items))
+        self.running[ref] = (piece, actor)
+        self.copies.setdefault(piece.key, []).append(ref)
+        self.load[actor] = self.load.get(actor, 0) + 1
+
+    def _fill(self) -> None:
+        """Round-robin, so every actor has a piece before any has two."""
+        for level in range(1, DEPTH + 1):
+            for actor in list(self.actors.live):
+                if self.load.get(actor, 0) >= level:
+                    continue
+                while self.queue and self.queue[0].shard in self.failed:
+                    self.queue.popleft()
+                if self.queue:
+                    self._issue(self.queue.popleft(), actor)
+                elif self.load.get(actor, 0) == 0 and (piece := self._straggler(actor)):
+                    self._issue(piece, actor)
+
+    def _straggler(self, actor: int) -> Piece | None:
+        """The newest unfinished piece running on one other actor only: the likeliest not yet
+        started. (A finished piece's lost copy may still be running: never copy that.)"""
+        for piece, owner in reversed(list(self.running.values())):
+            if piece.key in self.finished or piece.shard in self.failed:
+                continue
+            if owner != actor and len(self.copies[piece.key]) == 1:
+                return piece
+        return None
+
+    def _collect(self, ref) -> None:
+        piece, actor = self.running.pop(ref)
+        self.load[actor] = self.load.get(actor, 0) - 1
+        self.copies[piece.key].remove(ref)
+        if piece.key in self.finished or piece.shard in self.failed:
+            return  # a copy that lost the race, or part of a shard given up on
+        try:
+            records = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as e:
+            err = f"worker died: {e}".splitlines()[0]
+            self.actors.replace(actor)
+            self.load.update(dict.fromkeys(set(self.actors.live) - set(self.load), 0))
+        except self.ray.exceptions.TaskCancelledError:
+            return
+        except Exception as e:
+            err = _last_line(e)
         else:
-            cpus = num_cpus or (
-                len(os.sched_getaffinity(0))
-                if hasattr(os, "sched_getaffinity")
-                else (os.cpu_count() or 1)
-            )
-            # No dashboard, and the node address asked to be loopback. (On Linux Ray swaps
-            # 127.0.0.1 for the host's own address in resolve_ip_for_localhost, so its ports are
-            # not loopback-only; Ray's token authentication, on by default, guards them.)
-            ray.init(
-                num_cpus=max(cpus, workers),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                runtime_env=runtime_env,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
-    except Exception as e:
-        raise UserError(
-            f"could not start Ray ({type(e).__name__}: {e}); try --executor local"
-        ) from None
-    return ray, True
+            if records is not None:
+                self._done(piece, records)
+                return
+            err = "cancelled"  # only a finished piece's copies are cancelled; be safe anyway
+        self._failure(piece, err)
+
+    def _done(self, piece: Piece, records: list) -> None:
+        self.finished.add(piece.key)
+        for other in self.copies[piece.key]:  # copies still queued or waiting never run
+            self.ray.cancel(other)
+        if self.on_batch is not None:
+            self.on_batch(len(records), sum(r.num_masks for r in records))
+        whole = self.assembler.add(piece, records)
+        if whole is not None:
+            try:
+                self.write(piece.shard, whole)
+            except OSError as e:
+                self.failed[piece.shard] = f"{type(e).__name__}: {e}"
+
+    def _failure(self, piece: Piece, err: str) -> None:
+        if self.copies[piece.key]:
+            return  # another copy is still running; it may succeed
+        n = self.attempts[piece.key] = self.attempts.get(piece.key, 0) + 1
+        log.warning("shard %d batch at %d attempt %d failed: %s", piece.shard, piece.start, n, err)
+        if n > MAX_RETRIES:
+            self.failed[piece.shard] = err
+            self.assembler.drop(piece.shard)
+        else:
+            self.queue.appendleft(piece)
+
+
+def _first_visible(jobs: list[Job]) -> str | None:
+    """The first image the driver can see (a COCO listing may name missing files)."""
+    for _, items in jobs:
+        for it in items[:64]:
+            if Path(it.path).is_file():
+                return str(it.path)
+    return None
 
 
 def run_ray(
@@ -105,92 +240,54 @@ def run_ray(
     on_done: Callable[[dict], None],
     stats: dict[str, Any] | None = None,
     worker_cls: type[ProposalWorker] = ProposalWorker,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[int, str]:
-    """One actor per GPU (else ``workers`` CPU actors); shards handed out as actors free up.
+    """Actors as ``plan_actors`` sizes them for the cluster; batches balanced between them.
 
-    ``stats``, when given, receives ``actors`` and ``spawn_s`` (seconds to start them).
+    ``workers``: CPU actors when there is no GPU (0: from the machine). ``stats``, when given,
+    receives ``actors``, ``threads`` (per actor) and ``spawn_s`` (seconds to start them).
     ``worker_cls`` is the actor's class (a subclass of ProposalWorker, e.g. in tests).
     """
+    ray, started = ray_init()
     try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise UserError("ray is not installed; use --executor local") from None
-    ray, started = ray_init(workers)
-    try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        if gpus:  # one actor per GPU; its share of the CPUs decodes images
-            n = gpus
-            share = max(1, cpus // gpus)
-            opts, threads, decode = {"num_gpus": 1, "num_cpus": share}, None, share
-        else:  # CPU actors split the cores between them
-            n = max(1, workers)
-            opts, threads, decode = {"num_cpus": 1}, max(1, cpus // n), None
-        n = min(n, max(1, len(jobs)))
-        actor_cls = ray.remote(worker_cls)
-
-        def spawn(count: int) -> list:
-            """Start ``count`` actors in parallel; each must hold the driver's weights."""
-            actors = [
-                actor_cls.options(**opts).remote(
-                    backbone_cfg, cfg, str(out_dir), None, threads, decode
-                )
-                for _ in range(count)
-            ]
-            for got in ray.get([a.get_fingerprint.remote() for a in actors]):
-                if got != fingerprint:
-                    raise RuntimeError(
-                        "a Ray worker built a backbone with different weights "
-                        f"(fingerprint {got[:12]} != {fingerprint[:12]})"
-                    )
-            return actors
-
-        queue = deque(jobs)
-        attempts: dict[int, int] = {}
-        failed: dict[int, str] = {}
-        t_spawn = time.perf_counter()
+        cpus, gpus, node_cpus = cluster_shape(ray)
+        pieces = sum(-(-len(items) // max(1, cfg.batch_size)) for _, items in jobs)
+        plan = plan_actors(cpus, gpus, workers, node_cpus)
+        if not gpus and pieces < plan.actors:  # fewer batches than actors: fewer, wider actors
+            plan = plan_actors(cpus, 0, pieces, node_cpus)
+        t0 = time.perf_counter()
+        args = (backbone_cfg, cfg, str(out_dir))
+        actors = _Actors(ray, worker_cls, plan, args, fingerprint)
         try:
-            idle = spawn(n)
+            first = actors.start(list(range(min(plan.actors, pieces))))
+            meta = ray.get(actors.call(first[0], "get_meta"))
+            seen = _first_visible(jobs)
+            problem = seen and ray.get(actors.call(first[0], "can_read", seen))
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(
+                f"the Ray workers did not start within {SPAWN_TIMEOUT_S:g} s (each needs "
+                f"{plan.cpus[0]} CPU(s){' and a GPU' if plan.gpus else ''} on one node)"
+            ) from None
         except Exception as e:
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-            raise UserError(f"could not start the Ray workers: {msg}") from None
+            raise UserError(f"could not start the Ray workers: {_last_line(e)}") from None
+        if problem:
+            raise UserError(
+                f"a Ray worker cannot read the images: {problem}; a multi-node run needs "
+                "the images on storage every node sees, under the same absolute path"
+            )
         if stats is not None:
-            stats.update(actors=n, spawn_s=time.perf_counter() - t_spawn)
-        running: dict[Any, tuple[Job, Any]] = {}
-        while queue or running:
-            while idle and queue:
-                actor = idle.pop()
-                job = queue.popleft()
-                running[actor.process_shard.remote(*job)] = (job, actor)
-            done, _ = ray.wait(list(running), num_returns=1)
-            job, actor = running.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except ray.exceptions.RayActorError as e:
-                err = f"worker died: {e}".splitlines()[0]
-                ray.kill(actor, no_restart=True)
-                try:
-                    idle += spawn(1)
-                except Exception as e2:  # cannot replace it: carry on with the others
-                    log.warning("could not restart a Ray worker: %s", e2)
-            except Exception as e:
-                err = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                idle.append(actor)
-            else:
-                idle.append(actor)
-                on_done(result)
-                continue
-            index = job[0]
-            attempts[index] = attempts.get(index, 0) + 1
-            log.warning("shard %d attempt %d failed: %s", index, attempts[index], err)
-            if attempts[index] > MAX_RETRIES:
-                failed[index] = err
-            else:
-                queue.appendleft(job)
-            if not idle and not running:  # every worker is gone: the rest cannot run
-                failed.update({j[0]: "no Ray worker left" for j in queue})
-                queue.clear()
-        return failed
+            stats.update(
+                actors=len(first),
+                threads=list(plan.cpus[: len(first)]),
+                spawn_s=time.perf_counter() - t0,
+            )
+
+        def write(index: int, records: list) -> None:
+            t = time.perf_counter()
+            write_shard(Path(out_dir) / shard_name(index), records, meta)
+            on_done({**count_records(records), "index": index, "seconds": time.perf_counter() - t})
+
+        return _Schedule(ray, actors, jobs, cfg.batch_size, write, on_batch).run()
     finally:
         if started:
             ray.shutdown()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -67,7 +69,9 @@ def masks_to_rles(masks: np.ndarray) -> list[bytes]:
 class ProposalWorker:
     """Holds a frozen backbone on one device and turns a shard's images into a shard file.
 
-    Plain Python: the local executor calls it directly, the Ray executor wraps it as an actor.
+    Plain Python: the local executor calls :meth:`process_shard` directly; the Ray executor
+    wraps it as a threaded actor and calls :meth:`process_batch` for one batch at a time, two in
+    flight, so one call decodes while the other runs the backbone (under ``_infer_lock``).
     """
 
     def __init__(
@@ -104,9 +108,32 @@ class ProposalWorker:
         self.min_side = 2 * int(self.backbone.saliency_stride)
         # Decoding (OpenCV/PIL) releases the GIL, so threads overlap with the forward pass.
         self.decode_threads = decode_threads or max(2, min(8, torch.get_num_threads()))
+        self._infer_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # process_batch's decode threads
 
     def get_fingerprint(self) -> str:
         return self.fingerprint
+
+    def get_meta(self) -> dict[str, Any]:
+        """The shard attributes this worker writes (the Ray driver writes with them)."""
+        return dict(self.meta)
+
+    def can_read(self, path: str) -> str:
+        """ "" when ``path`` is a readable regular file here, else why not (a cluster check that
+        this worker's node sees the driver's files)."""
+        p = Path(path)
+        if not p.is_file():
+            return f"{path} not found (cwd {os.getcwd()})"
+        try:
+            with p.open("rb") as f:
+                f.read(1)
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
+        return ""
+
+    def cancelled(self) -> bool:
+        """Whether the running call was cancelled (the Ray actor overrides this)."""
+        return False
 
     def _load(self, item: ImageItem) -> _Loaded:
         try:
@@ -175,6 +202,19 @@ class ProposalWorker:
             )
         return records
 
+    def process_batch(self, items: list[ImageItem]) -> list[ImageRecord] | None:
+        """One batch: decode in the thread pool, then backbone and proposals under the lock.
+
+        Thread-safe; returns None, computing nothing, when cancelled while it waited for the
+        backbone (another actor finished the same batch first)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        loaded = list(self._pool.map(self._load, items))
+        with self._infer_lock:
+            if self.cancelled():
+                return None
+            return self._infer(loaded)
+
     def process_shard(
         self,
         index: int,
@@ -206,12 +246,13 @@ class ProposalWorker:
                 if on_batch is not None:
                     on_batch(len(out), sum(r.num_masks for r in out))
         write_shard(self.out_dir / shard_name(index), records, self.meta)
-        summary = _count(records)
+        summary = count_records(records)
         summary.update(index=index, seconds=time.perf_counter() - t0)
         return summary
 
 
-def _count(records: list[ImageRecord]) -> dict[str, Any]:
+def count_records(records: list[ImageRecord]) -> dict[str, Any]:
+    """A shard's counts for the progress bar and summary.json."""
     statuses = [r.status for r in records]
     return {
         "images": len(records),

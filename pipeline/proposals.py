@@ -18,12 +18,14 @@ worker in ``pipeline.proposal_worker``, the ``local`` and ``ray`` executors in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline import overwrite_staging
 from pipeline.atomic_files import write_json
 from pipeline.backbones import build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
@@ -31,6 +33,7 @@ from pipeline.config import load_pipeline_config
 from pipeline.executors import run_local, run_ray
 from pipeline.images import ImageItem, list_images
 from pipeline.proposal_worker import ProposalWorker, count_existing
+from pipeline.run_folder import claim_run_folder
 from pipeline.shard_plan import (
     compute_fingerprint,
     items_key,
@@ -141,7 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="only the first N sorted images")
     parser.add_argument("--executor", choices=("ray", "local"), default=None)
-    parser.add_argument("--workers", type=int, default=None, help="CPU workers when no GPU")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="Ray CPU actors when no GPU (0: from the machine)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="delete existing shards in --out first"
     )
@@ -162,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else pcfg.workers
     if executor not in ("ray", "local"):
         raise UserError(f"proposals.executor must be 'ray' or 'local', got '{executor}'")
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: from the machine), got {workers}")
     source, image_root = _resolve_inputs(args, cfg)
     if not Path(source).exists():
         raise UserError(f"image input not found: {source}")
@@ -175,17 +180,45 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise UserError(f"no images in {source}")
     out = Path(args.out or pcfg.out or f"runs/{cfg.name}/proposals")
+    if executor == "ray":  # a cluster's workers would resolve relative paths in their own cwd
+        items = [dataclasses.replace(it, path=Path(it.path).absolute()) for it in items]
 
     shards = make_plan(items, pcfg.shard_size)
     backbone = build_backbone(cfg.backbone)
     fingerprint = compute_fingerprint(
         cfg.backbone.kind, weights_fingerprint(backbone), pcfg, backbone.batch_invariant
     )
-    inputs = plan_inputs(source, items)
-    done = prepare_out(out, shards, pcfg.shard_size, fingerprint, args.overwrite, inputs)
     raw.setdefault("proposals", {}).update(
         images=str(source), out=str(out), executor=executor, workers=workers
     )
+    with claim_run_folder(out, "proposals"):  # one run at a time in a folder
+        return _staged(out, args, cfg, raw, shards, backbone, fingerprint, executor, workers)
+
+
+def _staged(out: Path, args, cfg, raw, shards, backbone, fingerprint, executor, workers) -> int:
+    # An overwriting run computes into staging and replaces the old shards only when it finished.
+    target = overwrite_staging.begin(out, args.overwrite)
+    try:
+        rc = _compute(target, args, cfg, raw, shards, backbone, fingerprint, executor, workers)
+    except BaseException:
+        if target != out:
+            overwrite_staging.discard(target)
+        raise
+    if target != out:
+        if rc == 0:
+            overwrite_staging.commit(out, target)
+        else:
+            overwrite_staging.discard(target)
+            print(f"proposals: --overwrite kept the previous shards in {out}", file=sys.stderr)
+    return rc
+
+
+def _compute(out: Path, args, cfg, raw, shards, backbone, fingerprint, executor, workers) -> int:
+    """Prepare ``out``, run the executor over the shards not done yet, write the summary."""
+    pcfg = cfg.proposals
+    items = [it for s in shards for it in s]
+    inputs = plan_inputs(raw["proposals"]["images"], items)
+    done = prepare_out(out, shards, pcfg.shard_size, fingerprint, args.overwrite, inputs)
     record_run(out, raw)
 
     jobs = [(i, s) for i, s in enumerate(shards) if i not in done]
@@ -211,10 +244,7 @@ def run(args: argparse.Namespace) -> int:
         bar.update(n_images)
         bar.set_postfix(masks_per_img=f"{counts['masks'] / max(1, counts['images']):.2f}")
 
-    def on_done(summary: dict) -> None:
-        summaries.append(summary)
-        if executor == "ray":
-            progress(summary["images"], summary["masks"])
+    on_done = summaries.append
 
     t0 = time.perf_counter()
     try:
@@ -227,7 +257,9 @@ def run(args: argparse.Namespace) -> int:
             failed = run_local(worker, jobs, on_done, on_batch=progress)
         else:
             del backbone  # the actors build their own; keep the driver small
-            failed = run_ray(cfg.backbone, pcfg, out, jobs, workers, fingerprint, on_done)
+            failed = run_ray(
+                cfg.backbone, pcfg, out, jobs, workers, fingerprint, on_done, on_batch=progress
+            )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -270,6 +302,14 @@ def _finish(
         f"{summary['images_per_s']:.2f} images/s; shards {len(computed)} computed, "
         f"{len(done)} skipped, {len(failed)} failed -> {out}"
     )
+    if totals["images"] and not totals["ok"] + totals["empty"]:
+        name, reason = unreadable[0]
+        print(
+            f"proposals: error: no image could be read ({len(unreadable)} unreadable, first "
+            f"{name}: {reason}); check --images and --image-root",
+            file=sys.stderr,
+        )
+        return 2
     if failed:
         for index, err in sorted(failed.items()):
             print(f"proposals: shard {index} failed: {err}", file=sys.stderr)

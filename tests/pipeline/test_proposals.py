@@ -392,30 +392,31 @@ def test_missing_or_empty_input_is_one_line(tmp_path, weights, kind, capsys):
 
 
 class DiesOnce(ProposalWorker):
-    """A worker whose process exits the first time it is given shard 1 (a crashed actor)."""
+    """A worker whose process exits the first time it is given shard 1's first batch."""
 
-    def process_shard(self, index, items, on_batch=None):
+    def process_batch(self, items):
         marker = self.out_dir / "died-once"
-        if index == 1 and not marker.exists():
+        if items[0].file_name == "img_002.png" and not marker.exists():
             marker.write_text("x")
             os._exit(1)
-        return super().process_shard(index, items, on_batch)
+        return super().process_batch(items)
 
 
 @pytest.mark.ray
 def test_ray_matches_local_and_survives_a_dead_actor(tmp_path, weights, monkeypatch):
     pytest.importorskip("ray")
     from pipeline import executors, proposals
+    from pipeline.ray_cluster import ray_init
 
     images = _images(tmp_path / "imgs", 8)
     config = _config(tmp_path, weights)
     assert _run(config, images, tmp_path / "local", "--executor", "local") == 0
     # The CLI's Ray path, with actors whose process exits on their first try at shard 1: the
-    # dead actor is replaced and the shard retried on a live one. The command looks run_ray up
+    # dead actor is replaced and the batch retried on a live one. The command looks run_ray up
     # in pipeline.proposals, so that is where it is swapped.
     real = executors.run_ray
     monkeypatch.setattr(proposals, "run_ray", lambda *a, **k: real(*a, worker_cls=DiesOnce, **k))
-    ray, started = executors.ray_init(2, num_cpus=2)  # 2 actors x 1 thread, like this process
+    ray, started = ray_init(num_cpus=2)  # 2 actors x 1 thread, like this process
     try:
         out = tmp_path / "ray"
         assert _run(config, images, out, "--executor", "ray", "--workers", "2") == 0
