@@ -255,7 +255,7 @@ class ProposalConfig:
     max_box_width: float = 0.95  # box must be narrower than this fraction of the width
     batch_size: int = 8  # images per backbone forward
     shard_size: int = 256  # images per HDF5 shard
-    workers: int = 2  # CPU actors when no GPU is present
+    workers: int = 0  # CPU actors when no GPU is present; 0: from the machine (README)
     executor: str = "ray"  # "ray" or "local"
     prefetch: int = 2  # batches decoded ahead of the backbone
     images: str = ""  # image folder or COCO JSON; empty = data.train_json
@@ -274,7 +274,7 @@ class ProposalConfig:
         "max_box_width": POSITIVE,
         "batch_size": AT_LEAST_ONE,
         "shard_size": AT_LEAST_ONE,
-        "workers": AT_LEAST_ONE,
+        "workers": NON_NEGATIVE,
         "executor": OneOf(("ray", "local")),
         "prefetch": NON_NEGATIVE,
     }
