@@ -31,6 +31,7 @@ from pipeline.cli import UserError
 from pipeline.coco_file import load_coco_file
 from pipeline.image_files import ImageLimits
 from pipeline.images import UnreadableImage, decode_image, normalise
+from pipeline.shard_plan import check_image_file, recorded_inputs
 from pipeline.shards import STATUS_OK, ShardReader, list_shards, read_meta
 from trainer.transforms import Augment, masks_to_boxes, pad_to
 
@@ -218,6 +219,10 @@ class ShardDataset(Dataset):
                 f"{self.folder} records no image root (config.toml): pass the image folder"
             )
         self.image_root = root
+        # What the proposals read (plan.json): each opened file must be that file.
+        inputs = recorded_inputs(self.folder)
+        self.file_bytes: dict[str, int] = inputs.get("file_bytes", {})
+        self.recorded_root = Path(inputs.get("image_root") or root)
         self.augment = augment
         self.metas = [read_meta(p) for p in paths]
         self.readers = [ShardReader(p) for p in paths]
@@ -245,9 +250,9 @@ class ShardDataset(Dataset):
         index, rng = _split_key(key)
         s, r = self.index[index]
         record = self.readers[s].record(r)
-        image = _load_image(
-            self.image_root / record.file_name, record.height, record.width, self.limits
-        )
+        path = self.image_root / record.file_name
+        check_image_file(path, record.file_name, self.file_bytes, self.recorded_root)
+        image = _load_image(path, record.height, record.width, self.limits)
         masks = record.decode_masks()
         labels = np.zeros(masks.shape[0], np.int64)  # class-agnostic pre-training
         info = {"image_id": record.image_id, "file_name": record.file_name}

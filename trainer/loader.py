@@ -9,6 +9,7 @@ resumed run or a different worker count reproduces the same batches.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -177,3 +178,13 @@ def build_loader(
         return InfiniteLoader(DataLoader(dataset, sampler=sampler, **common), sampler, batch_size)
     indices = list(range(rank, len(dataset), world))
     return DataLoader(dataset, sampler=indices, **common)
+
+
+def worker_error_line(message: str) -> str:
+    """The error itself from a DataLoader worker's re-raised message ("Caught UserError in
+    DataLoader worker process 0. Original Traceback ... pipeline.cli.UserError: <error>"): its
+    last line without the exception's class name. Other messages are returned as their last line."""
+    last = message.strip().splitlines()[-1] if message.strip() else message
+    if "DataLoader worker" in message:
+        last = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+    return last
