@@ -28,7 +28,7 @@ import contextlib
 import copy
 import io
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from pipeline.cli import UserError
 from pipeline.coco_file import load_coco_file
 from pipeline.config import apply_override, from_dict
 from pipeline.image_files import ImageLimits
-from trainer.checkpoint import load_checkpoint, load_matching
+from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
 from trainer.loader import worker_context
@@ -190,6 +190,7 @@ def evaluate(
     results_path: str | Path | None = None,
     progress: bool = False,
     class_agnostic: bool = False,
+    inputs: Callable[[torch.Tensor, list[dict]], Any] | None = None,
 ) -> dict[str, float]:
     """Mask AP of ``knet`` over one pass of ``loader`` against ``coco_gt``.
 
@@ -200,6 +201,7 @@ def evaluate(
     category_ids: COCO id of each contiguous class; default ``loader.dataset.cat_ids``.
     results_path: where to write the COCO results JSON (optional).
     class_agnostic: score with COCOeval useCats=0 (see :func:`coco_mask_metrics`).
+    inputs: as the engine's: batch images -> the model's input (frozen, maybe cached, levels).
     Returns METRIC_NAMES (fractions, -1 where pycocotools has no ground truth) plus "images"
     (images evaluated) and "detections" (results kept). Only the images seen are scored.
     """
@@ -227,6 +229,8 @@ def evaluate(
             batches = tqdm(loader, desc="evaluate", dynamic_ncols=True)
         for batch in batches:
             images = batch.images.to(device, non_blocking=device.type == "cuda")
+            if inputs is not None:  # a frozen backbone's levels (trainer.frozen_features)
+                images = inputs(images, batch.infos)
             last = knet(images)["stages"][-1]
             scores = detection_scores(knet, last)
             for i, info in enumerate(batch.infos):
@@ -309,10 +313,11 @@ def format_table(rows: dict[str, dict[str, Any]], extra: Sequence[str] = ()) -> 
 
 
 def build_eval_loader(
-    cfg: Config, size_divisor: int, *, num_workers: int | None = None
+    cfg: Config, size_divisor: int, *, num_workers: int | None = None, store: Any | None = None
 ) -> DataLoader:
     """One ordered pass over ``cfg.data.val_json`` / ``val_images``, resized as in fine-tuning
     (no flip, no rotation), every image kept (an image without objects still counts for AP).
+    ``store``: a frozen-feature cache (``trainer.feature_cache.FeatureStore``) to read from.
 
     Not sharded over torch.distributed ranks: evaluation runs on rank 0 only and must see the
     whole set.
@@ -327,6 +332,10 @@ def build_eval_loader(
         limits=ImageLimits.from_data(cfg.data),
         allow_outside_root=cfg.data.allow_outside_root,
     )
+    if store is not None:
+        from trainer.feature_cache import CachedDataset
+
+        dataset = CachedDataset(dataset, store)
     workers = ft.num_workers if num_workers is None else num_workers
     return DataLoader(
         dataset,
@@ -371,6 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.backbones import build_backbone
     from trainer.distributed import init_distributed
+    from trainer.feature_cache import cache_dir, frozen_inputs
     from trainer.model.factory import build_model
 
     path = Path(args.checkpoint)
@@ -387,9 +397,19 @@ def run(args: argparse.Namespace) -> int:
         cfg.finetune.batch_size = args.batch_size
     device = init_distributed()
     knet = build_model(cfg.model, build_backbone(cfg.backbone), int(num_classes))
-    load_matching(knet, state["model"], allowed_skips=())  # strict: every tensor must fit
+    # strict: every tensor must fit (a frozen backbone is filled in from backbone.weights)
+    load_matching(knet, model_state(state, knet, path), allowed_skips=())
     knet.to(device)
-    loader = build_eval_loader(cfg, knet.size_divisor)
+    # A checkpoint's backbone is frozen here: evaluation reads the same levels as training did,
+    # from the feature cache when finetune.feature_cache is on.
+    _, frozen, store = frozen_inputs(
+        knet.backbone,
+        enabled=cfg.finetune.feature_cache,
+        cache_dir=cache_dir(cfg, cfg.finetune),
+        stage="finetune",
+        datasets=[],
+    )
+    loader = build_eval_loader(cfg, knet.size_divisor, store=store)
     category_ids = list(loader.dataset.cat_ids)
     if not args.class_agnostic:
         check_categories(
@@ -411,6 +431,7 @@ def run(args: argparse.Namespace) -> int:
         results_path=out.with_name(out.stem + "-segm.json"),
         progress=True,
         class_agnostic=args.class_agnostic,
+        inputs=frozen,
     )
     report = {
         "checkpoint": str(path),
