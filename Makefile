@@ -77,6 +77,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	test -f data/demo/annotations/instances_train.json || $(PY) -m pipeline data --config $(CONFIG)
 	$(PY) bench/proposals.py --config $(CONFIG) $(ARGS)
+	test -f $(RUN)/proposals/plan.json || $(PY) -m pipeline proposals --config $(CONFIG)
+	$(PY) bench/train.py --config $(CONFIG) --shards $(RUN)/proposals
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline trainer tests bench

@@ -133,11 +133,16 @@ class PretrainConfig:
     num_workers: int = 2
     log_every: int = 20
     ckpt_every: int = 1000
+    keep_checkpoints: int = 2  # newest iter_*.pt kept (<= 0: all); 2 so a bad last one has a twin
     seed: int = 0
     prompts: bool = True  # prompt-kernel matching (ablation switch)
     kernel_supervision: bool = True  # 1 - cos(K_n, t_l) (ablation switch)
     prompt_slots: int = 20
     prompt_keep: float = 0.9  # Bernoulli keep probability per kernel
+    # Frozen-feature cache (trainer/feature_cache.py): the frozen backbone's levels computed once
+    # per (image, size, flip) and read back; exact. Directory empty = runs/<name>/feature-cache.
+    feature_cache: bool = False
+    feature_cache_dir: str = ""
     # Kernel-supervision target t_l (a remedy switch for the targets' collapse, trainer/prompts.py):
     # "linear" (the paper: trainable Linear(S_l)), "detached" (that Linear, gradient stopped, so
     # only kernels move) or "frozen_orthogonal" (a fixed random orthogonal projection).
@@ -188,10 +193,15 @@ class FinetuneConfig:
     num_workers: int = 2
     log_every: int = 20
     ckpt_every: int = 1000
+    keep_checkpoints: int = 2  # newest iter_*.pt kept (<= 0: all)
     eval_every: int = 1000  # AP-vs-iteration curve
     seed: int = 0
     test_mask_threshold: float = 0.3
     max_detections: int = 100
+    # Frozen-feature cache, as in [pretrain]: needs frozen_stages = -1 and no rotation (refused
+    # otherwise); also serves evaluation. Directory empty = runs/<name>/feature-cache.
+    feature_cache: bool = False
+    feature_cache_dir: str = ""
 
 
 @dataclass

@@ -36,15 +36,20 @@ from pipeline.cli import UserError
 from trainer.checkpoint import (
     capture_rng_state,
     link_checkpoint,
-    load_checkpoint,
+    load_latest,
+    model_state,
+    prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
+    strip_frozen,
 )
 from trainer.distributed import barrier, dist_info
+from trainer.loader import worker_error_line
 from trainer.metrics_log import (
     LogWindow,
     append_metrics,
     plot_curves,
+    read_metrics,
     truncate_metrics,
 )
 
@@ -64,6 +69,7 @@ class Schedule:
     clipping, the norm is still logged). amp: False, True / "bf16" or "fp16" (CUDA only).
     log_every, ckpt_every: a metrics.jsonl record / a checkpoint every so many iterations and at
     the end. eval_every: ``eval_fn`` every so many iterations and at the end (0: never).
+    keep_checkpoints: how many ``iter_*.pt`` to keep, newest first (<= 0: all).
     """
 
     iters: int
@@ -72,6 +78,7 @@ class Schedule:
     log_every: int
     ckpt_every: int
     eval_every: int = 0
+    keep_checkpoints: int = 0
 
     @classmethod
     def from_section(cls, section: object, **changes: Any) -> Schedule:
@@ -102,13 +109,33 @@ def _split_state(objective: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return model, extras
 
 
-def _load_objective(objective: nn.Module, state: dict[str, Any]) -> None:
-    if isinstance(getattr(objective, "knet", None), nn.Module):
-        full = {f"knet.{k}": v for k, v in state["model"].items()}
+def _load_objective(objective: nn.Module, state: dict[str, Any], path: Path) -> None:
+    knet = getattr(objective, "knet", None)
+    if isinstance(knet, nn.Module):
+        full = {f"knet.{k}": v for k, v in model_state(state, knet, path).items()}
         full.update(state.get("extras") or {})
     else:
-        full = state["model"]
+        full = model_state(state, objective, path)
     objective.load_state_dict(full)
+
+
+def _restore(objective, optimizer, scheduler, scaler, loader, state, path: Path) -> None:
+    """Load a checkpoint's states; a model or optimiser that does not fit (other settings) is
+    one line naming the checkpoint, not load_state_dict's multi-line report."""
+    try:
+        _load_objective(objective, state, path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if hasattr(loader, "load_state_dict") and state.get("loader"):
+            loader.load_state_dict(state["loader"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot resume from {path}: it does not fit this model or optimiser ({first}); "
+            "resume with the settings it was made with, or choose another --out"
+        ) from None
 
 
 def checkpoint_path(out_dir: str | Path, iteration: int) -> Path:
@@ -142,6 +169,17 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 # --------------------------------------------------------------------------------------------
 # Loop helpers
+
+
+def _has_eval(metrics_path: Path, iteration: int, is_main: bool) -> bool:
+    """Whether metrics.jsonl holds the evaluation of ``iteration`` (True off rank 0 and for
+    iteration 0: nothing to redo there)."""
+    if not is_main or iteration == 0:
+        return True
+    return any(
+        r.get("kind") == "eval" and int(r.get("iter", -1)) == iteration
+        for r in read_metrics(metrics_path)
+    )
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -191,6 +229,7 @@ def train(
     config: dict[str, Any],
     eval_fn: Callable[[int], dict[str, float]] | None = None,
     desc: str = "train",
+    inputs: Callable[[torch.Tensor, list[dict]], Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``objective`` (returns {"loss_*": weighted scalars, "stat_*": detached scalars}) for
     ``schedule.iters`` iterations in total, counting any resumed ones (see :class:`Schedule`).
@@ -200,6 +239,8 @@ def train(
     :class:`trainer.loader.InfiniteLoader` also saves and restores its position. ``resume``
     continues from ``out_dir/checkpoints/last.pt`` (or the newest ``iter_*.pt``) when there is one
     (a fresh start otherwise); without ``resume`` an existing checkpoint is an error.
+    ``inputs(images, infos)``, when given, turns each batch's images into what the model takes
+    (``trainer.frozen_features.FrozenFeatures``: a frozen backbone's levels, maybe cached).
     ``eval_fn(t)`` runs on rank 0 every ``schedule.eval_every`` iterations and at the end, in eval
     mode without gradients; its metrics go to metrics.jsonl as kind "eval".
 
@@ -231,9 +272,8 @@ def train(
     window = LogWindow()
     start = 0
     rng_state = None
-    resume_from = latest_checkpoint(out_dir) if resume else None
+    resume_from, state = load_latest(out_dir) if resume else (None, None)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
         changed = config_changes(state.get("config") or {}, config)
         if changed and is_main:
             warnings.warn(
@@ -241,13 +281,7 @@ def train(
                 "checkpoint's optimizer and lr-schedule state are kept",
                 stacklevel=2,
             )
-        _load_objective(objective, state)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if hasattr(loader, "load_state_dict") and state.get("loader"):
-            loader.load_state_dict(state["loader"])
+        _restore(objective, optimizer, scheduler, scaler, loader, state, resume_from)
         window.load_state_dict(state.get("log_window"))
         start = int(state["iteration"])
         per_rank = state.get("rng_ranks")
@@ -281,6 +315,7 @@ def train(
     last_record: dict[str, Any] = {}
     last_saved = str(resume_from) if start else None
     t_begin = time.perf_counter()
+    frozen_print: list[str] = []  # a frozen backbone's fingerprint, computed once
 
     def save(iteration: int) -> None:
         nonlocal last_saved
@@ -292,8 +327,14 @@ def train(
         if is_main:
             knet_state, extras = _split_state(objective)
             knet = getattr(objective, "knet", None)
+            frozen = None
+            if isinstance(knet, nn.Module):
+                knet_state, frozen = strip_frozen(knet, knet_state, *frozen_print[:1])
+                if frozen and not frozen_print:
+                    frozen_print.append(frozen["fingerprint"])
             state = {
                 "model": knet_state,
+                "frozen_backbone": frozen,
                 "extras": extras,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -313,18 +354,51 @@ def train(
             save_checkpoint(path, state)
             link_checkpoint(path, last_path)
             last_saved = str(path)
+            prune_checkpoints(ckpt_dir, schedule.keep_checkpoints)
+
+    def run_eval(iteration: int) -> None:
+        if is_main:
+            # The evaluation's loaders draw from the global RNGs; restoring them keeps training
+            # after it identical to a run resumed from the checkpoint saved just before it.
+            rngs = capture_rng_state()
+            objective.eval()
+            with torch.no_grad():
+                metrics = eval_fn(iteration)
+            objective.train()
+            restore_rng_state(rngs)
+            append_metrics(metrics_path, {"kind": "eval", "iter": iteration, **metrics})
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"eval/{k}", v, iteration)
+        barrier()
 
     try:
         if rng_state is not None:
             # Last, after everything that was built (and may have drawn random numbers).
             restore_rng_state(rng_state)
+        if (  # single process only: the other ranks cannot tell whether rank 0 will evaluate
+            world == 1
+            and start < iters
+            and eval_fn is not None
+            and eval_every > 0
+            and start % eval_every == 0
+            and not _has_eval(metrics_path, start, is_main)
+        ):
+            run_eval(start)  # the evaluation a crash cut off after its checkpoint was saved
         objective.train()
         batches = _cycle(loader)
         for iteration in range(start + 1, iters + 1):
             t0 = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except UserError as e:
+                # A DataLoader worker's error arrives with the worker's traceback in its
+                # message; its last line is the error itself.
+                raise UserError(worker_error_line(str(e))) from None
             data_time = time.perf_counter() - t0
             images, targets = _to_device(batch, device)
+            if inputs is not None:  # a frozen backbone's levels, from the feature cache or not
+                images = inputs(images, batch.infos)
             with _amp_context(amp, device):
                 out = model(images, targets)
             loss_keys = sorted(k for k in out if k.startswith("loss_"))
@@ -399,25 +473,16 @@ def train(
                         if k not in ("kind", "iter"):
                             writer.add_scalar(f"train/{k}", v, iteration)
 
+            # Saved before evaluating, so a failing evaluation never costs the iterations
+            # before it.
+            if iteration % ckpt_every == 0 or iteration == iters:
+                save(iteration)
             if (
                 eval_fn is not None
                 and eval_every > 0
                 and (iteration % eval_every == 0 or iteration == iters)
             ):
-                if is_main:
-                    objective.eval()
-                    with torch.no_grad():
-                        metrics = eval_fn(iteration)
-                    objective.train()
-                    record = {"kind": "eval", "iter": iteration, **metrics}
-                    append_metrics(metrics_path, record)
-                    for k, v in metrics.items():
-                        if isinstance(v, (int, float)):
-                            writer.add_scalar(f"eval/{k}", v, iteration)
-                barrier()
-
-            if iteration % ckpt_every == 0 or iteration == iters:
-                save(iteration)
+                run_eval(iteration)
     finally:
         bar.close()
         if writer is not None:

@@ -21,10 +21,12 @@ checkpoints/, tensorboard/, loss_curves.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.atomic_files import write_json
+from pipeline.atomic_files import write_json, write_text
 from pipeline.cli import UserError, record_run
 from pipeline.image_files import ImageLimits
 from trainer.config import Config, load_config
 from trainer.evaluate import METRIC_NAMES, build_eval_loader, evaluate, format_table, load_coco
+from trainer.feature_cache import cache_dir, describe, frozen_inputs
+from trainer.labelled_check import check_validation_set
+from trainer.loader import worker_error_line
 from trainer.metrics_log import append_metrics, read_metrics
+from trainer.resume import check_resume, refuse_existing
 from trainer.splits import write_split
 
 NO_INIT = "none"
@@ -102,12 +108,15 @@ def load_init(knet: torch.nn.Module, path: str | Path) -> list[str]:
     Only the model's class layers (its CLASS_LAYER_PREFIXES) may be skipped; anything else missing,
     unexpected or of another shape is a UserError. Returns the sorted skipped names.
     """
-    from trainer.checkpoint import load_checkpoint, load_matching
+    from trainer.checkpoint import load_checkpoint, load_matching, model_state
 
     state = load_checkpoint(path)
-    if "model" not in state:
-        raise UserError(f"{path} holds no 'model' state (not a trainer checkpoint)")
-    return load_matching(knet, state["model"], allowed_skips=knet.CLASS_LAYER_PREFIXES)
+    try:
+        return load_matching(
+            knet, model_state(state, knet, path), allowed_skips=knet.CLASS_LAYER_PREFIXES
+        )
+    except UserError as e:
+        raise UserError(f"--init {path}: {e}") from None
 
 
 def init_record(init: str) -> dict[str, str | None]:
@@ -182,133 +191,204 @@ def train_seconds(metrics_jsonl: Path) -> float:
 def finetune(cfg: Config, *, resume: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
     """Stage three end to end with the choices already in ``cfg`` (see :func:`resolve`).
 
+    Everything is checked before anything is written into the run folder (held exclusively for
+    the run): the folder's state, the init checkpoint's identity and fit, the resumed checkpoint
+    and the settings that must not change on resume, the split's and validation set's files.
     Returns the content of metrics.json: {"final": {metrics, "iteration"}, "best": {metrics,
     "iteration"}, "iterations", "train_seconds", "init", "skipped", "split", ...}.
     """
-    from pipeline.backbones import build_backbone, weights_fingerprint
-    from trainer.datasets import CocoDataset
+    from pipeline.run_folder import claim_run_folder
     from trainer.distributed import dist_info, init_distributed, shutdown_distributed
+
+    out = Path(cfg.finetune.out)
+    init = init_record(cfg.finetune.init)
+    device = init_distributed()
+    try:
+        rank, _ = dist_info()
+        # Rank 0 holds the folder; the other ranks write nothing into it.
+        claim = claim_run_folder(out, "finetune") if rank == 0 else contextlib.nullcontext()
+        with claim, tempfile.TemporaryDirectory(prefix="finetune-split-") as scratch:
+            return _finetune(cfg, init, device, resume, argv, Path(scratch))
+    finally:
+        shutdown_distributed()
+
+
+def _finetune(
+    cfg: Config,
+    init: dict[str, str | None],
+    device: torch.device,
+    resume: bool,
+    argv: list[str] | None,
+    scratch: Path,
+) -> dict[str, Any]:
+    from pipeline.backbones import build_backbone
+    from trainer.distributed import dist_info
     from trainer.engine import Schedule, train
     from trainer.loader import build_loader
-    from trainer.model.objective import build_objective
     from trainer.optim import optimizer_from_section
-    from trainer.transforms import Augment
 
     ft = cfg.finetune
     out = Path(ft.out)
-    init = init_record(ft.init)
+    rank, world = dist_info()
+    say = print if rank == 0 else (lambda *a, **k: None)
     if resume:
         check_init(out, init)
-    device = init_distributed()
-    try:
-        rank, world = dist_info()
-        _seed_everything(ft.seed)
+        # Settings first (frac, split, model, ...): the error then names the setting.
+        check_resume("finetune", out, dataclasses.asdict(cfg))
+    else:
+        refuse_existing(out)
+    _seed_everything(ft.seed)
+    split, dataset = _training_set(cfg, scratch, resume, say)
+    objective = _objective(cfg, build_backbone(cfg.backbone), dataset.num_classes)
+    knet = objective.knet
+    knet.categories = [list(c) for c in dataset.categories]  # saved in every checkpoint
+    skipped, init_note = _initialise(cfg, knet)
+    knet.backbone.freeze(ft.frozen_stages)
+    (dataset,), frozen, store = frozen_inputs(
+        knet.backbone,
+        enabled=ft.feature_cache,
+        cache_dir=cache_dir(cfg, ft),
+        stage="finetune",
+        datasets=[dataset],
+        rotate_prob=ft.rotate_prob,
+        rotate_deg=ft.rotate_deg,
+    )
+    resolved = dataclasses.asdict(cfg)
+    if resume:
+        check_resume("finetune", out, resolved, knet)
 
-        split = write_split(
-            cfg.data.train_json,
-            out / "split.json",
-            frac=ft.frac,
-            seed=ft.split_seed,
-            split_file=ft.split_file,
-            split_fold=ft.split_fold,
-        )
-        augment = Augment(
-            ft.short_side,
-            ft.max_side,
-            flip=ft.flip,
-            rotate_deg=ft.rotate_deg,
-            rotate_prob=ft.rotate_prob,
-        )
-        dataset = CocoDataset(
-            out / "split.json",
-            cfg.data.train_images,
-            augment,
-            train=True,
-            limits=ImageLimits.from_data(cfg.data),
-            allow_outside_root=cfg.data.allow_outside_root,
-        )
+    loader = build_loader(
+        dataset,
+        ft.batch_size,
+        size_divisor=knet.size_divisor,
+        device=device,
+        num_workers=ft.num_workers,
+        seed=ft.seed,
+    )
+    optimizer, scheduler = optimizer_from_section(objective, ft)
+    # The engine evaluates on rank 0 only, but every rank must take the same path through it.
+    eval_fn = (
+        make_eval_fn(cfg, knet, dataset.cat_ids, device, frozen, store) if rank == 0 else _no_eval
+    )
 
-        backbone = build_backbone(cfg.backbone)
-        backbone_print = weights_fingerprint(backbone)
-        objective = build_objective(
-            backbone,
-            cfg.model,
-            num_classes=dataset.num_classes,
-            prompts=False,
-            kernel_supervision=False,
+    # Everything is checked: only now may the folder's records change.
+    if rank == 0:
+        write_text(out / "split.json", (scratch / "split.json").read_text())
+        record_run(out, resolved, argv)
+        write_json(out / "init.json", init)
+        say(
+            f"finetune: {split['num_images']} of {split['total_images']} training images "
+            f"({ft.frac:g}, {split['method']}), {len(dataset)} with objects, "
+            f"{dataset.num_classes} classes; batch {ft.batch_size} x {world} process(es) on "
+            f"{device}; {ft.iters} iterations -> {out}",
+            file=sys.stderr,
         )
-        knet = objective.knet
-        knet.categories = [list(c) for c in dataset.categories]  # saved in every checkpoint
-        if ft.init == NO_INIT:
-            skipped: list[str] = []
-            init_note = (
-                f"baseline: backbone weights only ({cfg.backbone.kind} "
-                f"'{cfg.backbone.weights or 'default'}'), fresh heads"
-            )
-        else:
-            skipped = load_init(knet, ft.init)
-            same = weights_fingerprint(knet.backbone) == backbone_print
-            init_note = (
-                f"initialised from {ft.init}; skipped {len(skipped)} tensors "
-                f"(class layers): {', '.join(skipped) or 'none'}; backbone "
-                f"{'identical to' if same else 'differs from'} backbone.weights"
-            )
-        knet.backbone.freeze(ft.frozen_stages)
-
-        loader = build_loader(
-            dataset,
-            ft.batch_size,
-            size_divisor=knet.size_divisor,
-            device=device,
-            num_workers=ft.num_workers,
-            seed=ft.seed,
-        )
-        optimizer, scheduler = optimizer_from_section(objective, ft)
-
-        # The engine evaluates on rank 0 only, but every rank must take the same path through it.
-        eval_fn = make_eval_fn(cfg, knet, dataset.cat_ids, device) if rank == 0 else _no_eval
-
-        resolved = dataclasses.asdict(cfg)
-        if rank == 0:
-            record_run(out, resolved, argv)
-            write_json(out / "init.json", init)
-            print(
-                f"finetune: {split['num_images']} of {split['total_images']} training images "
-                f"({ft.frac:g}, {split['method']}), {len(dataset)} with objects, "
-                f"{dataset.num_classes} classes; batch {ft.batch_size} x {world} process(es) on "
-                f"{device}; {ft.iters} iterations -> {out}",
-                file=sys.stderr,
-            )
-            print(f"finetune: {init_note}", file=sys.stderr)
-        result = train(
-            objective,
-            loader,
-            optimizer,
-            scheduler,
-            # eval_every <= 0 still evaluates once, at the end: the run's metrics need it.
-            Schedule.from_section(ft, eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters),
-            out_dir=out,
-            device=device,
-            resume=resume,
-            config=resolved,
-            eval_fn=eval_fn,
-            desc=f"finetune {out.name}",
-        )
-        summary: dict[str, Any] = {}
-        if rank == 0:
-            summary = _summarise(out, ft.iters, eval_fn, result)
-            summary.update(
-                init=ft.init,
-                init_sha256=init["sha256"],
-                skipped=skipped,
-                split=split,
-                train_images=len(dataset),
-                num_classes=dataset.num_classes,
-            )
-            write_json(out / "metrics.json", summary)
-    finally:
-        shutdown_distributed()
+        say(f"finetune: {init_note}", file=sys.stderr)
+        say(f"finetune: {describe(store)}", file=sys.stderr)
+    result = train(
+        objective,
+        loader,
+        optimizer,
+        scheduler,
+        # eval_every <= 0 still evaluates once, at the end: the run's metrics need it.
+        Schedule.from_section(ft, eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters),
+        out_dir=out,
+        device=device,
+        resume=resume,
+        config=resolved,
+        eval_fn=eval_fn,
+        desc=f"finetune {out.name}",
+        inputs=frozen,
+    )
+    if rank != 0:
+        return {}
+    summary = _summarise(out, ft.iters, eval_fn, result)
+    summary.update(
+        init=ft.init,
+        init_sha256=init["sha256"],
+        skipped=skipped,
+        split=split,
+        train_images=len(dataset),
+        num_classes=dataset.num_classes,
+    )
+    write_json(out / "metrics.json", summary)
     return summary
+
+
+def _training_set(cfg: Config, scratch: Path, resume: bool, say: Callable) -> tuple[dict, Any]:
+    """(split summary, CocoDataset) of the run's split, chosen into ``scratch`` (the run folder
+    is not written yet); on resume the split must be the recorded one. Bad images are skipped
+    with one line each."""
+    from trainer.datasets import CocoDataset
+    from trainer.labelled_check import usable_training_ids
+    from trainer.transforms import Augment
+
+    ft = cfg.finetune
+    split = write_split(
+        cfg.data.train_json,
+        scratch / "split.json",
+        frac=ft.frac,
+        seed=ft.split_seed,
+        split_file=ft.split_file,
+        split_fold=ft.split_fold,
+    )
+    chosen = json.loads((scratch / "split.json").read_text())
+    recorded = Path(ft.out) / "split.json"
+    if resume and recorded.is_file():
+        ids = sorted(int(im["id"]) for im in json.loads(recorded.read_text())["images"])
+        if ids != sorted(int(im["id"]) for im in chosen["images"]):
+            raise UserError(
+                f"{recorded} lists other images than this split ({split['method']}, frac "
+                f"{ft.frac:g}): resume with the run's own settings or choose another --out"
+            )
+    good = usable_training_ids(
+        chosen, cfg.data.train_images, lambda m: say(f"finetune: {m}", file=sys.stderr)
+    )
+    augment = Augment(
+        ft.short_side,
+        ft.max_side,
+        flip=ft.flip,
+        rotate_deg=ft.rotate_deg,
+        rotate_prob=ft.rotate_prob,
+    )
+    dataset = CocoDataset(
+        scratch / "split.json",
+        cfg.data.train_images,
+        augment,
+        image_ids=good,
+        train=True,
+        limits=ImageLimits.from_data(cfg.data),
+        allow_outside_root=cfg.data.allow_outside_root,
+    )
+    return split, dataset
+
+
+def _objective(cfg: Config, backbone: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    from trainer.model.objective import build_objective
+
+    return build_objective(
+        backbone, cfg.model, num_classes=num_classes, prompts=False, kernel_supervision=False
+    )
+
+
+def _initialise(cfg: Config, knet: torch.nn.Module) -> tuple[list[str], str]:
+    """Load the init checkpoint into ``knet`` (nothing for the baseline): (skipped tensors, a
+    line saying what the run starts from)."""
+    if cfg.finetune.init == NO_INIT:
+        return [], (
+            f"baseline: backbone weights only ({cfg.backbone.kind} "
+            f"'{cfg.backbone.weights or 'default'}'), fresh heads"
+        )
+    from pipeline.backbones import weights_fingerprint
+
+    configured = weights_fingerprint(knet.backbone)
+    skipped = load_init(knet, cfg.finetune.init)
+    same = weights_fingerprint(knet.backbone) == configured
+    return skipped, (
+        f"initialised from {cfg.finetune.init}; skipped {len(skipped)} tensors (class layers): "
+        f"{', '.join(skipped) or 'none'}; backbone "
+        f"{'identical to' if same else 'differs from'} backbone.weights"
+    )
 
 
 def _no_eval(iteration: int) -> dict[str, float]:
@@ -316,29 +396,44 @@ def _no_eval(iteration: int) -> dict[str, float]:
 
 
 def make_eval_fn(
-    cfg: Config, knet: torch.nn.Module, cat_ids: list[int], device: torch.device
+    cfg: Config,
+    knet: torch.nn.Module,
+    cat_ids: list[int],
+    device: torch.device,
+    frozen: Callable | None = None,
+    store: Any | None = None,
 ) -> Callable[[int], dict[str, float]]:
-    """eval_fn(iteration) -> mask AP of ``knet`` on the validation set (+ "eval_seconds")."""
+    """eval_fn(iteration) -> mask AP of ``knet`` on the validation set (+ "eval_seconds").
+
+    ``frozen``, ``store``: the run's frozen-feature source and cache (None when not used)."""
     ft = cfg.finetune
-    val_loader = build_eval_loader(cfg, knet.size_divisor)
+    val_loader = build_eval_loader(cfg, knet.size_divisor, store=store)
     if list(val_loader.dataset.cat_ids) != list(cat_ids):
         raise UserError(
             f"{cfg.data.val_json} and {cfg.data.train_json} have different "
             "categories: the classes the model learns would not be scored"
         )
     coco_gt = load_coco(cfg.data.val_json)
+    check_validation_set(coco_gt.dataset, cfg.data.val_images, cfg.data.val_json)
 
     def eval_fn(iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        metrics = evaluate(
-            knet,
-            val_loader,
-            coco_gt,
-            device,
-            category_ids=cat_ids,
-            mask_threshold=ft.test_mask_threshold,
-            max_detections=ft.max_detections,
-        )
+        try:
+            metrics = evaluate(
+                knet,
+                val_loader,
+                coco_gt,
+                device,
+                category_ids=cat_ids,
+                mask_threshold=ft.test_mask_threshold,
+                max_detections=ft.max_detections,
+                inputs=frozen,
+            )
+        except UserError as e:
+            # A loader worker's error carries the worker's traceback; the dataset's wording
+            # is the training one.
+            last = worker_error_line(str(e))
+            raise UserError(last.replace("training image", "validation image")) from None
         return {**metrics, "eval_seconds": time.perf_counter() - t0}
 
     return eval_fn

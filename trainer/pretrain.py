@@ -11,8 +11,10 @@ loss_curves.png}. With --resume it continues exactly from checkpoints/last.pt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -25,12 +27,15 @@ from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.image_files import ImageLimits
+from pipeline.run_folder import claim_run_folder
 from trainer.config import Config, load_config
 from trainer.datasets import ShardDataset
 from trainer.distributed import dist_info, init_distributed, shutdown_distributed
 from trainer.engine import Schedule, latest_checkpoint, train
+from trainer.feature_cache import cache_dir, describe, frozen_inputs
 from trainer.loader import build_loader
 from trainer.optim import optimizer_from_section
+from trainer.resume import check_resume
 from trainer.transforms import Augment
 
 
@@ -117,7 +122,25 @@ def run_pretrain(
     image_root: str | None = None,
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Stage two end to end; returns the engine's summary."""
+    """Stage two end to end, holding ``out`` exclusively for the run (rank 0 only: the other
+    torchrun ranks write nothing there); returns the engine's summary."""
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group is not up yet
+    claim = claim_run_folder(out, "pretrain") if rank == 0 else contextlib.nullcontext()
+    with claim:
+        return _pretrain(
+            cfg, shards=shards, out=out, resume=resume, image_root=image_root, argv=argv
+        )
+
+
+def _pretrain(
+    cfg: Config,
+    *,
+    shards: Path,
+    out: Path,
+    resume: bool,
+    image_root: str | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
     from trainer.model.objective import build_objective
 
     p = cfg.pretrain
@@ -151,6 +174,13 @@ def run_pretrain(
         )
     except ValueError as e:  # a bad prompt or kernel-supervision setting: one line, not a trace
         raise UserError(f"pretrain: {e}") from None
+    (dataset,), frozen, store = frozen_inputs(
+        objective.knet.backbone,
+        enabled=p.feature_cache,
+        cache_dir=cache_dir(cfg, p),
+        stage="pretrain",
+        datasets=[dataset],
+    )
     loader = build_loader(
         dataset,
         p.batch_size,
@@ -161,17 +191,21 @@ def run_pretrain(
     )
     optimizer, scheduler = optimizer_from_section(objective, p)
     resolved = dataclasses.asdict(cfg)
+    if resume:  # checked before record_run, so a refused resume leaves the run's records alone
+        check_resume("pretrain", out, resolved, objective.knet)
     if rank == 0:
         record_run(out, resolved, argv)
         skipped = ", ".join(f"{n} with status {s}" for s, n in sorted(dataset.skipped.items()))
         print(
-            f"pretrain: {len(dataset)} images from {len(dataset.metas)} shards in {shards}"
+            f"pretrain: {len(dataset)} images from {len(dataset.metas)} shards in {shards}, "
+            f"pixels from {dataset.image_root}"
             f"{' (skipped ' + skipped + ')' if skipped else ''}; batch {p.batch_size} x "
             f"{world} process(es) on {device}; {p.iters} iterations -> {out}",
             file=sys.stderr,
         )
         for note in notes:
             print(f"pretrain: note: {note}", file=sys.stderr)
+        print(f"pretrain: {describe(store)}", file=sys.stderr)
     try:
         result = train(
             objective,
@@ -184,6 +218,7 @@ def run_pretrain(
             resume=resume,
             config=resolved,
             desc="pretrain",
+            inputs=frozen,
         )
     except BaseException:
         shutdown_distributed(barrier=False)

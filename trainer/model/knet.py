@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
+from trainer.frozen_features import BackboneLevels
 from trainer.model.kernel_head import KernelHead, prior_bias
 from trainer.model.kernel_update import KernelUpdateStage
 from trainer.model.neck import build_neck
@@ -85,8 +86,12 @@ class KNet(nn.Module):
         with torch.no_grad():
             return list(self.backbone(images))
 
-    def forward(self, images: Tensor, inject: Inject | None = None) -> dict[str, Any]:
-        """images: (B, 3, H, W), ImageNet-normalised, H and W multiples of ``size_divisor``.
+    def forward(
+        self, images: Tensor | BackboneLevels, inject: Inject | None = None
+    ) -> dict[str, Any]:
+        """images: (B, 3, H, W), ImageNet-normalised, H and W multiples of ``size_divisor``; or
+        the frozen backbone's levels of such a batch (``trainer.frozen_features``: from the
+        feature cache), in which case the backbone is not run.
 
         Returns, with h = H / mask_stride, w = W / mask_stride:
           "init": {"masks": (B, N, h, w) logits, "semantic": (B, C, h, w) logits,
@@ -99,7 +104,11 @@ class KNet(nn.Module):
             raise ValueError(
                 f"input {height}x{width} is not a multiple of size_divisor {self.size_divisor}"
             )
-        pyramid = self.neck(self._backbone_levels(images))
+        if isinstance(images, BackboneLevels):
+            levels = images.levels
+        else:
+            levels = self._backbone_levels(images)
+        pyramid = self.neck(levels)
         head = self.kernel_head(pyramid)
         kernels, masks = head["kernels"], head["masks"]
         if inject is not None:

@@ -1,0 +1,196 @@
+"""Pre-training step time with the frozen-feature cache on and off, in one run, same images.
+
+    python bench/train.py [--config configs/demo.toml] [--shards DIR] [--iters 40] [--warmup 10]
+
+For each mode (``off``: the frozen backbone runs every step; ``on``: its levels come from the
+feature cache, filled first by one pass over every image view the run will see) the same
+pre-training objective trains ``--iters`` timed iterations after ``--warmup`` untimed ones, from
+the same seed and the same sampler order. Reported per mode: iterations per second, the step
+time split into data wait, backbone (levels: computed, or read and assembled), model forward,
+matching and losses, backward and optimiser, and peak memory (RSS sampled every 50 ms on CPU,
+``max_memory_allocated`` on CUDA). Writes ``bench/results/train.json``. Ratios, not absolute
+times, are the result: run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.atomic_files import write_json  # noqa: E402
+from pipeline.backbones import build_backbone  # noqa: E402
+from pipeline.image_files import ImageLimits  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.datasets import ShardDataset  # noqa: E402
+from trainer.feature_cache import frozen_inputs  # noqa: E402
+from trainer.loader import build_loader  # noqa: E402
+from trainer.model.objective import build_objective  # noqa: E402
+from trainer.optim import optimizer_from_section  # noqa: E402
+from trainer.transforms import Augment  # noqa: E402
+
+PHASES = ("data", "backbone", "forward", "losses", "backward", "optimiser")
+
+
+class PeakRSS:
+    """Largest resident set size seen by a sampling thread (CPU peak memory of this process)."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _timed(module: torch.nn.Module, key: str, clock: dict[str, float]) -> None:
+    """Add ``module``'s forward wall time to ``clock[key]`` (forward hooks)."""
+    start: list[float] = []
+    module.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
+    module.register_forward_hook(
+        lambda *_: clock.__setitem__(key, clock[key] + time.perf_counter() - start.pop())
+    )
+
+
+def build(cfg, shards: Path, cache: bool, cache_dir: Path, device: torch.device):
+    p = cfg.pretrain
+    torch.manual_seed(p.seed)
+    augment = Augment(p.short_side, p.max_side, flip=p.flip)
+    dataset = ShardDataset(shards, augment, None, ImageLimits.from_data(cfg.data))
+    objective = build_objective(
+        build_backbone(cfg.backbone), cfg.model, num_classes=1, prompts=p.prompts,
+        kernel_supervision=p.kernel_supervision, prompt_slots=p.prompt_slots,
+        prompt_keep=p.prompt_keep,
+    )  # fmt: skip
+    (dataset,), frozen, store = frozen_inputs(
+        objective.knet.backbone, enabled=cache, cache_dir=cache_dir, stage="pretrain",
+        datasets=[dataset],
+    )  # fmt: skip
+    loader = build_loader(
+        dataset, p.batch_size, size_divisor=objective.knet.size_divisor, device=device,
+        num_workers=p.num_workers, seed=p.seed,
+    )  # fmt: skip
+    optimizer, _ = optimizer_from_section(objective, p)
+    return objective.to(device), loader, frozen, store, optimizer
+
+
+def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int, warmup: int, device):
+    objective, loader, frozen, store, optimizer = build(cfg, shards, cache, cache_dir, device)
+    clock = dict.fromkeys(PHASES, 0.0)
+    _timed(objective.knet, "forward", clock)
+    _timed(objective.criterion, "losses", clock)
+    if objective.kernel_supervision is not None:
+        _timed(objective.kernel_supervision, "losses", clock)
+    objective.train()
+    batches = iter(loader)
+    hits = misses = 0
+    with PeakRSS() as rss:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for step in range(warmup + iters):
+            if step == warmup:
+                clock.update(dict.fromkeys(PHASES, 0.0))
+                hits = misses = 0
+                begin = time.perf_counter()
+            t0 = time.perf_counter()
+            batch = next(batches).to(device)
+            t1 = time.perf_counter()
+            cached = sum("cached_levels" in info for info in batch.infos)
+            hits, misses = hits + cached, misses + len(batch.infos) - cached
+            images = frozen(batch.images, batch.infos) if frozen is not None else batch.images
+            t2 = time.perf_counter()
+            out = objective(images, batch.targets)
+            loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+            t3 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t4 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.pretrain.clip_grad)
+            optimizer.step()
+            t5 = time.perf_counter()
+            for key, dt in zip(("data", "backbone", "backward", "optimiser"),
+                               (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):  # fmt: skip
+                clock[key] += dt
+        seconds = time.perf_counter() - begin
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak
+    return {
+        "iters_per_s": iters / seconds,
+        "seconds": seconds,
+        "share": {k: v / seconds for k, v in clock.items()},
+        "other_share": max(0.0, 1 - sum(clock.values()) / seconds),
+        "cache_hit_rate": hits / max(hits + misses, 1),
+        "peak_memory_mib": peak / 2**20,
+        "cache": store.stats() if store is not None else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/demo.toml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--shards", default="")
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--cache-dir", default="runs/bench/feature-cache")
+    parser.add_argument("--out", default="bench/results/train.json")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    shards = Path(args.shards or cfg.pretrain.shards or f"runs/{cfg.name}/proposals")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fill_start = time.perf_counter()
+    # Fill the cache with one untimed pass as long as the dataset (both flips appear over it).
+    n_images = len(ShardDataset(shards, Augment(64, 64), None, ImageLimits.from_data(cfg.data)))
+    fill_iters = -(-n_images // cfg.pretrain.batch_size) * 2
+    run_mode(cfg, shards, True, Path(args.cache_dir), fill_iters, 0, device)
+    fill_seconds = time.perf_counter() - fill_start
+    modes = {}
+    for name, cache in (("off", False), ("on", True)):
+        modes[name] = run_mode(
+            cfg, shards, cache, Path(args.cache_dir), args.iters, args.warmup, device
+        )
+        m = modes[name]
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["share"].items())
+        print(
+            f"cache {name}: {m['iters_per_s']:.2f} it/s; {shares}; hits "
+            f"{100 * m['cache_hit_rate']:.0f}%; peak {m['peak_memory_mib']:.0f} MiB",
+            flush=True,
+        )
+    report = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "device": str(device),
+        "model": cfg.model.kind if hasattr(cfg.model, "kind") else "knet",
+        "batch_size": cfg.pretrain.batch_size,
+        "input": [cfg.pretrain.short_side, cfg.pretrain.max_side],
+        "cache_fill_seconds": fill_seconds,
+        "speedup_on_over_off": modes["on"]["iters_per_s"] / modes["off"]["iters_per_s"],
+        "modes": modes,
+    }
+    write_json(args.out, report)
+    print(json.dumps({k: report[k] for k in ("speedup_on_over_off", "cache_fill_seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
