@@ -95,13 +95,18 @@ class _Actors:
             self.live[self._next], self.slot[self._next] = handle, s
             ids.append(self._next)
             self._next += 1
-        refs = [self.live[i].get_fingerprint.remote() for i in ids]
-        for got in self.ray.get(refs, timeout=SPAWN_TIMEOUT_S):
-            if got != self.fingerprint:
-                raise RuntimeError(
-                    "a Ray worker built a backbone with different weights "
-                    f"(fingerprint {got[:12]} != {self.fingerprint[:12]})"
-                )
+        try:
+            refs = [self.live[i].get_fingerprint.remote() for i in ids]
+            for got in self.ray.get(refs, timeout=SPAWN_TIMEOUT_S):
+                if got != self.fingerprint:
+                    raise RuntimeError(
+                        "a Ray worker built a backbone with different weights "
+                        f"(fingerprint {got[:12]} != {self.fingerprint[:12]})"
+                    )
+        except Exception:
+            for i in ids:  # none of them is given work
+                self.ray.kill(self.live.pop(i), no_restart=True)
+            raise
         return ids
 
     def replace(self, dead: int) -> None:

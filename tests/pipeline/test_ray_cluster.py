@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +81,12 @@ def test_private_cluster_forces_token_auth(tmp_path, monkeypatch, capsys):
         assert "RAY_AUTH_MODE=disabled ignored" in capsys.readouterr().err
     finally:
         ray.shutdown()
+
+
+def test_pyproject_requires_a_ray_with_token_auth():
+    root = Path(__file__).resolve().parents[2]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    [spec] = [d for d in deps if re.match(r"ray\b", d)]
+    low = re.search(r">=\s*([\d.]+)", spec)
+    assert low, spec
+    assert tuple(int(x) for x in low.group(1).split(".")) >= (2, 52), spec
