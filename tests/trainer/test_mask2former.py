@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,3 +209,30 @@ def test_detection_scores_multiply_class_and_mask_scores():
     masks[0, 0, 0, :] = torch.logit(torch.tensor(0.8))  # two cells at 0.8, two at ~0
     scores = model.detection_scores({"logits": logits, "masks": masks})
     torch.testing.assert_close(scores[0, 0], torch.tensor([0.6 * 0.8, 0.3 * 0.8]))
+
+
+def test_ablation_switches_remove_their_losses_and_stats():
+    torch.manual_seed(0)
+    backbone = FakeResNet()
+    images, targets = torch.randn(2, 3, 64, 64), make_targets(64, backbone.embed_dim)
+    kernel_keys = {f"loss_s{i}_kernel" for i in range(1, TINY_M2F.decoder_layers + 1)}
+    for prompts, supervision in ((True, False), (False, True), (False, False)):
+        objective = build_objective(
+            backbone, TINY_M2F, 1, prompts=prompts, kernel_supervision=supervision
+        )
+        keys = objective(images, targets).keys()
+        assert ("stat_prompt_cos" in keys) == prompts
+        assert (kernel_keys <= keys) == supervision
+        assert supervision or not kernel_keys & keys
+
+
+def test_cached_backbone_levels_give_the_same_outputs():
+    """Handed the frozen backbone's levels (the feature cache's batch), the model skips its
+    backbone and computes exactly what it computes from the images."""
+    torch.manual_seed(0)
+    model = build_model(TINY_M2F, FakeResNet(), 1).eval()
+    images = torch.randn(1, 3, 64, 64)
+    cached = SimpleNamespace(levels=model.backbone(images), input_size=(64, 64))
+    with torch.no_grad():
+        a, b = model(images), model(cached)
+    torch.testing.assert_close(a["stages"][-1]["masks"], b["stages"][-1]["masks"], rtol=0, atol=0)

@@ -99,8 +99,10 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, queries, h, lv, p, 2)
         weights = self.attention_weights(query).view(batch, queries, h, lv * p)
         weights = weights.softmax(-1).view(batch, queries, h, lv, p)
-        sizes = torch.tensor([(w, hh) for hh, w in shapes], dtype=query.dtype, device=query.device)
-        locations = (
-            reference_points[:, :, None, :, None, :] + offsets / sizes[None, None, None, :, None]
-        )
-        return self.output_proj(deformable_sample(v, shapes, locations, weights))
+        # Locations and sampling in float32 even under bf16 autocast (as the CUDA kernel does):
+        # bf16's 8-bit mantissa would move a point by up to a fifth of a cell on a 40-cell map.
+        sizes = torch.tensor([(w, hh) for hh, w in shapes], dtype=torch.float32, device=v.device)
+        offsets = offsets.float() / sizes[None, None, None, :, None]
+        locations = reference_points.float()[:, :, None, :, None, :] + offsets
+        sampled = deformable_sample(v.float(), shapes, locations, weights.float())
+        return self.output_proj(sampled.to(query.dtype))
