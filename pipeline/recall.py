@@ -90,19 +90,21 @@ def choose_matching(paths: Sequence[Path], gt: COCO) -> tuple[str, Callable[[int
 
     Shards of a COCO JSON keep its ids; shards of a folder number images by plan position, which
     a GT file's ids need not follow. Ids are used when every shard image found under its id there
-    has that file name too; otherwise images are matched by file name (then base name)."""
+    has that file name too and names find no more images; otherwise images are matched by file
+    name (then base name)."""
     by_name = _name_index(gt)
-    conflicts = agree = 0
+    conflicts = agree = named = 0
     for path in paths:
         with ShardReader(path) as reader:
             table = reader.image_table()
         for i, name in zip(table["image_id"].tolist(), table["file_name"].tolist()):
+            named += str(name) in by_name or PurePosixPath(str(name)).name in by_name
             info = gt.imgs.get(int(i))
             if info is None:
                 continue
             same = PurePosixPath(str(info["file_name"])).name == PurePosixPath(str(name)).name
             agree, conflicts = agree + same, conflicts + (not same)
-    if agree and not conflicts:
+    if agree and not conflicts and agree >= named:
         return "image_id", lambda image_id, file_name: int(image_id)
 
     def by_file(image_id: int, file_name: str) -> int:

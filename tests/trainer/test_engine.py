@@ -148,7 +148,13 @@ def test_warmup_then_step_schedule():
 def test_schedule_and_optimizer_from_config_sections():
     pre = PretrainConfig(iters=7, clip_grad=0.5, amp=True, log_every=3, ckpt_every=4)
     assert Schedule.from_section(pre) == Schedule(
-        iters=7, clip_grad=0.5, amp=True, log_every=3, ckpt_every=4, eval_every=0
+        iters=7,
+        clip_grad=0.5,
+        amp=True,
+        log_every=3,
+        ckpt_every=4,
+        eval_every=0,
+        keep_checkpoints=2,
     )  # PretrainConfig has no eval_every: the default, never
     assert Schedule.from_section(FinetuneConfig(eval_every=9)).eval_every == 9
     ft = FinetuneConfig(eval_every=0)
@@ -264,7 +270,10 @@ def test_outputs_and_checkpoint_contents(tmp_path):
         "num_classes",
         "loader",
     }
-    assert set(state["model"]) == {"backbone.weight", "backbone.bias", "head.weight", "head.bias"}
+    # The frozen backbone is rebuilt from the config: only its fingerprint is stored.
+    assert set(state["model"]) == {"head.weight", "head.bias"}
+    assert state["frozen_backbone"]["prefix"] == "backbone."
+    assert len(state["frozen_backbone"]["fingerprint"]) == 64
     assert set(state["extras"]) == {"extra.weight", "extra.bias"}
     assert state["num_classes"] == 1 and state["config"] == {"name": "tiny"}
     assert state["loader"]["epoch"] == 1 and state["loader"]["position"] == 1  # 8 of 7 samples

@@ -20,7 +20,7 @@ from pipeline.config import BackboneConfig
 from pipeline.shard_plan import compute_fingerprint, result_settings
 from pipeline.shards import STATUS_EMPTY, STATUS_OK, ImageRecord, shard_name, write_shard
 from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, shard_rles, train_records
-from trainer.checkpoint import load_checkpoint, load_matching
+from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import load_config
 from trainer.metrics_log import read_metrics
 from trainer.pretrain import check_shards
@@ -138,14 +138,17 @@ def test_short_pretrain_run_from_shards_and_resume(tmp_path):
     recorded = load_config(out / "config.toml")
     assert recorded.pretrain.iters == 3 and recorded.model.channels == 16
 
-    # The checkpoint's "model" is a K-Net state dict that loads into a fresh K-Net completely.
+    # The checkpoint's "model" is a K-Net state dict without the frozen backbone (recorded by
+    # its fingerprint); completed from the config's backbone it loads into a fresh K-Net.
     from pipeline.backbones import build_backbone
     from trainer.model.knet import KNet
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["iteration"] == 3 and state["num_classes"] == 1 and state["extras"]
+    assert not any(k.startswith("backbone.") for k in state["model"])
     knet = KNet(build_backbone(recorded.backbone), recorded.model, num_classes=1)
-    assert load_matching(knet, state["model"], allowed_skips=()) == []
+    full = model_state(state, knet, "last.pt")
+    assert load_matching(knet, full, allowed_skips=()) == []
 
     # Without --resume the finished run is left alone, its config.toml included.
     before = (out / "config.toml").read_text()
