@@ -34,7 +34,7 @@ from trainer.config import Config, load_config
 from trainer.finetune import NO_INIT, check_init, finetune, init_record, resolve
 from trainer.results import write_report
 
-LABELS = {"sp": "Saliency Prompt (pre-trained K-Net)", "baseline": "baseline (backbone only)"}
+LABELS = {"sp": "Saliency Prompt (pre-trained model)", "baseline": "baseline (backbone only)"}
 # Sections that say what a compare or study repeats, not what one run does: a run folder made
 # under other seeds lists (or another study's variants) is still the same run.
 IGNORED_SECTIONS = ("compare",)

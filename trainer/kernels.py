@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Subset
 
 from pipeline.cli import UserError
 from pipeline.config import apply_override, from_dict
-from trainer.checkpoint import load_checkpoint, load_matching
+from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
 from trainer.transforms import Augment
@@ -112,7 +112,7 @@ def kernel_statistics(
 def load_model(path: Path, overrides: list[str]) -> tuple[nn.Module, Config]:
     """The model a training checkpoint holds, built from its own config (``--set`` applied)."""
     from pipeline.backbones import build_backbone
-    from trainer.model.knet import KNet
+    from trainer.model.factory import build_model
 
     state = load_checkpoint(path)
     raw, num_classes = state.get("config"), state.get("num_classes")
@@ -122,8 +122,9 @@ def load_model(path: Path, overrides: list[str]) -> tuple[nn.Module, Config]:
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = from_dict(Config, raw)
-    model = KNet(build_backbone(cfg.backbone), cfg.model, int(num_classes))
-    load_matching(model, state["model"], allowed_skips=())  # strict: every tensor must fit
+    model = build_model(cfg.model, build_backbone(cfg.backbone), int(num_classes))
+    # strict: every tensor must fit (a frozen backbone is filled in from backbone.weights)
+    load_matching(model, model_state(state, model, path), allowed_skips=())
     return model, cfg
 
 

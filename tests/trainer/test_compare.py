@@ -85,10 +85,10 @@ def test_compare_over_two_seeds_writes_recomputable_results(project):
         curve = next(r["curve"] for r in runs if (r["row"], r["seed"]) == ("sp", entry["seed"]))
         assert entry["reaches_mean_at"] == first_reach(curve, target)
     text = (folder / "results.md").read_text()
-    assert "| Saliency Prompt (pre-trained K-Net) | 2 |" in text and "±" in text
+    assert "| Saliency Prompt (pre-trained model) | 2 |" in text and "±" in text
     assert "mean ± sd" in text and "reaches the mean baseline final AP at" in text
     assert (folder / "ap_vs_iter.png").stat().st_size > 0
-    assert "Saliency Prompt (pre-trained K-Net) - baseline:" in out
+    assert "Saliency Prompt (pre-trained model) - baseline:" in out
 
     # Again: all four runs reused; another seed list reuses the shared seed's runs.
     code, _, err = _compare(toml, "--iters", "2", "--seeds", "0,1")
