@@ -12,6 +12,7 @@ executors write identical shards.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from typing import Any
 
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig, ProposalConfig
+from pipeline.image_files import ImageLimits
 from pipeline.proposal_worker import ProposalWorker, count_records
 from pipeline.ray_cluster import ActorPlan, cluster_shape, plan_actors, ray_init
 from pipeline.shards import shard_name, write_shard
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 # and return {shard index: error} for the shards that failed.
 
 
+# A full, read-only or forbidden output folder: retrying or moving to the next shard cannot help,
+# so the run stops at once and the command prints one line for it (pipeline/cli.py).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def run_local(
     worker: ProposalWorker,
     jobs: list[Job],
@@ -47,6 +54,12 @@ def run_local(
         for attempt in range(MAX_RETRIES + 1):
             try:
                 result = worker.process_shard(index, items, on_batch)
+            except OSError as e:
+                if e.errno in DISK_ERRNOS:  # no other shard can be written either: stop, one line
+                    raise
+                log.warning("shard %d attempt %d failed: %s", index, attempt + 1, e)
+                if attempt == MAX_RETRIES:
+                    failed[index] = f"{type(e).__name__}: {e}"
             except Exception as e:  # recorded below; the other shards still run
                 log.warning("shard %d attempt %d failed: %s", index, attempt + 1, e)
                 if attempt == MAX_RETRIES:
@@ -71,12 +84,15 @@ def _last_line(e: BaseException) -> str:
 class _Actors:
     """The run's actors: started as planned, checked against the driver, replaced when dead."""
 
-    def __init__(self, ray, worker_cls, plan: ActorPlan, args: tuple, fingerprint: str):
+    def __init__(
+        self, ray, worker_cls, plan: ActorPlan, args: tuple, fingerprint: str, kwargs=None
+    ):
         class RayProposalWorker(worker_cls):
             def cancelled(self) -> bool:  # a copy that lost the race stops before the backbone
                 return ray.get_runtime_context().is_canceled()
 
         self.ray, self.plan, self.args, self.fingerprint = ray, plan, args, fingerprint
+        self.kwargs = dict(kwargs or {})
         self.cls = ray.remote(RayProposalWorker)
         self.live: dict[int, Any] = {}  # id -> handle
         self.slot: dict[int, int] = {}  # id -> index into the plan's shares
@@ -90,7 +106,7 @@ class _Actors:
             if self.plan.gpus:
                 opts["num_gpus"] = self.plan.gpus
             handle = self.cls.options(**opts).remote(
-                *self.args, None, self.plan.cpus[s], self.plan.decode_threads[s]
+                *self.args, None, self.plan.cpus[s], self.plan.decode_threads[s], **self.kwargs
             )
             self.live[self._next], self.slot[self._next] = handle, s
             ids.append(self._next)
@@ -212,6 +228,8 @@ class _Schedule:
             try:
                 self.write(piece.shard, whole)
             except OSError as e:
+                if e.errno in DISK_ERRNOS:  # a full or read-only disk fails every shard: stop
+                    raise
                 self.failed[piece.shard] = f"{type(e).__name__}: {e}"
 
     def _failure(self, piece: Piece, err: str) -> None:
@@ -246,12 +264,14 @@ def run_ray(
     stats: dict[str, Any] | None = None,
     worker_cls: type[ProposalWorker] = ProposalWorker,
     on_batch: Callable[[int, int], None] | None = None,
+    limits: ImageLimits | None = None,
 ) -> dict[int, str]:
     """Actors as ``plan_actors`` sizes them for the cluster; batches balanced between them.
 
     ``workers``: CPU actors when there is no GPU (0: from the machine). ``stats``, when given,
     receives ``actors``, ``threads`` (per actor) and ``spawn_s`` (seconds to start them).
     ``worker_cls`` is the actor's class (a subclass of ProposalWorker, e.g. in tests).
+    ``limits``: the image limits every actor decodes with (``[data]``; default ImageLimits()).
     """
     ray, started = ray_init()
     try:
@@ -262,7 +282,7 @@ def run_ray(
             plan = plan_actors(cpus, 0, pieces, node_cpus)
         t0 = time.perf_counter()
         args = (backbone_cfg, cfg, str(out_dir))
-        actors = _Actors(ray, worker_cls, plan, args, fingerprint)
+        actors = _Actors(ray, worker_cls, plan, args, fingerprint, {"limits": limits})
         try:
             first = actors.start(list(range(min(plan.actors, pieces))))
             meta = ray.get(actors.call(first[0], "get_meta"))

@@ -25,6 +25,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
 from pipeline.config import BackboneConfig, ProposalConfig
+from pipeline.image_files import ImageLimits
 from pipeline.images import (
     ImageItem,
     UnreadableImage,
@@ -84,9 +85,11 @@ class ProposalWorker:
         decode_threads: int | None = None,
         backbone: Backbone | None = None,
         fingerprint: str | None = None,
+        limits: ImageLimits | None = None,
     ):
         """``backbone`` and its ``fingerprint`` may be handed in by a caller that already built
-        and hashed it (the local executor); otherwise the worker builds it from the config."""
+        and hashed it (the local executor); otherwise the worker builds it from the config.
+        ``limits``: what one input image may cost (``[data]`` max_image_pixels / max_image_mb)."""
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -106,6 +109,7 @@ class ProposalWorker:
             "settings": json.dumps(result_settings(cfg, invariant), sort_keys=True),
         }
         self.min_side = 2 * int(self.backbone.saliency_stride)
+        self.limits = limits or ImageLimits()
         # Decoding (OpenCV/PIL) releases the GIL, so threads overlap with the forward pass.
         self.decode_threads = decode_threads or max(2, min(8, torch.get_num_threads()))
         self._infer_lock = threading.Lock()
@@ -137,7 +141,7 @@ class ProposalWorker:
 
     def _load(self, item: ImageItem) -> _Loaded:
         try:
-            img = decode_image(item.path, self.min_side)
+            img = decode_image(item.path, self.min_side, self.limits)
         except UnreadableImage as e:
             return _Loaded(item, error=str(e) or "unreadable")
         except Exception as e:  # anything else about one file must not sink the whole shard

@@ -31,6 +31,7 @@ from pipeline.backbones import build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import load_pipeline_config
 from pipeline.executors import run_local, run_ray
+from pipeline.image_files import ImageLimits
 from pipeline.images import ImageItem, list_images
 from pipeline.proposal_worker import ProposalWorker, count_existing
 from pipeline.run_folder import claim_run_folder
@@ -245,6 +246,7 @@ def _compute(out: Path, args, cfg, raw, shards, backbone, fingerprint, executor,
         bar.set_postfix(masks_per_img=f"{counts['masks'] / max(1, counts['images']):.2f}")
 
     on_done = summaries.append
+    limits = ImageLimits.from_data(cfg.data)  # [data] max_image_pixels / max_image_mb
 
     t0 = time.perf_counter()
     try:
@@ -252,13 +254,21 @@ def _compute(out: Path, args, cfg, raw, shards, backbone, fingerprint, executor,
             failed: dict[int, str] = {}
         elif executor == "local":
             worker = ProposalWorker(
-                cfg.backbone, pcfg, out, backbone=backbone, fingerprint=fingerprint
+                cfg.backbone, pcfg, out, backbone=backbone, fingerprint=fingerprint, limits=limits
             )
             failed = run_local(worker, jobs, on_done, on_batch=progress)
         else:
             del backbone  # the actors build their own; keep the driver small
             failed = run_ray(
-                cfg.backbone, pcfg, out, jobs, workers, fingerprint, on_done, on_batch=progress
+                cfg.backbone,
+                pcfg,
+                out,
+                jobs,
+                workers,
+                fingerprint,
+                on_done,
+                on_batch=progress,
+                limits=limits,
             )
     finally:
         bar.close()
