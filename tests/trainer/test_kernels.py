@@ -80,7 +80,8 @@ def _direct_mean(model: KNet, ann: Path, images: Path) -> np.ndarray:
     return torch.stack(maps).mean(0).numpy()
 
 
-def test_kernels_mean_masks_equal_a_direct_computation(tmp_path):
+def test_kernels_mean_masks_equal_a_direct_computation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the relative --out folders below land in the test's folder
     ann, images = _two_images(tmp_path / "data")
     model = _checkpoint(tmp_path / "a.pt", ann, images)
     code, out, err = run_cli(
