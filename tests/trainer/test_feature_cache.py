@@ -17,7 +17,7 @@ import torch
 from pipeline.backbones import build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from tests.trainer.helpers import run_cli, train_records
+from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import _args, make_shards
 from trainer.feature_cache import CachedDataset, FeatureStore, check_exact, frozen_inputs
 from trainer.frozen_features import FrozenFeatures, per_image_levels
@@ -172,10 +172,20 @@ def test_pretraining_from_the_cache_gives_the_same_losses(tmp_path):
 
 
 def test_finetune_with_rotation_and_cache_is_a_one_line_error(tmp_path):
+    train = write_tiny_coco(tmp_path, "train", 4, seed=0)
+    val = write_tiny_coco(tmp_path, "val", 2, seed=1)
+    data = [
+        f"data.train_json={train}",
+        f"data.train_images={tmp_path / 'train'}",
+        f"data.val_json={val}",
+        f"data.val_images={tmp_path / 'val'}",
+    ]
+    sets = [a for s in (*data, *TINY_MODEL_SETTINGS) for a in ("--set", s)]
     code, _, stderr = run_cli(
         "finetune", "--config", str(ROOT / "configs" / "demo.toml"), "--frac", "0.5",
-        "--init", "none", "--out", str(tmp_path / "ft"),
+        "--init", "none", "--out", str(tmp_path / "ft"), *sets,
         "--set", "backbone.weights=random", "--set", "finetune.feature_cache=true",
         "--set", "finetune.rotate_prob=0.5", "--set", "finetune.frozen_stages=-1",
     )  # fmt: skip
-    assert code == 2 and "rotation" in stderr and "Traceback" not in stderr
+    assert code == 2 and "rotation" in stderr and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) <= 3  # the error is one line (after the run's intro)
