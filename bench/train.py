@@ -15,6 +15,7 @@ times, are the result: run nothing else meanwhile.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -28,15 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic_files import write_json  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.image_files import ImageLimits  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.datasets import ShardDataset  # noqa: E402
-from trainer.feature_cache import frozen_inputs  # noqa: E402
-from trainer.loader import build_loader  # noqa: E402
-from trainer.model.objective import build_objective  # noqa: E402
-from trainer.optim import optimizer_from_section  # noqa: E402
-from trainer.transforms import Augment  # noqa: E402
+from trainer.pretrain import build_pretraining  # noqa: E402
 
 PHASES = ("data", "backbone", "forward", "losses", "backward", "optimiser")
 
@@ -74,29 +68,18 @@ def _timed(module: torch.nn.Module, key: str, clock: dict[str, float]) -> None:
 
 
 def build(cfg, shards: Path, cache: bool, cache_dir: Path, device: torch.device):
-    p = cfg.pretrain
-    torch.manual_seed(p.seed)
-    augment = Augment(p.short_side, p.max_side, flip=p.flip)
-    dataset = ShardDataset(shards, augment, None, ImageLimits.from_data(cfg.data))
-    objective = build_objective(
-        build_backbone(cfg.backbone), cfg.model, num_classes=1, prompts=p.prompts,
-        kernel_supervision=p.kernel_supervision, prompt_slots=p.prompt_slots,
-        prompt_keep=p.prompt_keep,
-    )  # fmt: skip
-    (dataset,), frozen, store = frozen_inputs(
-        objective.knet.backbone, enabled=cache, cache_dir=cache_dir, stage="pretrain",
-        datasets=[dataset],
-    )  # fmt: skip
-    loader = build_loader(
-        dataset, p.batch_size, size_divisor=objective.knet.size_divisor, device=device,
-        num_workers=p.num_workers, seed=p.seed,
-    )  # fmt: skip
-    optimizer, _ = optimizer_from_section(objective, p)
-    return objective.to(device), loader, frozen, store, optimizer
+    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), cache as asked."""
+    cfg = copy.deepcopy(cfg)
+    cfg.pretrain.feature_cache, cfg.pretrain.feature_cache_dir = cache, str(cache_dir)
+    built = build_pretraining(cfg, shards, None, device)
+    return built.objective.to(device), built.loader, built.frozen, built.store, built.optimizer
 
 
-def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int, warmup: int, device):
+def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int | None, warmup: int, device):
+    """Train ``warmup`` then ``iters`` timed iterations (None: two passes over the dataset)."""
     objective, loader, frozen, store, optimizer = build(cfg, shards, cache, cache_dir, device)
+    if iters is None:
+        iters = -(-len(loader.dataset) // cfg.pretrain.batch_size) * 2
     clock = dict.fromkeys(PHASES, 0.0)
     _timed(objective.knet, "forward", clock)
     _timed(objective.criterion, "losses", clock)
@@ -159,10 +142,8 @@ def main() -> int:
     shards = Path(args.shards or cfg.pretrain.shards or f"runs/{cfg.name}/proposals")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fill_start = time.perf_counter()
-    # Fill the cache with one untimed pass as long as the dataset (both flips appear over it).
-    n_images = len(ShardDataset(shards, Augment(64, 64), None, ImageLimits.from_data(cfg.data)))
-    fill_iters = -(-n_images // cfg.pretrain.batch_size) * 2
-    run_mode(cfg, shards, True, Path(args.cache_dir), fill_iters, 0, device)
+    # Fill the cache with an untimed pass twice as long as the dataset (both flips appear).
+    run_mode(cfg, shards, True, Path(args.cache_dir), None, 0, device)
     fill_seconds = time.perf_counter() - fill_start
     modes = {}
     for name, cache in (("off", False), ("on", True)):

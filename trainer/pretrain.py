@@ -17,6 +17,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,45 +114,28 @@ def check_shards(dataset: ShardDataset, backbone: Backbone, cfg: Config) -> list
     return notes
 
 
-def run_pretrain(
-    cfg: Config,
-    *,
-    shards: Path,
-    out: Path,
-    resume: bool,
-    image_root: str | None = None,
-    argv: list[str] | None = None,
-) -> dict[str, Any]:
-    """Stage two end to end, holding ``out`` exclusively for the run (rank 0 only: the other
-    torchrun ranks write nothing there); returns the engine's summary."""
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group is not up yet
-    claim = claim_run_folder(out, "pretrain") if rank == 0 else contextlib.nullcontext()
-    with claim:
-        return _pretrain(
-            cfg, shards=shards, out=out, resume=resume, image_root=image_root, argv=argv
-        )
+@dataclass
+class Pretraining:
+    """Everything stage two trains with, built from a config (the command and bench/train.py)."""
+
+    dataset: Any  # ShardDataset, wrapped by the feature cache when it is on
+    objective: Any
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    frozen: Any  # trainer.frozen_features.FrozenFeatures, or None when the model runs its backbone
+    store: Any  # trainer.feature_cache.FeatureStore, or None when the cache is off
+    notes: list[str]
 
 
-def _pretrain(
-    cfg: Config,
-    *,
-    shards: Path,
-    out: Path,
-    resume: bool,
-    image_root: str | None = None,
-    argv: list[str] | None = None,
-) -> dict[str, Any]:
+def build_pretraining(
+    cfg: Config, shards: Path, image_root: str | None, device: torch.device
+) -> Pretraining:
+    """Seed, then build the shard dataset, the class-agnostic objective with prompts and kernel
+    supervision as switched, the frozen-feature source, the loader and the optimiser."""
     from trainer.model.objective import build_objective
 
     p = cfg.pretrain
-    if not resume and latest_checkpoint(out) is not None:
-        # Refused before anything is written, so the earlier run's config.toml stays its own.
-        raise UserError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, "
-            "or choose another --out"
-        )
-    device = init_distributed()
-    rank, world = dist_info()
     random.seed(p.seed)
     np.random.seed(p.seed)  # noqa: NPY002 (seeds any library code using the global one)
     torch.manual_seed(p.seed)
@@ -190,6 +174,48 @@ def _pretrain(
         seed=p.seed,
     )
     optimizer, scheduler = optimizer_from_section(objective, p)
+    return Pretraining(dataset, objective, loader, optimizer, scheduler, frozen, store, notes)
+
+
+def run_pretrain(
+    cfg: Config,
+    *,
+    shards: Path,
+    out: Path,
+    resume: bool,
+    image_root: str | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Stage two end to end, holding ``out`` exclusively for the run (rank 0 only: the other
+    torchrun ranks write nothing there); returns the engine's summary."""
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group is not up yet
+    claim = claim_run_folder(out, "pretrain") if rank == 0 else contextlib.nullcontext()
+    with claim:
+        return _pretrain(
+            cfg, shards=shards, out=out, resume=resume, image_root=image_root, argv=argv
+        )
+
+
+def _pretrain(
+    cfg: Config,
+    *,
+    shards: Path,
+    out: Path,
+    resume: bool,
+    image_root: str | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    p = cfg.pretrain
+    if not resume and latest_checkpoint(out) is not None:
+        # Refused before anything is written, so the earlier run's config.toml stays its own.
+        raise UserError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another --out"
+        )
+    device = init_distributed()
+    rank, world = dist_info()
+    built = build_pretraining(cfg, shards, image_root, device)
+    dataset, objective, store = built.dataset, built.objective, built.store
     resolved = dataclasses.asdict(cfg)
     if resume:  # checked before record_run, so a refused resume leaves the run's records alone
         check_resume("pretrain", out, resolved, objective.knet)
@@ -203,22 +229,22 @@ def _pretrain(
             f"{world} process(es) on {device}; {p.iters} iterations -> {out}",
             file=sys.stderr,
         )
-        for note in notes:
+        for note in built.notes:
             print(f"pretrain: note: {note}", file=sys.stderr)
         print(f"pretrain: {describe(store)}", file=sys.stderr)
     try:
         result = train(
             objective,
-            loader,
-            optimizer,
-            scheduler,
+            built.loader,
+            built.optimizer,
+            built.scheduler,
             Schedule.from_section(p),
             out_dir=out,
             device=device,
             resume=resume,
             config=resolved,
             desc="pretrain",
-            inputs=frozen,
+            inputs=built.frozen,
         )
     except BaseException:
         shutdown_distributed(barrier=False)
