@@ -38,6 +38,10 @@ LABELS = {"sp": "Saliency Prompt (pre-trained model)", "baseline": "baseline (ba
 # Sections that say what a compare or study repeats, not what one run does: a run folder made
 # under other seeds lists (or another study's variants) is still the same run.
 IGNORED_SECTIONS = ("compare",)
+# Keys that say where things live, not what a run computes: the folder itself, the init checkpoint
+# (pinned by its sha256 instead, so a copied or moved checkpoint is the same init) and the
+# pre-training's folders. A run folder copied from a compare into a study is reused, not refused.
+LOCATION_KEYS = ("finetune.out", "finetune.init", "pretrain.out", "pretrain.shards")
 
 
 def parse_seeds(text: str | None, default: Sequence[int]) -> list[int]:
@@ -74,6 +78,10 @@ def _check_same_settings(cfg: Config) -> None:
     for section in IGNORED_SECTIONS:
         now.pop(section, None)
         then.pop(section, None)
+    for dotted in LOCATION_KEYS:
+        section, key = dotted.split(".")
+        for d in (now, then):
+            d.get(section, {}).pop(key, None)
     diff = _differences(now, then)
     if diff:
         raise UserError(
@@ -157,6 +165,8 @@ def settings_record(
 ) -> dict[str, Any]:
     """What every run of a compare or study shares, for results.json."""
     ft = run_cfg.finetune
+    # split.json is the subset COCO file; how it was chosen sits under its "split" key.
+    how = split.get("split", {})
     return {
         "config": run_cfg.name,
         "frac": ft.frac,
@@ -166,8 +176,8 @@ def settings_record(
         "eval_every": ft.eval_every,
         "seeds": list(seeds),
         "split_seed": ft.split_seed,
-        "split_method": split.get("method"),
-        "split_images": split.get("num_images", len(split["images"])),
+        "split_method": how.get("method", "unrecorded"),
+        "split_images": how.get("num_images", len(split["images"])),
         "val_json": run_cfg.data.val_json,
         **extra,
     }

@@ -135,13 +135,16 @@ def check_init(out: Path, record: dict[str, str | None]) -> None:
 
     The init checkpoint is a path, and re-running pre-training rewrites the file behind the same
     path; without this check a resumed (or reused, see trainer/compare.py) fine-tuning would mix
-    or report weights that came from the old pre-training.
+    or report weights that came from the old pre-training. The same bytes under another path
+    (a copied run folder and its checkpoint) are the same init.
     """
     path = out / "init.json"
     if not path.is_file():
         return
     then = json.loads(path.read_text())
-    if then != record:
+    # The bytes decide, not the path: a checkpoint copied or moved elsewhere is the same init.
+    same_bytes = then.get("sha256") is not None and then.get("sha256") == record["sha256"]
+    if not same_bytes and then != record:
         what = "a different" if then.get("init") == record["init"] else "another"
         raise UserError(
             f"{out} was initialised from {what} checkpoint ({then.get('init')}, sha256 "

@@ -123,6 +123,9 @@ def _check_pretrain_settings(cfg: Config, out: Path) -> None:
         return
     then = dataclasses.asdict(load_config(recorded))
     now = dataclasses.asdict(cfg)
+    # Where the run lives is not a setting: a finished pre-training copied into the study folder
+    # (e.g. the compare's runs/<name>/pretrain) is the same run.
+    then["pretrain"].pop("out"), now["pretrain"].pop("out")
     changed = [
         c
         for section in PRETRAIN_SECTIONS
@@ -143,14 +146,13 @@ def pretrain_or_reuse(cfg: Config) -> Path:
 
     p = cfg.pretrain
     out = Path(p.out)
+    p.shards = str(p.shards or f"runs/{cfg.name}/proposals")
     _check_pretrain_settings(cfg, out)
     last = latest_checkpoint(out)
     if last is not None and int(load_checkpoint(last).get("iteration", -1)) == p.iters:
         print(f"study: reusing the finished pre-training {out}", file=sys.stderr)
     else:
-        shards = Path(p.shards or f"runs/{cfg.name}/proposals")
-        p.shards = str(shards)
-        run_pretrain(cfg, shards=shards, out=out, resume=True)
+        run_pretrain(cfg, shards=Path(p.shards), out=out, resume=True)
     return out / "checkpoints" / "last.pt"
 
 

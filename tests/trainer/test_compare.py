@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def test_compare_over_two_seeds_writes_recomputable_results(project):
         ("sp", 1),
     ]
     assert results["settings"]["seeds"] == [0, 1] and results["settings"]["iters"] == 2
+    assert results["settings"]["split_method"] == "seeded"
     for r in runs:
         # Each run lives under the compare's folder and is exactly its own metrics.json.
         assert Path(r["out"]) == folder / f"{r['row']}-seed{r['seed']}"
@@ -95,6 +97,14 @@ def test_compare_over_two_seeds_writes_recomputable_results(project):
     assert code == 0 and err.count("reusing the finished run") == 4, err
     code, _, err = _compare(toml, "--iters", "2", "--seeds", "1")
     assert code == 0 and err.count("reusing the finished run") == 2, err
+    # A folder is not a setting: the runs copied elsewhere, from a copied checkpoint (same
+    # bytes, other path), are the same runs.
+    shutil.copytree(folder, "moved")
+    shutil.copy(ckpt, "moved/init.pt")
+    code, _, err = _compare(
+        toml, "--iters", "2", "--seeds", "0,1", "--out", "moved", "--pretrained", "moved/init.pt"
+    )
+    assert code == 0 and err.count("reusing the finished run") == 4, err
     # Other settings in an existing run folder are refused, naming the key.
     code, _, err = _compare(toml, "--iters", "3", "--seeds", "0")
     assert code == 2 and "other settings" in err and "finetune.iters" in err

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.backbones import build_backbone
 from pipeline.cli import UserError
-from tests.trainer.helpers import run_cli, train_records, write_tiny_coco
+from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import TINY, make_shards
 from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import load_config
@@ -130,3 +130,37 @@ def test_pretrain_resume_finetune_evaluate(tmp_path, monkeypatch):
     knet_cfg = dataclasses.replace(recorded.model, kind="knet")
     with pytest.raises(UserError, match="does not fit the model"):
         load_init(build_model(knet_cfg, model.backbone, 2), init)
+
+
+def test_study_compare_and_kernels_with_mask2former(tmp_path, monkeypatch):
+    """The multi-run commands are model-agnostic: a Mask2Former study pre-trains its variants
+    with their switches, compare reuses the study's checkpoint, kernels draws every query."""
+    import numpy as np
+
+    from tests.trainer.tiny_project import sets, write_project
+
+    monkeypatch.chdir(tmp_path)
+    toml = write_project(tmp_path)
+    m2f = sets(*MASK2FORMER[:-1])  # tiny_project already sets its own workers
+    common = ("--config", str(toml), *m2f, "--frac", "0.5", "--seeds", "0", "--iters", "1")
+    code, _, err = run_cli(
+        "study", *common, "--variants", "full,no_prompts", "--pretrain-iters", "2", "--out", "s"
+    )
+    assert code == 0, err
+    full, bare = (train_records(Path("s") / f"pretrain-{v}-p0") for v in ("full", "no_prompts"))
+    assert all("stat_prompt_cos" in r and "loss_s1_kernel" in r for r in full)
+    assert all("stat_prompt_cos" not in r and "loss_s1_kernel" in r for r in bare)
+    results = json.loads((Path("s") / "results.json").read_text())
+    assert {r["row"] for r in results["runs"]} == {"full", "no_prompts", "baseline"}
+    ckpt = Path("s") / "pretrain-full-p0" / "checkpoints" / "last.pt"
+    assert load_config(ckpt.parent.parent / "config.toml").model.kind == "mask2former"
+
+    code, _, err = run_cli("compare", *common, "--pretrained", str(ckpt), "--out", "c")
+    assert code == 0, err
+    rows = {r["row"] for r in json.loads((Path("c") / "results.json").read_text())["runs"]}
+    assert rows == {"sp", "baseline"}
+
+    code, _, err = run_cli("kernels", "--checkpoint", str(ckpt), "--label", "m2f", "--out", "k")
+    assert code == 0, err
+    saved = np.load(Path("k") / "kernels-m2f.npz")
+    assert saved["mean"].shape == (TINY_MODEL.num_kernels, 64, 64)  # one map per query

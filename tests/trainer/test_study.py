@@ -5,6 +5,7 @@ is fine-tuned once per seed, one report holds them all, and a second call reuses
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,10 +76,17 @@ def test_study_runs_each_variant_with_its_switches(tmp_path, monkeypatch):
         "kernel" in pre["full-p0"]["loss_kinds"] and "kernel" not in pre["neither-p0"]["loss_kinds"]
     )
     text = (folder / "results.md").read_text()
-    assert "neither (pseudo masks only)" in text and "Pre-training runs" in text
+    assert "seeded split" in text and "neither (pseudo masks only)" in text and "Pre-training runs" in text
     assert (folder / "ap_vs_iter.png").stat().st_size > 0
     # A killed or repeated study reuses every finished pre-training and fine-tuning.
     code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert err.count("reusing the finished pre-training") == 4
+    assert err.count("reusing the finished run") == 5
+    # Copied to another study folder (e.g. a compare's pre-training and runs brought into a
+    # study), every run is still recognised as the same run.
+    shutil.copytree(folder, "copied")
+    code, _, err = run_cli(*args[:-1], "copied")
     assert code == 0, err
     assert err.count("reusing the finished pre-training") == 4
     assert err.count("reusing the finished run") == 5
