@@ -76,7 +76,11 @@ def test_study_runs_each_variant_with_its_switches(tmp_path, monkeypatch):
         "kernel" in pre["full-p0"]["loss_kinds"] and "kernel" not in pre["neither-p0"]["loss_kinds"]
     )
     text = (folder / "results.md").read_text()
-    assert "seeded split" in text and "neither (pseudo masks only)" in text and "Pre-training runs" in text
+    assert (
+        "seeded split" in text
+        and "neither (pseudo masks only)" in text
+        and "Pre-training runs" in text
+    )
     assert (folder / "ap_vs_iter.png").stat().st_size > 0
     # A killed or repeated study reuses every finished pre-training and fine-tuning.
     code, _, err = run_cli(*args)
