@@ -58,6 +58,13 @@ def parse_seeds(text: str | None, default: Sequence[int]) -> list[int]:
     return seeds
 
 
+def drop_keys(tree: dict[str, Any], dotted: Sequence[str]) -> None:
+    """Remove "section.key" entries from a config dict, in place (absent ones are fine)."""
+    for name in dotted:
+        section, key = name.split(".")
+        tree.get(section, {}).pop(key, None)
+
+
 def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -78,10 +85,8 @@ def _check_same_settings(cfg: Config) -> None:
     for section in IGNORED_SECTIONS:
         now.pop(section, None)
         then.pop(section, None)
-    for dotted in LOCATION_KEYS:
-        section, key = dotted.split(".")
-        for d in (now, then):
-            d.get(section, {}).pop(key, None)
+    drop_keys(now, LOCATION_KEYS)
+    drop_keys(then, LOCATION_KEYS)
     diff = _differences(now, then)
     if diff:
         raise UserError(

@@ -253,6 +253,12 @@ def _pretrain(
     return {**result, "rank": rank}
 
 
+def shards_folder(cfg: Config, given: str | None = None) -> Path:
+    """The proposals folder pre-training reads: ``given`` (--shards), else pretrain.shards, else
+    runs/<name>/proposals."""
+    return Path(given or cfg.pretrain.shards or f"runs/{cfg.name}/proposals")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     p = cfg.pretrain
@@ -260,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         if args.iters < 1:
             raise UserError(f"--iters must be >= 1, got {args.iters}")
         p.iters = args.iters
-    shards = Path(args.shards or p.shards or f"runs/{cfg.name}/proposals")
+    shards = shards_folder(cfg, args.shards)
     out = Path(args.out or p.out or f"runs/{cfg.name}/pretrain")
     p.shards, p.out = str(shards), str(out)
     result = run_pretrain(

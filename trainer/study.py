@@ -42,6 +42,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.compare import (
     check_same_split,
     default_folder,
+    drop_keys,
     intro_lines,
     parse_seeds,
     print_summary,
@@ -124,8 +125,10 @@ def _check_pretrain_settings(cfg: Config, out: Path) -> None:
     then = dataclasses.asdict(load_config(recorded))
     now = dataclasses.asdict(cfg)
     # Where the run lives is not a setting: a finished pre-training copied into the study folder
-    # (e.g. the compare's runs/<name>/pretrain) is the same run.
-    then["pretrain"].pop("out"), now["pretrain"].pop("out")
+    # (e.g. the compare's runs/<name>/pretrain) is the same run. Its shards are: other proposals
+    # are other training data.
+    drop_keys(then, ["pretrain.out"])
+    drop_keys(now, ["pretrain.out"])
     changed = [
         c
         for section in PRETRAIN_SECTIONS
@@ -142,11 +145,11 @@ def pretrain_or_reuse(cfg: Config) -> Path:
     """The last checkpoint of the pre-training ``cfg`` describes (pretrain.out), trained,
     resumed or reused."""
     from trainer.engine import latest_checkpoint
-    from trainer.pretrain import run_pretrain
+    from trainer.pretrain import run_pretrain, shards_folder
 
     p = cfg.pretrain
     out = Path(p.out)
-    p.shards = str(p.shards or f"runs/{cfg.name}/proposals")
+    p.shards = str(shards_folder(cfg))
     _check_pretrain_settings(cfg, out)
     last = latest_checkpoint(out)
     if last is not None and int(load_checkpoint(last).get("iteration", -1)) == p.iters:
