@@ -93,6 +93,9 @@ OUT_OF_RANGE = [
     ("pretrain.batch_size=0", "pretrain.batch_size must be >= 1"),
     ("model.num_heads=3", "model.num_heads must divide channels"),
     ("model.num_stages=0", "model.num_stages must be >= 1"),
+    ("model.pyramid_scales=[2, 1, 0.5]", "model.pyramid_scales must be four decreasing factors"),
+    ("model.pyramid_scales=[1, 2, 0.5, 0.25]", "model.pyramid_scales must be four decreasing"),
+    ("model.pyramid_scales=[4, 2, 1, 0.3]", "model.pyramid_scales must be four decreasing"),
     ("pretrain.short_side=0", "pretrain.short_side must be >= 1"),
     ("pretrain.prompt_keep=1.5", "pretrain.prompt_keep must be in [0, 1]"),
     ("proposals.top_k=0", "proposals.top_k must be >= 1"),
@@ -108,6 +111,7 @@ OUT_OF_RANGE = [
     ("finetune.test_mask_threshold=5", "finetune.test_mask_threshold must be in [0, 1]"),
     ("finetune.lr_steps=[100, 0]", "finetune.lr_steps[1] must be >= 1"),
     ("finetune.frac=0", "finetune.frac must be in (0, 1]"),
+    ("finetune.multiscale=[192, 0]", "finetune.multiscale[1] must be >= 1"),
     ("data.max_image_pixels=0", "data.max_image_pixels must be >= 1"),
 ]
 

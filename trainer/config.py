@@ -29,6 +29,8 @@ from pipeline.ranges import (
 
 # Allowed ranges (pipeline/ranges.py) of the keys pretrain and finetune share: the schedule, the
 # optimiser and the input size. Checked when a section is loaded, naming the key.
+PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)  # what trainer/model/pyramid.py can build
+
 _TRAINING_RANGES: dict[str, Range | OneOf] = {
     "iters": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE,
@@ -74,9 +76,22 @@ class ModelConfig:
     }
 
     def cross_checks(self) -> list[str]:
+        problems = []
         if self.channels % self.num_heads:
-            return [f"num_heads must divide channels ({self.channels}), got {self.num_heads}"]
-        return []
+            problems.append(
+                f"num_heads must divide channels ({self.channels}), got {self.num_heads}"
+            )
+        scales = [float(s) for s in self.pyramid_scales]
+        if (
+            len(scales) != 4
+            or any(s not in PYRAMID_SCALES for s in scales)
+            or any(a <= b for a, b in zip(scales, scales[1:]))
+        ):
+            problems.append(
+                "pyramid_scales must be four decreasing factors from "
+                f"{', '.join(f'{s:g}' for s in PYRAMID_SCALES)}, got {self.pyramid_scales}"
+            )
+        return problems
 
     num_kernels: int = 100
     channels: int = 256  # FPN width = kernel dimension
@@ -90,6 +105,11 @@ class ModelConfig:
     kernel_pooling: str = "mean"
     # Which model (trainer/model/factory.py): "knet" or "mask2former".
     kind: str = "knet"
+    # A ViT backbone's simple feature pyramid (trainer/model/pyramid.py): resampling factors of its
+    # one stride-14 map, finest first; the finest level is the mask grid. ViTDet's (4, 2, 1, 0.5)
+    # gives strides 3.5..28; (2, 1, 0.5, 0.25) gives 7..56, the same mask grid at twice the input
+    # side, so a larger input adds ViT tokens per object without growing the head's cost.
+    pyramid_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     # Mask2Former only (trainer/model/mask2former/), the published sizes by default:
     decoder_layers: int = 9  # masked-attention decoder layers (three rounds over three scales)
     pixel_decoder: str = "deformable"  # multi-scale deformable-attention encoder, or "fpn"
@@ -164,6 +184,7 @@ class FinetuneConfig:
         "rotate_prob": FRACTION,
         "test_mask_threshold": FRACTION,
         "max_detections": AT_LEAST_ONE,
+        "multiscale": AT_LEAST_ONE,
     }
 
     frac: float = 0.05
@@ -186,6 +207,10 @@ class FinetuneConfig:
     frozen_stages: int = 1  # stem and stage 1 frozen; -1 freezes the whole backbone
     short_side: int = 800
     max_side: int = 1333
+    # Multi-scale training: short sides drawn per sample (max_side scaled with each); empty =
+    # short_side only. Evaluation always uses short_side. The feature cache keeps one entry per
+    # (image, size, flip), so a short list stays exact and cached.
+    multiscale: list[int] = field(default_factory=list)
     flip: float = 0.5
     rotate_deg: float = 9.0
     rotate_prob: float = 0.5

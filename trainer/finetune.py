@@ -321,6 +321,7 @@ def _training_set(cfg: Config, scratch: Path, resume: bool, say: Callable) -> tu
         flip=ft.flip,
         rotate_deg=ft.rotate_deg,
         rotate_prob=ft.rotate_prob,
+        multiscale=tuple(ft.multiscale),
     )
     dataset = CocoDataset(
         scratch / "split.json",

@@ -142,6 +142,8 @@ class Augment:
 
     ``flip`` and ``rotate_prob`` are probabilities; a rotation angle is uniform in
     [-rotate_deg, rotate_deg]. Use flip=0, rotate_prob=0 for evaluation (resize only).
+    ``multiscale``: short sides drawn uniformly per sample instead of ``short_side`` (mmdet's
+    multi-scale "value" mode), the long-side cap scaled with each (max_side * s / short_side).
     """
 
     short_side: int
@@ -149,6 +151,15 @@ class Augment:
     flip: float = 0.0
     rotate_deg: float = 0.0
     rotate_prob: float = 0.0
+    multiscale: tuple[int, ...] = ()
+
+    def size_for(self, draw: float) -> tuple[int, int]:
+        """(short side, long-side cap) for a uniform draw in [0, 1)."""
+        if not self.multiscale:
+            return self.short_side, self.max_side
+        count = len(self.multiscale)
+        short = int(self.multiscale[min(int(draw * count), count - 1)])
+        return short, max(1, round(self.max_side * short / self.short_side))
 
     def __call__(
         self, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator
@@ -156,10 +167,12 @@ class Augment:
         """Returns (image (h,w,3), masks (L,h,w), info) with info = {"scale", "flipped", "angle"}.
 
         Random draws are made in a fixed order whatever the outcome (flip coin, rotation coin,
-        angle), so a sample's augmentation depends only on its generator.
+        angle, then the scale only when ``multiscale`` is set, so fixed-size runs draw exactly
+        what they drew before), so a sample's augmentation depends only on its generator.
         """
         flip_draw, rot_draw, angle_draw = rng.random(3)
-        image, masks, scale = resize(image, masks, self.short_side, self.max_side)
+        short, cap = self.size_for(float(rng.random()) if self.multiscale else 0.0)
+        image, masks, scale = resize(image, masks, short, cap)
         flipped = bool(flip_draw < self.flip)
         if flipped:
             image, masks = hflip(image, masks)

@@ -132,6 +132,30 @@ def test_augment_depends_only_on_the_generator():
     assert len(infos) > 1
 
 
+def test_multiscale_draws_each_listed_short_side_and_scales_the_cap():
+    image, masks = _scene()  # 40 x 56
+    aug = Augment(40, 70, flip=0.5, multiscale=(20, 40, 60))
+    shapes = set()
+    for s in range(40):
+        out_image, out_masks, info = aug(image, masks, np.random.default_rng(s))
+        assert out_image.shape[:2] == out_masks.shape[1:]
+        shapes.add(out_image.shape[:2])
+        # masks move with the image at every scale (up to boundary resampling at half size)
+        assert min(_colour_agreement(out_image, out_masks)) > 0.8
+    # short side 20, 40, 60 with caps 35, 70, 105 (56 * 60 / 40 = 84 <= 105)
+    assert shapes == {(20, 28), (40, 56), (60, 84)}
+
+
+def test_fixed_size_augment_draws_what_it_drew_before_multiscale():
+    # A run without multiscale must see the same samples as before the option existed: the
+    # generator is left exactly where three draws leave it.
+    image, masks = _scene()
+    rng, ref = np.random.default_rng(3), np.random.default_rng(3)
+    Augment(48, 100, flip=0.5, rotate_deg=9.0, rotate_prob=0.5)(image, masks, rng)
+    ref.random(3)
+    assert rng.random() == ref.random()
+
+
 # --------------------------------------------------------------------------------------------
 # Shards
 

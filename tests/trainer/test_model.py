@@ -102,15 +102,19 @@ def make_targets(size: int, seed_dim: int, counts: tuple[int, ...] = (3, 1)) -> 
 
 
 @pytest.mark.parametrize(
-    ("backbone_cls", "size", "strides", "divisor", "neck_cls"),
+    ("backbone_cls", "size", "strides", "divisor", "neck_cls", "scales"),
     [
-        (FakeResNet, 64, (4.0, 8.0, 16.0, 32.0), 32, FPNNeck),
-        (FakeViT, 56, (3.5, 7.0, 14.0, 28.0), 28, SimpleFeaturePyramid),
+        (FakeResNet, 64, (4.0, 8.0, 16.0, 32.0), 32, FPNNeck, None),
+        (FakeViT, 56, (3.5, 7.0, 14.0, 28.0), 28, SimpleFeaturePyramid, None),
+        # model.pyramid_scales: a coarser pyramid (strides 7..56) for a doubled input side
+        (FakeViT, 112, (7.0, 14.0, 28.0, 56.0), 56, SimpleFeaturePyramid, [2, 1, 0.5, 0.25]),
     ],
 )
-def test_output_shapes(backbone_cls, size, strides, divisor, neck_cls):
+def test_output_shapes(backbone_cls, size, strides, divisor, neck_cls, scales):
     torch.manual_seed(0)
     cfg = tiny_cfg()
+    if scales is not None:
+        cfg.pyramid_scales = scales
     knet = KNet(backbone_cls(), cfg, num_classes=3)
     assert isinstance(knet.neck, neck_cls)
     assert knet.strides == strides and knet.mask_stride == strides[0]

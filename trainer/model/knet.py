@@ -50,7 +50,10 @@ class KNet(nn.Module):
         self.num_classes = num_classes
         self.num_kernels = cfg.num_kernels
         self.neck = build_neck(
-            tuple(backbone.level_channels), tuple(backbone.level_strides), cfg.channels
+            tuple(backbone.level_channels),
+            tuple(backbone.level_strides),
+            cfg.channels,
+            tuple(cfg.pyramid_scales),
         )
         self.strides: tuple[float, ...] = tuple(self.neck.strides)
         self.mask_stride: float = self.strides[0]

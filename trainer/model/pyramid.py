@@ -4,7 +4,8 @@ A plain ViT has one feature map (its last block's tokens). ViTDet (Li et al., 20
 "simple feature pyramid" built from that one map alone, with deconvolutions for the finer levels
 and pooling for the coarser one, works as well as a hierarchical FPN for dense heads. For a ViT
 with patch 14 the levels sit at strides 3.5, 7, 14 and 28 (scale factors 4, 2, 1 and 1/2); every
-consumer reads ``strides`` instead of assuming 4..32.
+consumer reads ``strides`` instead of assuming 4..32. ``model.pyramid_scales`` chooses other
+factors, e.g. (2, 1, 1/2, 1/4) for strides 7..56 at a doubled input side.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _scale_branch(in_channels: int, scale: float) -> tuple[nn.Module, int]:
     """The resampling branch for one scale factor; returns the module and its output channels.
 
     4: two stride-2 deconvolutions (channels /2 then /4) with norm + GELU between them (ViTDet);
-    2: one deconvolution (channels /2); 1: identity; 0.5: 2x2 max pooling.
+    2: one deconvolution (channels /2); 1: identity; 0.5: 2x2 max pooling; 0.25: 4x4 max pooling.
     """
     if scale == 4.0:
         mid, out = in_channels // 2, in_channels // 4
@@ -41,6 +42,8 @@ def _scale_branch(in_channels: int, scale: float) -> tuple[nn.Module, int]:
         return nn.Identity(), in_channels
     if scale == 0.5:
         return nn.MaxPool2d(kernel_size=2, stride=2), in_channels
+    if scale == 0.25:
+        return nn.MaxPool2d(kernel_size=4, stride=4), in_channels
     raise ValueError(f"unsupported pyramid scale {scale}")
 
 
@@ -65,6 +68,7 @@ class SimpleFeaturePyramid(nn.Module):
         scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5),
     ) -> None:
         super().__init__()
+        scales = tuple(float(s) for s in scales)
         self.strides: tuple[float, ...] = tuple(float(in_stride) / s for s in scales)
         branches, outputs = [], []
         for scale in scales:

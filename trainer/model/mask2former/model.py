@@ -72,7 +72,9 @@ class Mask2Former(nn.Module):
         channels, strides = tuple(backbone.level_channels), tuple(backbone.level_strides)
         self.neck: SimpleFeaturePyramid | None = None
         if len(channels) == 1:
-            self.neck = SimpleFeaturePyramid(channels[0], strides[0], cfg.channels)
+            self.neck = SimpleFeaturePyramid(
+                channels[0], strides[0], cfg.channels, tuple(cfg.pyramid_scales)
+            )
             channels, strides = (cfg.channels,) * 4, self.neck.strides
         if len(channels) != 4:
             raise ValueError(f"Mask2Former expects 4 backbone levels or 1 (ViT), got {channels}")
