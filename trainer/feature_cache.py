@@ -35,7 +35,10 @@ from torch.utils.data import Dataset
 from pipeline.cli import UserError
 from trainer.frozen_features import FrozenFeatures, is_fully_frozen
 
-CACHE_FORMAT = 1  # bump when decoding, resizing or normalisation change the pixels
+# Bump when decoding, resizing or normalisation change the pixels, or the levels' computation
+# changes. 2: each image's levels computed alone (trainer/frozen_features.py), bitwise a function
+# of the image; format 1 entries came from padded batches and differ from these in the last bits.
+CACHE_FORMAT = 2
 ENTRY_SUFFIX = ".npz"
 
 

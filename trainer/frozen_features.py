@@ -5,9 +5,13 @@ the trainer may read it from the feature cache (``trainer.feature_cache``) inste
 it. For the two to give the same losses, the features must not depend on the batch an image
 happens to share: they are defined per image.
 
-- Each image's levels are the backbone's output for that image alone: a batch-invariant backbone
-  (the ViT: per-image position embedding, padded tokens masked as attention keys) run with
-  ``sizes``, cropped to the image's own cells ``ceil(h_i / stride)`` x ``ceil(w_i / stride)``.
+- Each image's levels are the backbone's output for that image alone, cropped to its own pixels
+  and run as a batch of one, so they are bitwise a function of (image, size, flip). In a padded
+  batch the ViT (per-image position embedding, padded tokens masked as attention keys) gives the
+  same values only to float rounding: an image that fills the batch's grid takes plain attention,
+  a padded one masked attention, and they differ in the last bits (up to 6e-5 on the demo). The
+  cache keeps whichever batch computed an image first, so a run's results depended on the cache's
+  history. Only batch-invariant backbones come here.
 - In the batch, each image's cells sit top-left in the padded grid and every other cell is zero.
 
 :class:`BackboneLevels` carries such a batch to the model in place of the image tensor; models
@@ -98,8 +102,8 @@ class FrozenFeatures:
 
     ``store`` (optional, a :class:`trainer.feature_cache.FeatureStore`) supplies levels the data
     loader already found on disk (``info["cached_levels"]``) and keeps what is computed here;
-    without it every batch is computed. ``calls`` counts backbone forward passes (for tests and
-    the benchmark: a fully cached epoch makes none).
+    without it every batch is computed. ``calls`` counts backbone forward passes, one per image
+    not found in the cache (for tests and the benchmark: a fully cached epoch makes none).
     """
 
     def __init__(self, backbone: Backbone, store: Any | None = None) -> None:
@@ -118,15 +122,15 @@ class FrozenFeatures:
         for info in infos:
             cached = info.get("cached_levels")
             per_image.append([t.to(device) for t in cached] if cached is not None else None)
-        missing = [i for i, levels in enumerate(per_image) if levels is None]
-        if missing:
+        for i, levels in enumerate(per_image):
+            if levels is not None:
+                continue
             self.calls += 1
-            sizes = [tuple(infos[i]["image_size"]) for i in missing]
-            computed = per_image_levels(self.backbone, images[missing], sizes)
-            for i, levels in zip(missing, computed):
-                per_image[i] = levels
-                if self.store is not None:
-                    self.store.put(infos[i], levels)
+            h, w = (int(v) for v in infos[i]["image_size"])
+            alone = images[i : i + 1, :, :h, :w]
+            per_image[i] = per_image_levels(self.backbone, alone, [(h, w)])[0]
+            if self.store is not None:
+                self.store.put(infos[i], per_image[i])
         return assemble(per_image, self.backbone.level_strides, tuple(images.shape[-2:]))
 
 
