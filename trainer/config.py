@@ -29,8 +29,6 @@ from pipeline.ranges import (
 
 # Allowed ranges (pipeline/ranges.py) of the keys pretrain and finetune share: the schedule, the
 # optimiser and the input size. Checked when a section is loaded, naming the key.
-PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)  # what trainer/model/pyramid.py can build
-
 _TRAINING_RANGES: dict[str, Range | OneOf] = {
     "iters": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE,
@@ -48,6 +46,11 @@ _TRAINING_RANGES: dict[str, Range | OneOf] = {
     "log_every": AT_LEAST_ONE,
     "ckpt_every": AT_LEAST_ONE,
 }
+
+
+# The resampling factors trainer/model/pyramid.py can build (checked here so a bad
+# model.pyramid_scales is a one-line config error, not a failure inside the model).
+PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
 
 @dataclass

@@ -102,7 +102,7 @@ class FrozenFeatures:
 
     ``store`` (optional, a :class:`trainer.feature_cache.FeatureStore`) supplies levels the data
     loader already found on disk (``info["cached_levels"]``) and keeps what is computed here;
-    without it every batch is computed. ``calls`` counts backbone forward passes, one per image
+    without it every image is computed. ``calls`` counts backbone forward passes, one per image
     not found in the cache (for tests and the benchmark: a fully cached epoch makes none).
     """
 

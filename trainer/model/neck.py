@@ -13,7 +13,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from trainer.model.pyramid import SimpleFeaturePyramid
+from trainer.model.pyramid import VITDET_SCALES, SimpleFeaturePyramid
 
 
 class FPNNeck(nn.Module):
@@ -36,16 +36,14 @@ def build_neck(
     level_channels: tuple[int, ...],
     level_strides: tuple[float, ...],
     channels: int,
-    pyramid_scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5),
+    pyramid_scales: tuple[float, ...] = VITDET_SCALES,
 ) -> FPNNeck | SimpleFeaturePyramid:
     """FPN for a multi-level backbone, simple feature pyramid (``pyramid_scales``, finest first)
     for a single-level (ViT) one."""
     if len(level_channels) != len(level_strides):
         raise ValueError("backbone level_channels and level_strides differ in length")
     if len(level_channels) == 1:
-        return SimpleFeaturePyramid(
-            level_channels[0], level_strides[0], channels, tuple(pyramid_scales)
-        )
+        return SimpleFeaturePyramid(level_channels[0], level_strides[0], channels, pyramid_scales)
     if len(level_channels) != 4:
         raise ValueError(f"K-Net expects 4 backbone levels (C2..C5), got {len(level_channels)}")
     return FPNNeck(tuple(level_channels), tuple(level_strides), channels)

@@ -14,6 +14,8 @@ import math
 
 from torch import Tensor, nn
 
+VITDET_SCALES: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)  # strides 3.5, 7, 14, 28 for patch 14
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with K-Net's 32 groups, or fewer when ``channels`` is not a multiple of 32."""
@@ -65,7 +67,7 @@ class SimpleFeaturePyramid(nn.Module):
         in_channels: int,
         in_stride: float,
         channels: int,
-        scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5),
+        scales: tuple[float, ...] = VITDET_SCALES,
     ) -> None:
         super().__init__()
         scales = tuple(float(s) for s in scales)
