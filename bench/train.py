@@ -1,15 +1,21 @@
-"""Pre-training step time with the frozen-feature cache on and off, in one run, same images.
+"""Pre-training step time by feature cache, precision and compilation, in one run, same images.
 
     python bench/train.py [--config configs/demo.toml] [--shards DIR] [--iters 40] [--warmup 10]
+        [--modes off:fp32,on:fp32,on:bf16,on:bf16:compile]
 
-For each mode (``off``: the frozen backbone runs every step; ``on``: its levels come from the
-feature cache, filled first by one pass over every image view the run will see) the same
-pre-training objective trains ``--iters`` timed iterations after ``--warmup`` untimed ones, from
-the same seed and the same sampler order. Reported per mode: iterations per second, the step
-time split into data wait, backbone (levels: computed, or read and assembled), model forward,
-matching and losses, backward and optimiser, and peak memory (RSS sampled every 50 ms on CPU,
-``max_memory_allocated`` on CUDA). Writes ``bench/results/train.json``. Ratios, not absolute
-times, are the result: run nothing else meanwhile.
+Each mode is ``cache:precision[:compile]``: ``off`` runs the frozen backbone every step, ``on``
+reads its levels from the feature cache (filled first, per precision, by one pass over every image
+view the run will see); the precision is the autocast of the frozen backbone and the head
+(pipeline/precision.py); ``compile`` torch.compiles the head (its first steps, which compile, are
+in the untimed warm-up; their time is reported as ``compile_seconds``). The same pre-training
+objective trains ``--iters`` timed iterations after ``--warmup`` untimed ones, from the same seed
+and the same sampler order. Reported per mode: iterations per second and its ratio to the first
+mode, the step time split into data wait, backbone (levels: computed, or read and assembled),
+model forward, matching and losses, backward and optimiser, peak memory (RSS sampled every 50 ms
+on CPU, ``max_memory_allocated`` on CUDA), and the achieved GFLOP/s of the step (its FLOPs counted
+once by torch's FlopCounterMode) against the CPU's peak (see ``bench/flops.py``). Writes
+``bench/results/train.json``. Ratios, not absolute times, are the result: run nothing else
+meanwhile.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.flops import cpu_peak_gflops, step_flops  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
+from pipeline.precision import autocast  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.engine import _compile  # noqa: E402
 from trainer.pretrain import build_pretraining  # noqa: E402
 
 PHASES = ("data", "backbone", "forward", "losses", "backward", "optimiser")
@@ -67,17 +76,30 @@ def _timed(module: torch.nn.Module, key: str, clock: dict[str, float]) -> None:
     )
 
 
-def build(cfg, shards: Path, cache: bool, cache_dir: Path, device: torch.device):
-    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), cache as asked."""
+def parse_mode(text: str) -> dict:
+    """``cache:precision[:compile]`` -> {"cache", "precision", "compile"}."""
+    parts = text.split(":")
+    shape_ok = len(parts) in (2, 3) and parts[2:] in ([], ["compile"])
+    if not shape_ok or parts[0] not in ("on", "off"):
+        raise SystemExit(f"bench/train.py: bad mode {text!r} (cache:precision[:compile])")
+    return {"cache": parts[0] == "on", "precision": parts[1], "compile": len(parts) == 3}
+
+
+def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
+    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), mode as asked."""
     cfg = copy.deepcopy(cfg)
-    cfg.pretrain.feature_cache, cfg.pretrain.feature_cache_dir = cache, str(cache_dir)
+    cfg.pretrain.feature_cache, cfg.pretrain.feature_cache_dir = mode["cache"], str(cache_dir)
+    cfg.pretrain.precision = mode["precision"]
     built = build_pretraining(cfg, shards, None, device)
+    if mode["compile"]:
+        _compile(built.objective)
     return built.objective.to(device), built.loader, built.frozen, built.store, built.optimizer
 
 
-def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int | None, warmup: int, device):
-    """Train ``warmup`` then ``iters`` timed iterations (None: two passes over the dataset)."""
-    objective, loader, frozen, store, optimizer = build(cfg, shards, cache, cache_dir, device)
+def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup: int, device):
+    """Train ``warmup`` then ``iters`` timed iterations (None: two passes over the dataset), then
+    one more whose FLOPs are counted (outside the timing: the counter slows the step)."""
+    objective, loader, frozen, store, optimizer = build(cfg, shards, mode, cache_dir, device)
     if iters is None:
         iters = -(-len(loader.dataset) // cfg.pretrain.batch_size) * 2
     clock = dict.fromkeys(PHASES, 0.0)
@@ -88,41 +110,57 @@ def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int | None, warmu
     objective.train()
     batches = iter(loader)
     hits = misses = 0
+
+    def step() -> None:
+        nonlocal hits, misses
+        t0 = time.perf_counter()
+        batch = next(batches).to(device)
+        t1 = time.perf_counter()
+        cached = sum("cached_levels" in info for info in batch.infos)
+        hits, misses = hits + cached, misses + len(batch.infos) - cached
+        images = frozen(batch.images, batch.infos) if frozen is not None else batch.images
+        t2 = time.perf_counter()
+        with autocast(mode["precision"], device):
+            out = objective(images, batch.targets)
+        loss = sum(v.float() for k, v in out.items() if k.startswith("loss_"))
+        t3 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t4 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.pretrain.clip_grad)
+        optimizer.step()
+        t5 = time.perf_counter()
+        for key, dt in zip(("data", "backbone", "backward", "optimiser"),
+                           (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):  # fmt: skip
+            clock[key] += dt
+
     with PeakRSS() as rss:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for step in range(warmup + iters):
-            if step == warmup:
-                clock.update(dict.fromkeys(PHASES, 0.0))
-                hits = misses = 0
-                begin = time.perf_counter()
-            t0 = time.perf_counter()
-            batch = next(batches).to(device)
-            t1 = time.perf_counter()
-            cached = sum("cached_levels" in info for info in batch.infos)
-            hits, misses = hits + cached, misses + len(batch.infos) - cached
-            images = frozen(batch.images, batch.infos) if frozen is not None else batch.images
-            t2 = time.perf_counter()
-            out = objective(images, batch.targets)
-            loss = sum(v for k, v in out.items() if k.startswith("loss_"))
-            t3 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t4 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.pretrain.clip_grad)
-            optimizer.step()
-            t5 = time.perf_counter()
-            for key, dt in zip(("data", "backbone", "backward", "optimiser"),
-                               (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):  # fmt: skip
-                clock[key] += dt
+        warm_start = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        clock.update(dict.fromkeys(PHASES, 0.0))
+        hits = misses = 0
+        begin = time.perf_counter()
+        for _ in range(iters):
+            step()
         seconds = time.perf_counter() - begin
+        shares = {k: v / seconds for k, v in clock.items()}
+        hit_rate = hits / max(hits + misses, 1)
+        with step_flops() as counted:
+            step()
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak
     return {
+        **mode,
         "iters_per_s": iters / seconds,
         "seconds": seconds,
-        "share": {k: v / seconds for k, v in clock.items()},
-        "other_share": max(0.0, 1 - sum(clock.values()) / seconds),
-        "cache_hit_rate": hits / max(hits + misses, 1),
+        "warmup_seconds": begin - warm_start,
+        "gflop_per_iter": counted.total / 1e9,
+        "gflops": counted.total * iters / seconds / 1e9,
+        "share": shares,
+        "other_share": max(0.0, 1 - sum(shares.values())),
+        "cache_hit_rate": hit_rate,
         "peak_memory_mib": peak / 2**20,
         "cache": store.stats() if store is not None else None,
     }
@@ -135,25 +173,31 @@ def main() -> int:
     parser.add_argument("--shards", default="")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--modes", default="off:fp32,on:fp32,on:bf16,on:bf16:compile")
     parser.add_argument("--cache-dir", default="runs/bench/feature-cache")
     parser.add_argument("--out", default="bench/results/train.json")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     shards = Path(args.shards or cfg.pretrain.shards or f"runs/{cfg.name}/proposals")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fill_start = time.perf_counter()
-    # Fill the cache with an untimed pass twice as long as the dataset (both flips appear).
-    run_mode(cfg, shards, True, Path(args.cache_dir), None, 0, device)
-    fill_seconds = time.perf_counter() - fill_start
-    modes = {}
-    for name, cache in (("off", False), ("on", True)):
-        modes[name] = run_mode(
-            cfg, shards, cache, Path(args.cache_dir), args.iters, args.warmup, device
-        )
-        m = modes[name]
+    modes = [parse_mode(m) for m in args.modes.split(",")]
+    fill_seconds = {}
+    for precision in sorted({m["precision"] for m in modes if m["cache"]}):
+        # Fill the cache with an untimed pass twice as long as the dataset (both flips appear).
+        t0 = time.perf_counter()
+        fill = {"cache": True, "precision": precision, "compile": False}
+        run_mode(cfg, shards, fill, Path(args.cache_dir), None, 0, device)
+        fill_seconds[precision] = time.perf_counter() - t0
+    results = []
+    for mode in modes:
+        m = run_mode(cfg, shards, mode, Path(args.cache_dir), args.iters, args.warmup, device)
+        m["ratio"] = m["iters_per_s"] / (results[0]["iters_per_s"] if results else m["iters_per_s"])
+        results.append(m)
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["share"].items())
+        name = f"{'on' if mode['cache'] else 'off'}:{mode['precision']}"
         print(
-            f"cache {name}: {m['iters_per_s']:.2f} it/s; {shares}; hits "
+            f"{name}{':compile' if mode['compile'] else ''}: {m['iters_per_s']:.2f} it/s "
+            f"({m['ratio']:.2f}x), {m['gflops']:.0f} GFLOP/s; {shares}; hits "
             f"{100 * m['cache_hit_rate']:.0f}%; peak {m['peak_memory_mib']:.0f} MiB",
             flush=True,
         )
@@ -165,11 +209,11 @@ def main() -> int:
         "batch_size": cfg.pretrain.batch_size,
         "input": [cfg.pretrain.short_side, cfg.pretrain.max_side],
         "cache_fill_seconds": fill_seconds,
-        "speedup_on_over_off": modes["on"]["iters_per_s"] / modes["off"]["iters_per_s"],
-        "modes": modes,
+        "peak_gflops": cpu_peak_gflops() if device.type == "cpu" else None,
+        "modes": results,
     }
     write_json(args.out, report)
-    print(json.dumps({k: report[k] for k in ("speedup_on_over_off", "cache_fill_seconds")}))
+    print(json.dumps({"cache_fill_seconds": fill_seconds, "peak_gflops": report["peak_gflops"]}))
     return 0
 
 

@@ -25,6 +25,7 @@ from pipeline.ranges import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    PRECISIONS,
     OneOf,
     Range,
     section_problems,
@@ -258,6 +259,10 @@ class ProposalConfig:
     workers: int = 0  # CPU actors when no GPU is present; 0: from the machine (README)
     executor: str = "ray"  # "ray" or "local"
     prefetch: int = 2  # batches decoded ahead of the backbone
+    # "bf16": the backbone's products in bf16 autocast (CPU with native bf16, or CUDA); the
+    # saliency maps stay fp32. Measured against fp32 in docs/benchmarks.md.
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the backbone (inductor); see docs/benchmarks.md
     images: str = ""  # image folder or COCO JSON; empty = data.train_json
     out: str = ""  # empty = runs/<name>/proposals
 
@@ -277,6 +282,7 @@ class ProposalConfig:
         "workers": NON_NEGATIVE,
         "executor": OneOf(("ray", "local")),
         "prefetch": NON_NEGATIVE,
+        "precision": OneOf(PRECISIONS),
     }
 
     def cross_checks(self) -> list[str]:

@@ -34,6 +34,7 @@ from pipeline.images import (
     pad_batch,
     resize_keep_ratio,
 )
+from pipeline.precision import autocast, check_precision
 from pipeline.saliency import propose
 from pipeline.shard_plan import compute_fingerprint, result_settings
 from pipeline.shards import (
@@ -97,6 +98,10 @@ class ProposalWorker:
         self.out_dir = Path(out_dir)
         net = backbone if backbone is not None else build_backbone(backbone_cfg)
         self.backbone = net.eval().to(self.device)
+        self.precision = check_precision(cfg.precision, self.device, "proposals.precision")
+        self._features = self.backbone.saliency_features
+        if cfg.compile:  # shapes vary per batch: dynamic, so one compilation serves them all
+            self._features = torch.compile(self._features, dynamic=True)
         invariant = bool(getattr(self.backbone, "batch_invariant", False))
         self.fingerprint = fingerprint or compute_fingerprint(
             backbone_cfg.kind, weights_fingerprint(self.backbone), cfg, invariant
@@ -163,7 +168,9 @@ class ProposalWorker:
             stride = self.backbone.saliency_stride
             x = pad_batch([b.tensor for b in good], self.backbone.size_divisor).to(self.device)
             # sizes: each image's valid pixels, so a batch-invariant backbone ignores the padding
-            feats = self.backbone.saliency_features(x, [b.resized for b in good])  # (B,C,h,w)
+            with autocast(self.precision, self.device):
+                feats = self._features(x, [b.resized for b in good])  # (B,C,h,w)
+            feats = feats.float()  # seeds, maps and maskness in fp32 whatever the backbone ran in
             valid = [
                 (math.ceil(h / stride), math.ceil(w / stride)) for h, w in (b.resized for b in good)
             ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from pipeline.config import load_pipeline_config
 from pipeline.executors import run_local, run_ray
 from pipeline.image_files import ImageLimits
 from pipeline.images import ImageItem, list_images
+from pipeline.precision import check_precision, default_device
 from pipeline.proposal_worker import ProposalWorker, count_existing
 from pipeline.run_folder import claim_run_folder
 from pipeline.shard_plan import (
@@ -170,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"proposals.executor must be 'ray' or 'local', got '{executor}'")
     if workers < 0:
         raise UserError(f"--workers must be >= 0 (0: from the machine), got {workers}")
+    if executor == "local" or not os.environ.get("RAY_ADDRESS"):  # this machine runs the workers
+        check_precision(pcfg.precision, default_device(), "proposals.precision")
     source, image_root = _resolve_inputs(args, cfg)
     if not Path(source).exists():
         raise UserError(f"image input not found: {source}")

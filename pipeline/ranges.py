@@ -54,6 +54,9 @@ class OneOf:
         return value in self.choices
 
 
+# Numeric precisions a stage may run in (pipeline.precision checks the device can).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 # The rules most keys need, named for readability in the sections.
 AT_LEAST_ONE = Range(lo=1)
 NON_NEGATIVE = Range(lo=0)

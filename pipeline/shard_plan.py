@@ -34,6 +34,9 @@ from pipeline.shards import SCHEMA_VERSION
 # batch_size is one only for batch-invariant backbones (the ViT): a ResNet's border cells see
 # how far pad_batch padded, so there it enters the fingerprint (see result_settings).
 NON_RESULT_FIELDS = ("batch_size", "shard_size", "workers", "executor", "prefetch", "images", "out")
+# Settings added after shards existed, at the value that reproduces the older results: left out of
+# ``settings`` at that value, so every older shard keeps its fingerprint (and still resumes).
+LATER_FIELDS = {"precision": "fp32", "compile": False}
 
 
 def make_plan(items: list[ImageItem], shard_size: int) -> list[list[ImageItem]]:
@@ -57,7 +60,11 @@ def result_settings(cfg: ProposalConfig, batch_invariant: bool = True) -> dict[s
     """The proposal settings that change results (stored in every shard as ``settings``);
     ``batch_size`` among them when the backbone is not ``batch_invariant``."""
     skip = NON_RESULT_FIELDS if batch_invariant else tuple(set(NON_RESULT_FIELDS) - {"batch_size"})
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    return {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in skip and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+    }
 
 
 def _batch_invariant(backbone_kind: str) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 
 from pipeline.cli import UserError
 from pipeline.config import dump_toml
-from trainer.config import Config, load_config
+from trainer.config import Config, load_config, with_later_defaults
 from trainer.finetune import NO_INIT, check_init, finetune, init_record, resolve
 from trainer.results import write_report
 
@@ -81,7 +81,7 @@ def _check_same_settings(cfg: Config) -> None:
     if not recorded.is_file():
         return
     now = tomllib.loads(dump_toml(dataclasses.asdict(cfg)))
-    then = tomllib.loads(recorded.read_text())
+    then = with_later_defaults(tomllib.loads(recorded.read_text()))
     for section in IGNORED_SECTIONS:
         now.pop(section, None)
         then.pop(section, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pipeline.config import (
     BackboneConfig,
@@ -23,6 +23,7 @@ from pipeline.ranges import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_FRACTION,
+    PRECISIONS,
     OneOf,
     Range,
 )
@@ -30,6 +31,7 @@ from pipeline.ranges import (
 # Allowed ranges (pipeline/ranges.py) of the keys pretrain and finetune share: the schedule, the
 # optimiser and the input size. Checked when a section is loaded, naming the key.
 _TRAINING_RANGES: dict[str, Range | OneOf] = {
+    "precision": OneOf(PRECISIONS),
     "iters": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE,
     "lr": POSITIVE,
@@ -152,7 +154,11 @@ class PretrainConfig:
     short_side: int = 800
     max_side: int = 1333
     flip: float = 0.1
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # older key: bf16 autocast on CUDA only; `precision` supersedes it
+    # "fp32" or "bf16" autocast (CPU with native bf16, or CUDA; "fp16" on CUDA), for the frozen
+    # backbone, the head and evaluation. docs/benchmarks.md measures it against fp32.
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile (inductor) the head; docs/benchmarks.md
     num_workers: int = 2
     log_every: int = 20
     ckpt_every: int = 1000
@@ -217,7 +223,9 @@ class FinetuneConfig:
     flip: float = 0.5
     rotate_deg: float = 9.0
     rotate_prob: float = 0.5
-    amp: bool = False
+    amp: bool = False  # older key, as in [pretrain]
+    precision: str = "fp32"  # as in [pretrain]
+    compile: bool = False
     num_workers: int = 2
     log_every: int = 20
     ckpt_every: int = 1000
@@ -259,3 +267,23 @@ class Config:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     return from_dict(Config, read_toml(path, overrides))
+
+
+# Keys added after run folders existed, at the value that reproduces those runs. A config recorded
+# before a key existed reads as holding this value, so older runs still resume and are reused.
+LATER_DEFAULTS: dict[str, Any] = {
+    "pretrain.precision": "fp32",
+    "pretrain.compile": False,
+    "finetune.precision": "fp32",
+    "finetune.compile": False,
+}
+
+
+def with_later_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config (nested dict) with every missing :data:`LATER_DEFAULTS` key filled in,
+    in place; returns it."""
+    for dotted, value in LATER_DEFAULTS.items():
+        section, key = dotted.split(".")
+        if isinstance(recorded.get(section), dict):
+            recorded[section].setdefault(key, value)
+    return recorded

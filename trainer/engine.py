@@ -20,7 +20,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from pipeline.cli import UserError
+from pipeline.precision import autocast, check_precision, effective_precision
 from trainer.checkpoint import (
     capture_rng_state,
     link_checkpoint,
@@ -66,7 +66,9 @@ class Schedule:
     with literal values.
 
     iters: total iterations, resumed ones included. clip_grad: maximum gradient norm (<= 0: no
-    clipping, the norm is still logged). amp: False, True / "bf16" or "fp16" (CUDA only).
+    clipping, the norm is still logged). precision: "fp32", "bf16" or "fp16" (CUDA only) autocast
+    for the forward pass (``pipeline.precision``); amp: the older key (autocast on CUDA only),
+    read when precision is fp32. compile: torch.compile the model (its ``knet`` when it has one).
     log_every, ckpt_every: a metrics.jsonl record / a checkpoint every so many iterations and at
     the end. eval_every: ``eval_fn`` every so many iterations and at the end (0: never).
     keep_checkpoints: how many ``iter_*.pt`` to keep, newest first (<= 0: all).
@@ -79,6 +81,8 @@ class Schedule:
     ckpt_every: int
     eval_every: int = 0
     keep_checkpoints: int = 0
+    precision: str = "fp32"
+    compile: bool = False
 
     @classmethod
     def from_section(cls, section: object, **changes: Any) -> Schedule:
@@ -204,12 +208,11 @@ def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, list[dic
     return images.to(device, non_blocking=non_blocking), targets
 
 
-def _amp_context(amp: bool | str, device: torch.device):
-    """bf16 autocast on CUDA (amp=True or "bf16"), fp16 with amp="fp16"; nothing on CPU."""
-    if not amp or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
+def _compile(objective: nn.Module) -> None:
+    """Compile the network in place (state-dict keys unchanged); the objective's matching and
+    losses stay eager (scipy's Hungarian solver would break the graph anyway)."""
+    target = getattr(objective, "knet", None)
+    (target if isinstance(target, nn.Module) else objective).compile(dynamic=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,10 +267,15 @@ def train(
     is_main = rank == 0
     objective.to(device)
 
-    if amp and device.type != "cuda" and is_main:
-        warnings.warn("mixed precision (amp) is used on CUDA only; training in fp32", stacklevel=2)
+    precision = check_precision(
+        effective_precision(schedule.precision, amp, device), device, "precision"
+    )
+    if amp and precision == "fp32" and is_main:
+        warnings.warn("amp is used on CUDA only (precision = 'bf16' on a CPU); fp32", stacklevel=2)
+    if schedule.compile:
+        _compile(objective)
     scaler = None
-    if amp == "fp16" and device.type == "cuda":  # bf16 needs no loss scaling
+    if precision == "fp16":  # bf16 needs no loss scaling
         scaler = torch.amp.GradScaler("cuda")
     window = LogWindow()
     start = 0
@@ -399,7 +407,7 @@ def train(
             images, targets = _to_device(batch, device)
             if inputs is not None:  # a frozen backbone's levels, from the feature cache or not
                 images = inputs(images, batch.infos)
-            with _amp_context(amp, device):
+            with autocast(precision, device):
                 out = model(images, targets)
             loss_keys = sorted(k for k in out if k.startswith("loss_"))
             stat_keys = sorted(k for k in out if k.startswith("stat_"))

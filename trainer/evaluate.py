@@ -46,6 +46,7 @@ from pipeline.cli import UserError
 from pipeline.coco_file import load_coco_file
 from pipeline.config import apply_override, from_dict
 from pipeline.image_files import ImageLimits
+from pipeline.precision import autocast, stage_precision
 from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
@@ -191,6 +192,7 @@ def evaluate(
     progress: bool = False,
     class_agnostic: bool = False,
     inputs: Callable[[torch.Tensor, list[dict]], Any] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Mask AP of ``knet`` over one pass of ``loader`` against ``coco_gt``.
 
@@ -202,6 +204,7 @@ def evaluate(
     results_path: where to write the COCO results JSON (optional).
     class_agnostic: score with COCOeval useCats=0 (see :func:`coco_mask_metrics`).
     inputs: as the engine's: batch images -> the model's input (frozen, maybe cached, levels).
+    precision: the forward pass's autocast (pipeline.precision); scores and masks are fp32.
     Returns METRIC_NAMES (fractions, -1 where pycocotools has no ground truth) plus "images"
     (images evaluated) and "detections" (results kept). Only the images seen are scored.
     """
@@ -231,7 +234,9 @@ def evaluate(
             images = batch.images.to(device, non_blocking=device.type == "cuda")
             if inputs is not None:  # a frozen backbone's levels (trainer.frozen_features)
                 images = inputs(images, batch.infos)
-            last = knet(images)["stages"][-1]
+            with autocast(precision, device):
+                last = knet(images)["stages"][-1]
+            last = {k: v.float() if torch.is_tensor(v) else v for k, v in last.items()}
             scores = detection_scores(knet, last)
             for i, info in enumerate(batch.infos):
                 seen.append(int(info["image_id"]))
@@ -408,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=cache_dir(cfg, cfg.finetune),
         stage="finetune",
         datasets=[],
+        precision=stage_precision(cfg.finetune, device, "finetune"),
     )
     loader = build_eval_loader(cfg, knet.size_divisor, store=store)
     category_ids = list(loader.dataset.cat_ids)
@@ -432,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         class_agnostic=args.class_agnostic,
         inputs=frozen,
+        precision=stage_precision(cfg.finetune, device, "finetune"),
     )
     report = {
         "checkpoint": str(path),

@@ -58,21 +58,41 @@ def _pid_alive(pid: int) -> bool:
 
 
 class FeatureStore:
-    """Entries ``<root>/<fingerprint[:16]>/<key>.npz`` for one backbone.
+    """Entries ``<root>/<fingerprint[:16]>[-<precision>]/<key>.npz`` for one backbone run in one
+    precision (fp32 folders carry no suffix, as before precisions existed).
 
     ``get``/``put`` take a sample's info dict ("content", "image_size", "flipped").
     """
 
-    def __init__(self, root: str | Path, fingerprint: str) -> None:
-        self.folder = Path(root).expanduser() / fingerprint[:16]
+    def __init__(self, root: str | Path, fingerprint: str, precision: str = "fp32") -> None:
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        self.folder = Path(root).expanduser() / (fingerprint[:16] + suffix)
         self.fingerprint = fingerprint
+        self.precision = precision
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self.folder / "backbone.json"
         if not marker.exists():
             tmp = marker.with_name(f".backbone.json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "format": CACHE_FORMAT}))
+            info = {"fingerprint": fingerprint, "format": CACHE_FORMAT, "precision": precision}
+            tmp.write_text(json.dumps(info))
             os.replace(tmp, marker)
+        self._check_marker(marker)
         self.clean_temps()
+
+    def _check_marker(self, marker: Path) -> None:
+        """Levels of one precision never serve another: a folder recorded for another precision
+        (or backbone) is refused instead of mixed."""
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return  # an unreadable marker: entries are still keyed by content and size
+        made = info.get("precision", "fp32")  # folders from before precisions hold fp32 levels
+        if made != self.precision or info.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise UserError(
+                f"feature cache {self.folder} holds {made} levels of backbone "
+                f"{str(info.get('fingerprint'))[:16]}, not {self.precision} levels of "
+                f"{self.fingerprint[:16]}; delete the folder or set another feature_cache_dir"
+            )
 
     def key(self, info: dict[str, Any]) -> str:
         h, w = (int(v) for v in info["image_size"])
@@ -173,24 +193,26 @@ def frozen_inputs(
     datasets: list[Dataset],
     rotate_prob: float = 0.0,
     rotate_deg: float = 0.0,
+    precision: str = "fp32",
 ) -> tuple[list[Dataset], FrozenFeatures | None, FeatureStore | None]:
     """The feature source a stage trains with, and its datasets (wrapped when caching).
 
     Returns (datasets, frozen, store): ``frozen`` is None when the backbone is not fully frozen or
     not batch invariant (the model then runs its backbone itself); ``store`` is None when the cache
-    is off. ``enabled`` with a setting that cannot be exact is a UserError.
+    is off. ``enabled`` with a setting that cannot be exact is a UserError. ``precision``: the
+    autocast the frozen backbone runs in (its levels are kept in fp32; the cache keys them by it).
     """
     if enabled:
         check_exact(backbone, stage, rotate_prob=rotate_prob, rotate_deg=rotate_deg)
     if not (is_fully_frozen(backbone) and getattr(backbone, "batch_invariant", False)):
         return datasets, None, None
     if not enabled:
-        return datasets, FrozenFeatures(backbone), None
+        return datasets, FrozenFeatures(backbone, precision=precision), None
     from pipeline.backbones import weights_fingerprint
 
-    store = FeatureStore(cache_dir, weights_fingerprint(backbone))
+    store = FeatureStore(cache_dir, weights_fingerprint(backbone), precision)
     wrapped = [CachedDataset(d, store) for d in datasets]
-    return wrapped, FrozenFeatures(backbone, store), store
+    return wrapped, FrozenFeatures(backbone, store, precision), store
 
 
 def cache_dir(cfg: Any, section: Any) -> Path:

@@ -37,6 +37,7 @@ import torch
 from pipeline.atomic_files import write_json, write_text
 from pipeline.cli import UserError, record_run
 from pipeline.image_files import ImageLimits
+from pipeline.precision import stage_precision
 from trainer.config import Config, load_config
 from trainer.evaluate import format_table
 from trainer.feature_cache import cache_dir, describe, frozen_inputs
@@ -223,6 +224,7 @@ def _finetune(
         datasets=[dataset],
         rotate_prob=ft.rotate_prob,
         rotate_deg=ft.rotate_deg,
+        precision=stage_precision(ft, device, "finetune"),
     )
     resolved = dataclasses.asdict(cfg)
     if resume:

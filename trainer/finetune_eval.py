@@ -14,6 +14,7 @@ import torch
 
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
+from pipeline.precision import stage_precision
 from trainer.config import Config
 from trainer.evaluate import METRIC_NAMES, build_eval_loader, evaluate, load_coco
 from trainer.labelled_check import check_validation_set
@@ -87,6 +88,7 @@ def make_eval_fn(
                 mask_threshold=ft.test_mask_threshold,
                 max_detections=ft.max_detections,
                 inputs=frozen,
+                precision=stage_precision(ft, device, "finetune"),
             )
         except UserError as e:
             # A loader worker's error carries the worker's traceback; the dataset's wording

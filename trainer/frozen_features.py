@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from pipeline.backbones import Backbone
+from pipeline.precision import autocast
 
 
 @dataclass
@@ -106,13 +107,16 @@ class FrozenFeatures:
     not found in the cache (for tests and the benchmark: a fully cached epoch makes none).
     """
 
-    def __init__(self, backbone: Backbone, store: Any | None = None) -> None:
+    def __init__(
+        self, backbone: Backbone, store: Any | None = None, precision: str = "fp32"
+    ) -> None:
         if not getattr(backbone, "batch_invariant", False):
             raise ValueError(
                 f"{backbone.name} is not batch invariant: its features depend on the batch"
             )
         self.backbone = backbone
         self.store = store
+        self.precision = precision  # the backbone's autocast; its levels are handed on in fp32
         self.calls = 0
 
     def __call__(self, images: Tensor, infos: Sequence[dict[str, Any]]) -> BackboneLevels:
@@ -128,7 +132,9 @@ class FrozenFeatures:
             self.calls += 1
             h, w = (int(v) for v in infos[i]["image_size"])
             alone = images[i : i + 1, :, :h, :w]
-            per_image[i] = per_image_levels(self.backbone, alone, [(h, w)])[0]
+            with autocast(self.precision, device):
+                levels = per_image_levels(self.backbone, alone, [(h, w)])[0]
+            per_image[i] = [t.float() for t in levels]
             if self.store is not None:
                 self.store.put(infos[i], per_image[i])
         return assemble(per_image, self.backbone.level_strides, tuple(images.shape[-2:]))

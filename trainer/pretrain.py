@@ -28,6 +28,7 @@ from pipeline.backbones import Backbone, build_backbone, weights_fingerprint
 from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.image_files import ImageLimits
+from pipeline.precision import stage_precision
 from pipeline.run_folder import claim_run_folder
 from trainer.config import Config, load_config
 from trainer.datasets import ShardDataset
@@ -164,6 +165,7 @@ def build_pretraining(
         cache_dir=cache_dir(cfg, p),
         stage="pretrain",
         datasets=[dataset],
+        precision=stage_precision(p, device, "pretrain"),
     )
     loader = build_loader(
         dataset,

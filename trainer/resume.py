@@ -11,6 +11,7 @@ never a load_state_dict traceback.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from pipeline.cli import UserError
 from trainer.checkpoint import load_latest, load_matching, model_state
+from trainer.config import with_later_defaults
 
 # Dotted config keys (or section prefixes) that change what a run is, per stage.
 MEANING_KEYS = {
@@ -31,6 +33,7 @@ MEANING_KEYS = {
         "finetune.split_fold",
         "finetune.init",
         "finetune.frozen_stages",
+        "finetune.precision",
     ),
     "pretrain": (
         "model.",
@@ -40,6 +43,7 @@ MEANING_KEYS = {
         "pretrain.kernel_supervision",
         "pretrain.prompt_slots",
         "pretrain.ks_target",
+        "pretrain.precision",
     ),
 }
 
@@ -56,7 +60,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def meaning_changes(stage: str, then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'key (then -> now)' for every meaning-changing setting that differs."""
-    a, b = _flatten(then), _flatten(now)
+    a, b = _flatten(with_later_defaults(copy.deepcopy(then))), _flatten(now)
     keys = sorted(k for k in set(a) | set(b) if k.startswith(MEANING_KEYS[stage]))
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 
