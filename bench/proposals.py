@@ -14,7 +14,11 @@ Measured in one run, on one device, with the config's batch size (ratios, never 
    start-up excluded) and of the whole call including start-up;
 4. peak RSS of a whole ``proposals`` run at two dataset sizes (goal: flat);
 5. where the time goes: each stage run alone (fractions), plus the top cProfile entries of the
-   end-to-end loop's main thread.
+   end-to-end loop's main thread;
+6. (1) and (2) again for every ``--precisions`` entry (``fp32``, ``bf16``, ``bf16:compile``...),
+   each as a ratio to the first, with the backbone's achieved GFLOP/s against the CPU's peak
+   (bench/flops.py), and (1) at every ``--batch-sizes`` entry (bf16 where asked).
+(3)-(5) run with the config's own precision.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.flops import step_flops  # noqa: E402
+from bench.precisions import batch_size_runs, precision_runs  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
@@ -48,6 +54,7 @@ from pipeline.images import (  # noqa: E402
     pad_batch,
     resize_keep_ratio,
 )
+from pipeline.precision import autocast  # noqa: E402
 from pipeline.proposal_worker import ProposalWorker, masks_to_rles  # noqa: E402
 from pipeline.ray_cluster import machine_cpus, ray_init  # noqa: E402
 from pipeline.saliency import propose  # noqa: E402
@@ -82,15 +89,27 @@ def bare_backbone(worker: ProposalWorker, items: list, shard_size: int) -> dict:
         pad_batch([tensors[it.file_name] for it in b], net.size_divisor).to(dev)
         for b in _batches(items, shard_size, cfg.batch_size)
     ]
-    with torch.inference_mode():
-        net.saliency_features(batches[0])  # warm-up (allocator, kernels)
+    with torch.inference_mode(), autocast(worker.precision, dev):
+        t0 = time.perf_counter()
+        worker._features(batches[0])  # warm-up (allocator, kernels; compilation when asked)
         _sync(dev)
+        warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         for x in batches:
-            net.saliency_features(x)
+            worker._features(x)
         _sync(dev)
-    seconds = time.perf_counter() - t0
-    return {"images": len(items), "seconds": seconds, "images_per_s": len(items) / seconds}
+        seconds = time.perf_counter() - t0
+        with step_flops() as counted:
+            net.saliency_features(batches[0])
+    per_image = counted.total / len(batches[0])
+    return {
+        "images": len(items),
+        "seconds": seconds,
+        "warmup_seconds": warm,
+        "images_per_s": len(items) / seconds,
+        "gflop_per_image": per_image / 1e9,
+        "gflops": per_image * len(items) / seconds / 1e9,
+    }
 
 
 def end_to_end(worker: ProposalWorker, items: list, shard_size: int, out: Path) -> dict:
@@ -306,6 +325,8 @@ def main() -> int:
     p.add_argument("--ray-workers", default="1,2", help="Ray worker counts for (3)")
     p.add_argument("--profile-images", type=int, default=16, help="images for (5)")
     p.add_argument("--no-ray", action="store_true", help="skip (3)")
+    p.add_argument("--precisions", default="fp32,bf16", help="settings for (6), '' to skip")
+    p.add_argument("--batch-sizes", default="", help="batch sizes for (6), e.g. 4,8,16")
     p.add_argument("--note", default="", help="how the machine was shared, for the record")
     p.add_argument("--out", default="bench/results/proposals.json")
     p.add_argument("--_rss-child", dest="rss_child", action="store_true", help=argparse.SUPPRESS)
@@ -355,6 +376,16 @@ def main() -> int:
             cmp_items = items[: args.compare_images]
             report["executors"] = executor_runs(cfg, cmp_items, out, ray_workers, fingerprint)
         report["peak_rss_mb"] = peak_rss(args, images, mem_sizes, out)
+        settings = [s for s in args.precisions.split(",") if s]
+        if settings:
+            report["precisions"] = precision_runs(
+                cfg, bench_items, shard_size, out, settings, bare_backbone, end_to_end
+            )
+        if args.batch_sizes:
+            sizes = [int(s) for s in args.batch_sizes.split(",")]
+            report["batch_sizes"] = batch_size_runs(
+                cfg, bench_items, settings[-1], sizes, bare_backbone
+            )
 
     bare = report["bare_backbone"]["images_per_s"]
     e2e = report["end_to_end_local"]["images_per_s"]
@@ -389,6 +420,15 @@ def main() -> int:
         + ", ".join(f"{k} img {v:.0f} MB" for k, v in rss.items())
         + f"; largest stage {top} {fr[top]:.0%} -> {dest}"
     )
+    for name, row in report.get("precisions", {}).get("settings", {}).items():
+        bare, e2e = row["bare_backbone"], row["end_to_end_local"]
+        print(
+            f"  {name}: bare {bare['images_per_s']:.2f} img/s (x{bare['ratio']:.2f}, "
+            f"{bare['gflops']:.0f} GFLOP/s), end-to-end {e2e['images_per_s']:.2f} img/s "
+            f"(x{e2e['ratio']:.2f}; x{row['end_to_end_over_bare']:.2f} of bare)"
+        )
+    if "batch_sizes" in report:
+        print(f"  batch sizes: {report['batch_sizes']}")
     return 0
 
 
