@@ -66,7 +66,7 @@ class ModelConfig:
         "ffn_dim": AT_LEAST_ONE,
         "mask_threshold": FRACTION,
         "kernel_pooling": OneOf(("mean", "sum")),
-        "kind": OneOf(("knet", "mask2former")),
+        "kind": OneOf(("knet", "mask2former", "maskrcnn")),
         "decoder_layers": AT_LEAST_ONE,
         "pixel_decoder": OneOf(("deformable", "fpn")),
         "encoder_layers": NON_NEGATIVE,
@@ -106,7 +106,8 @@ class ModelConfig:
     # project's choice: K^0 stays at the scale of the additive prompts) or "sum" (K-Net's code,
     # grows with mask area, which would make a prompt added to K^0 negligible).
     kernel_pooling: str = "mean"
-    # Which model (trainer/model/factory.py): "knet" or "mask2former".
+    # Which model (trainer/model/factory.py): "knet", "mask2former", or "maskrcnn" (torchvision's
+    # Mask R-CNN on the same backbone and neck, the CNN reference; trained with [maskrcnn]).
     kind: str = "knet"
     # A ViT backbone's simple feature pyramid (trainer/model/pyramid.py): resampling factors of its
     # one stride-14 map, finest first; the finest level is the mask grid. ViTDet's (4, 2, 1, 0.5)
@@ -233,6 +234,39 @@ class FinetuneConfig:
 
 
 @dataclass
+class MaskRCNNConfig:
+    """The Mask R-CNN reference's optimiser (model.kind = "maskrcnn"): it replaces finetune's lr,
+    weight decay, warm-up, steps and clipping; the budget (iters, batch, sizes, split, evaluation)
+    stays finetune's. Defaults: torchvision's reference recipe (SGD, momentum 0.9, weight decay
+    1e-4, lr 0.02 at batch 16 scaled linearly, 1,000 warm-up iterations at 0.001, x0.1 steps,
+    no clipping); a config scales it to its batch and budget."""
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "optimizer": OneOf(("sgd", "adamw")),
+        "lr": POSITIVE,
+        "momentum": FRACTION,
+        "weight_decay": NON_NEGATIVE,
+        "clip_grad": NON_NEGATIVE,
+        "warmup_iters": NON_NEGATIVE,
+        "warmup_ratio": FRACTION,
+        "lr_steps": AT_LEAST_ONE,
+        "lr_gamma": POSITIVE,
+        "backbone_lr_mult": NON_NEGATIVE,
+    }
+
+    optimizer: str = "sgd"  # "sgd" (torchvision's) or "adamw" (ViTDet's)
+    lr: float = 0.01  # 0.02 x 8 / 16: finetune.batch_size 8
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-4
+    clip_grad: float = 0.0  # 0: none, as torchvision
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [6653, 8132])  # finetune's
+    lr_gamma: float = 0.1
+    backbone_lr_mult: float = 1.0  # torchvision trains its backbone at the heads' rate
+
+
+@dataclass
 class CompareConfig:
     """``compare`` and ``study`` (trainer/compare.py, trainer/study.py): what is repeated."""
 
@@ -254,6 +288,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    maskrcnn: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 

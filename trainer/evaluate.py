@@ -104,7 +104,24 @@ def image_results(
         binary.append((chunk[0] > mask_threshold).cpu())
     if not binary:
         return []
-    masks = torch.cat(binary).numpy().astype(np.uint8)  # (k, H, W)
+    return encode_detections(
+        torch.cat(binary),
+        top_scores,
+        [category_ids[int(c)] for c in labels],
+        image_id=image_id,
+    )
+
+
+def encode_detections(
+    masks: Tensor, scores: Tensor, category_ids: Sequence[int], *, image_id: int
+) -> list[dict[str, Any]]:
+    """COCO results {"image_id", "category_id", "segmentation" (compressed RLE, counts as str),
+    "score"} of k detections: masks (k, H, W) bool at the original image size, scores (k,),
+    one COCO category id each; empty masks are left out, the order is kept."""
+    k = len(category_ids)
+    if k == 0:
+        return []
+    masks = masks.cpu().numpy().astype(np.uint8)  # (k, H, W)
     # pycocotools wants (H, W, k) in Fortran order.
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
     areas = masks.reshape(k, -1).sum(1)
@@ -116,9 +133,9 @@ def image_results(
         results.append(
             {
                 "image_id": int(image_id),
-                "category_id": int(category_ids[int(labels[i])]),
+                "category_id": int(category_ids[i]),
                 "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
-                "score": float(top_scores[i]),
+                "score": float(scores[i]),
             }
         )
     return results
@@ -169,6 +186,39 @@ def detection_scores(model: nn.Module, stage: dict[str, Tensor]) -> Tensor:
     it has one (Mask2Former), else the sigmoid class probabilities (K-Net)."""
     own = getattr(model, "detection_scores", None)
     return own(stage) if own is not None else stage["logits"].float().sigmoid()
+
+
+def batch_results(
+    model: nn.Module,
+    images: Any,
+    infos: Sequence[dict[str, Any]],
+    category_ids: Sequence[int],
+    mask_threshold: float,
+    max_detections: int,
+) -> list[dict[str, Any]]:
+    """COCO results of one batch: a model with its own decoding (``coco_results``: Mask R-CNN,
+    whose masks torchvision pastes and binarises at 0.5) decodes itself; a query-based model's
+    last stage goes through :func:`image_results`."""
+    own = getattr(model, "coco_results", None)
+    if own is not None:
+        return own(images, infos, category_ids, max_detections)
+    last = model(images)["stages"][-1]
+    scores = detection_scores(model, last)
+    results = []
+    for i, info in enumerate(infos):
+        results += image_results(
+            last["logits"][i],
+            last["masks"][i],
+            scores=scores[i],
+            image_id=info["image_id"],
+            category_ids=category_ids,
+            input_size=tuple(images.shape[-2:]),
+            image_size=tuple(info["image_size"]),
+            orig_size=tuple(info["orig_size"]),
+            mask_threshold=mask_threshold,
+            max_detections=max_detections,
+        )
+    return results
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -231,22 +281,10 @@ def evaluate(
             images = batch.images.to(device, non_blocking=device.type == "cuda")
             if inputs is not None:  # a frozen backbone's levels (trainer.frozen_features)
                 images = inputs(images, batch.infos)
-            last = knet(images)["stages"][-1]
-            scores = detection_scores(knet, last)
-            for i, info in enumerate(batch.infos):
-                seen.append(int(info["image_id"]))
-                results += image_results(
-                    last["logits"][i],
-                    last["masks"][i],
-                    scores=scores[i],
-                    image_id=info["image_id"],
-                    category_ids=category_ids,
-                    input_size=tuple(images.shape[-2:]),
-                    image_size=tuple(info["image_size"]),
-                    orig_size=tuple(info["orig_size"]),
-                    mask_threshold=mask_threshold,
-                    max_detections=max_detections,
-                )
+            seen += [int(info["image_id"]) for info in batch.infos]
+            results += batch_results(
+                knet, images, batch.infos, category_ids, mask_threshold, max_detections
+            )
     finally:
         knet.train(was_training)
     if not seen:
