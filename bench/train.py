@@ -1,6 +1,7 @@
 """Pre-training step time with the frozen-feature cache on and off, in one run, same images.
 
     python bench/train.py [--config configs/demo.toml] [--shards DIR] [--iters 40] [--warmup 10]
+                          [--set model.kind=mask2former|maskrcnn] [--out FILE]
 
 For each mode (``off``: the frozen backbone runs every step; ``on``: its levels come from the
 feature cache, filled first by one pass over every image view the run will see) the same
@@ -68,11 +69,24 @@ def _timed(module: torch.nn.Module, key: str, clock: dict[str, float]) -> None:
 
 
 def build(cfg, shards: Path, cache: bool, cache_dir: Path, device: torch.device):
-    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), cache as asked."""
+    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), cache as asked.
+
+    A model that Saliency Prompt does not pre-train (``model.kind = "maskrcnn"``) trains here on
+    the same images, batch and input size with the pseudo masks as class-agnostic labels and no
+    prompts or kernel supervision: its step time and memory beside the query-based kinds'."""
+    from trainer.model.factory import QUERY_KINDS
+
     cfg = copy.deepcopy(cfg)
     cfg.pretrain.feature_cache, cfg.pretrain.feature_cache_dir = cache, str(cache_dir)
+    if cfg.model.kind not in QUERY_KINDS:
+        cfg.pretrain.prompts = cfg.pretrain.kernel_supervision = False
     built = build_pretraining(cfg, shards, None, device)
-    return built.objective.to(device), built.loader, built.frozen, built.store, built.optimizer
+    optimizer = built.optimizer
+    if cfg.model.kind not in QUERY_KINDS:  # its own optimiser ([maskrcnn]), as fine-tuning uses
+        from trainer.optim import optimizer_from_section
+
+        optimizer, _ = optimizer_from_section(built.objective, cfg.maskrcnn)
+    return built.objective.to(device), built.loader, built.frozen, built.store, optimizer
 
 
 def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int | None, warmup: int, device):
@@ -81,9 +95,12 @@ def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int | None, warmu
     if iters is None:
         iters = -(-len(loader.dataset) // cfg.pretrain.batch_size) * 2
     clock = dict.fromkeys(PHASES, 0.0)
-    _timed(objective.knet, "forward", clock)
-    _timed(objective.criterion, "losses", clock)
-    if objective.kernel_supervision is not None:
+    clip = cfg.pretrain.clip_grad if cfg.model.kind != "maskrcnn" else cfg.maskrcnn.clip_grad
+    clip = clip if clip > 0 else float("inf")
+    _timed(objective.knet, "forward", clock)  # Mask R-CNN: its losses are inside its forward
+    if getattr(objective, "criterion", None) is not None:
+        _timed(objective.criterion, "losses", clock)
+    if getattr(objective, "kernel_supervision", None) is not None:
         _timed(objective.kernel_supervision, "losses", clock)
     objective.train()
     batches = iter(loader)
@@ -109,7 +126,7 @@ def run_mode(cfg, shards, cache: bool, cache_dir: Path, iters: int | None, warmu
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             t4 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.pretrain.clip_grad)
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), clip)
             optimizer.step()
             t5 = time.perf_counter()
             for key, dt in zip(("data", "backbone", "backward", "optimiser"),
@@ -161,7 +178,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "device": str(device),
-        "model": cfg.model.kind if hasattr(cfg.model, "kind") else "knet",
+        "model": cfg.model.kind,
         "batch_size": cfg.pretrain.batch_size,
         "input": [cfg.pretrain.short_side, cfg.pretrain.max_side],
         "cache_fill_seconds": fill_seconds,

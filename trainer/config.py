@@ -76,6 +76,7 @@ class ModelConfig:
         "num_points": AT_LEAST_ONE,
         "oversample": Range(lo=1),
         "importance": FRACTION,
+        "roi_samples": AT_LEAST_ONE,
     }
 
     def cross_checks(self) -> list[str]:
@@ -126,6 +127,9 @@ class ModelConfig:
     num_points: int = 12544  # 112 x 112: uniform for matching, importance-sampled for the losses
     oversample: float = 3.0
     importance: float = 0.75  # share of the points taken where the prediction is most uncertain
+    # Mask R-CNN only (trainer/model/maskrcnn.py): RoIs sampled per image for its box and mask
+    # losses, a quarter of them positive at most (torchvision's box_batch_size_per_image).
+    roi_samples: int = 512
 
 
 @dataclass

@@ -6,7 +6,8 @@ The paper's Figure 1 compares query-based K-Net with Mask R-CNN at few labels. H
 as they are) sits on the same frozen backbone and the same neck as the other kinds: the ViT's
 simple feature pyramid (strides 3.5..28) or the ResNet FPN (4..32), plus torchvision's extra P6
 level (max pooling, stride 2) that its FPN gives the RPN. Three small adapters make torchvision
-take levels whose strides need not be powers of two:
+take levels whose strides need not be powers of two (the heads are torchvision's classes, sized
+to the pyramid's width, see :class:`MaskRCNNReference`):
 
 - :class:`PyramidLevels`, the detector's "backbone": pyramid levels -> OrderedDict with
   ``out_channels``, as torchvision expects;
@@ -34,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
@@ -138,12 +140,20 @@ class MaskRCNNReference(nn.Module):
             raise ValueError(f"coarsest pyramid stride {coarsest} is not an integer")
         self.size_divisor: int = math.lcm(int(backbone.size_divisor), int(coarsest))
         self.num_kernels = 100
+        width, classes = cfg.channels, num_classes + 1  # + torchvision's background class 0
+        # Head widths scale with the pyramid's: torchvision's own (box MLP 1024, mask convs 256)
+        # at its 256 channels, a quarter of them at the demo's 64.
+        representation = max(1, 1024 * width // 256)
         self.detector = MaskRCNN(
             levels,
-            num_classes=num_classes + 1,  # + torchvision's background class 0
             rpn_anchor_generator=FixedStrideAnchors(levels.strides),
             box_roi_pool=FixedStrideRoIAlign(self.strides, 7),
+            box_head=TwoMLPHead(width * 7 * 7, representation),
+            box_predictor=FastRCNNPredictor(representation, classes),
+            box_batch_size_per_image=cfg.roi_samples,
             mask_roi_pool=FixedStrideRoIAlign(self.strides, 14),
+            mask_head=MaskRCNNHeads(width, [width] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(width, width, classes),
             box_detections_per_img=self.num_kernels,
             image_mean=[0.0, 0.0, 0.0],
             image_std=[1.0, 1.0, 1.0],
