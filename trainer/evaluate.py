@@ -1,4 +1,4 @@
-"""Evaluate a fine-tuned K-Net or Mask2Former: COCO mask AP, AP50, AP75, APs, APm, APl.
+"""Evaluate a fine-tuned K-Net, Mask2Former or Mask R-CNN: COCO mask AP, AP50, AP75, APs, APm, APl.
 
 ``python -m trainer evaluate --checkpoint CKPT [--out FILE]`` loads a fine-tuning checkpoint and
 scores it on the config's validation set (``data.val_json`` / ``data.val_images``).
@@ -16,6 +16,10 @@ the class probability alone; see ``get_seg_masks``/``segm2result`` in K-Net's
 is the sigmoid class probability, as in K-Net. A Mask2Former is scored as Mask2Former scores it
 (its ``detection_scores``: softmax class probability without no-object, times the mask score);
 both binarise masks at the same ``test_mask_threshold``.
+
+The Mask R-CNN reference decodes itself (its ``coco_results``): torchvision's detections, boxes
+and masks pasted into the original image by torchvision, binarised at 0.5 as torchvision's
+reference evaluation does; the COCO results and their scoring are the same as for the others.
 
 Detections whose binary mask is empty are dropped: an empty mask matches no object (IoU 0), so it
 cannot change AP, and keeping it would only bloat the results file.

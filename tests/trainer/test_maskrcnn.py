@@ -91,7 +91,9 @@ def test_training_step_gives_torchvision_losses():
     model.train()
     masks = torch.zeros(1, 56, 56)
     masks[0, 10:40, 8:30] = 1
-    targets = [{"masks": masks, "boxes": torch.tensor([[8.0, 10, 30, 40]]), "labels": torch.tensor([1])}]
+    targets = [
+        {"masks": masks, "boxes": torch.tensor([[8.0, 10, 30, 40]]), "labels": torch.tensor([1])}
+    ]
     losses = model(torch.randn(1, 3, 56, 56), targets)
     assert set(losses) == TORCHVISION_LOSSES
     sum(losses.values()).backward()
@@ -121,7 +123,9 @@ def test_finetune_evaluate_and_refusals(tmp_path, monkeypatch):
     )
     assert code == 0, err
     assert set(train_records(Path("ft"))[0]) >= TORCHVISION_LOSSES | {"lr"}
-    assert train_records(Path("ft"))[0]["lr"] == pytest.approx(0.003)  # [maskrcnn]'s, not finetune's
+    assert train_records(Path("ft"))[0]["lr"] == pytest.approx(
+        0.003
+    )  # [maskrcnn]'s, not finetune's
     metrics = json.loads(Path("ft/metrics.json").read_text())
     assert metrics["num_classes"] == 2 and 0.0 <= metrics["final"]["AP"] <= 1.0
     assert any(Path("runs/demo/feature-cache").rglob("*.npz"))  # levels came from the cache
@@ -188,3 +192,28 @@ def test_compare_reference_row(tmp_path, monkeypatch):
 
     code, _, err = run_cli("compare", *common, "--reference", "yolo", "--out", "c2")
     assert code == 2 and "unknown --reference 'yolo'" in err
+
+
+def test_maskrcnn_section_only_binds_maskrcnn_runs(tmp_path):
+    """A run folder recorded before [maskrcnn] existed (or under other [maskrcnn] values) is the
+    same K-Net run; a Mask R-CNN run made with another [maskrcnn] recipe is not."""
+    import dataclasses
+    import tomllib
+
+    from pipeline.cli import UserError
+    from pipeline.config import dump_toml
+    from trainer.compare import _check_same_settings, reference_config
+
+    cfg = load_config(DEMO)
+    cfg.finetune.out = str(tmp_path)
+    recorded = tomllib.loads(dump_toml(dataclasses.asdict(cfg)))
+    del recorded["maskrcnn"]
+    (tmp_path / "config.toml").write_text(dump_toml(recorded))
+    _check_same_settings(cfg)  # no error: K-Net does not read [maskrcnn]
+
+    mrcnn = reference_config(cfg, "maskrcnn")
+    (tmp_path / "config.toml").write_text(dump_toml(dataclasses.asdict(mrcnn)))
+    _check_same_settings(mrcnn)
+    mrcnn.maskrcnn.lr = 0.02
+    with pytest.raises(UserError, match="maskrcnn.lr"):
+        _check_same_settings(mrcnn)
