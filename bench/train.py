@@ -2,6 +2,7 @@
 
     python bench/train.py [--config configs/demo.toml] [--shards DIR] [--iters 40] [--warmup 10]
         [--modes off:fp32,on:fp32,on:bf16,on:bf16:compile]
+        [--set model.kind=mask2former|maskrcnn] [--out FILE]
 
 Each mode is ``cache:precision[:compile]``: ``off`` runs the frozen backbone every step, ``on``
 reads its levels from the feature cache (filled first, per precision, by one pass over every image
@@ -86,14 +87,27 @@ def parse_mode(text: str) -> dict:
 
 
 def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
-    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), mode as asked."""
+    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), mode as asked.
+
+    A model that Saliency Prompt does not pre-train (``model.kind = "maskrcnn"``) trains here on
+    the same images, batch and input size with the pseudo masks as class-agnostic labels and no
+    prompts or kernel supervision: its step time and memory beside the query-based kinds'."""
+    from trainer.model.factory import QUERY_KINDS
+
     cfg = copy.deepcopy(cfg)
     cfg.pretrain.feature_cache, cfg.pretrain.feature_cache_dir = mode["cache"], str(cache_dir)
     cfg.pretrain.precision = mode["precision"]
+    if cfg.model.kind not in QUERY_KINDS:
+        cfg.pretrain.prompts = cfg.pretrain.kernel_supervision = False
     built = build_pretraining(cfg, shards, None, device)
+    optimizer = built.optimizer
+    if cfg.model.kind not in QUERY_KINDS:  # its own optimiser ([maskrcnn]), as fine-tuning uses
+        from trainer.optim import optimizer_from_section
+
+        optimizer, _ = optimizer_from_section(built.objective, cfg.maskrcnn)
     if mode["compile"]:
         _compile(built.objective)
-    return built.objective.to(device), built.loader, built.frozen, built.store, built.optimizer
+    return built.objective.to(device), built.loader, built.frozen, built.store, optimizer
 
 
 def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup: int, device):
@@ -103,9 +117,12 @@ def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup
     if iters is None:
         iters = -(-len(loader.dataset) // cfg.pretrain.batch_size) * 2
     clock = dict.fromkeys(PHASES, 0.0)
-    _timed(objective.knet, "forward", clock)
-    _timed(objective.criterion, "losses", clock)
-    if objective.kernel_supervision is not None:
+    clip = cfg.pretrain.clip_grad if cfg.model.kind != "maskrcnn" else cfg.maskrcnn.clip_grad
+    clip = clip if clip > 0 else float("inf")
+    _timed(objective.knet, "forward", clock)  # Mask R-CNN: its losses are inside its forward
+    if getattr(objective, "criterion", None) is not None:
+        _timed(objective.criterion, "losses", clock)
+    if getattr(objective, "kernel_supervision", None) is not None:
         _timed(objective.kernel_supervision, "losses", clock)
     objective.train()
     batches = iter(loader)
@@ -127,7 +144,7 @@ def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t4 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.pretrain.clip_grad)
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), clip)
         optimizer.step()
         t5 = time.perf_counter()
         for key, dt in zip(("data", "backbone", "backward", "optimiser"),
@@ -205,7 +222,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "device": str(device),
-        "model": cfg.model.kind if hasattr(cfg.model, "kind") else "knet",
+        "model": cfg.model.kind,
         "batch_size": cfg.pretrain.batch_size,
         "input": [cfg.pretrain.short_side, cfg.pretrain.max_side],
         "cache_fill_seconds": fill_seconds,

@@ -1,6 +1,7 @@
 """Saliency Prompt vs baseline over fine-tuning seeds: the same split and budget for every run.
 
     python -m trainer compare --frac F [--pretrained CKPT] [--seeds 0,1,2] [--iters N] [--out DIR]
+                              [--reference maskrcnn]
 
 For every seed (default compare.seeds) runs ``finetune`` twice with the same config, budget and
 split (the split is fixed by finetune.split_seed; the seed is finetune.seed, which changes the
@@ -8,6 +9,8 @@ fresh heads' initialisation and the batch order only): once initialised from the
 checkpoint (row "sp", default finetune.init, else runs/<name>/pretrain/checkpoints/last.pt) and
 once from the backbone weights alone with fresh heads (row "baseline", ``--init none``). Runs live
 under the compare's folder (default runs/<name>/compare-<frac>) as ``<row>-seed<k>/``.
+``--reference KIND`` adds a row per model kind fine-tuned from the backbone alone under the same
+protocol (``<kind>-seed<k>/``): the paper's Figure 1 puts K-Net beside Mask R-CNN.
 
 A run that already finished with the same settings and the same init checkpoint (by sha256) is
 reused; an unfinished one is resumed; one made with other settings or from another checkpoint is
@@ -30,11 +33,18 @@ from typing import Any
 
 from pipeline.cli import UserError
 from pipeline.config import dump_toml
-from trainer.config import Config, load_config, with_later_defaults
+from trainer.config import Config, comparable, load_config
 from trainer.finetune import NO_INIT, check_init, finetune, init_record, resolve
 from trainer.results import write_report
 
 LABELS = {"sp": "Saliency Prompt (pre-trained model)", "baseline": "baseline (backbone only)"}
+# Reference rows (``--reference KIND``): another model kind fine-tuned from the backbone alone
+# under the same protocol (split, seeds, budget, evaluation), e.g. the paper's Figure 1 Mask R-CNN.
+REFERENCE_LABELS = {
+    "maskrcnn": "Mask R-CNN reference (backbone only, [maskrcnn] recipe)",
+    "mask2former": "Mask2Former reference (backbone only)",
+    "knet": "K-Net reference (backbone only)",
+}
 # Sections that say what a compare or study repeats, not what one run does: a run folder made
 # under other seeds lists (or another study's variants) is still the same run.
 IGNORED_SECTIONS = ("compare",)
@@ -56,6 +66,45 @@ def parse_seeds(text: str | None, default: Sequence[int]) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"seeds must be a non-empty list without repeats, got {seeds}")
     return seeds
+
+
+def parse_references(text: str | None, cfg: Config) -> list[str]:
+    """ "maskrcnn" -> ["maskrcnn"]: model kinds to add as reference rows (None -> none). Each must
+    be a known kind other than ``model.kind`` (whose baseline row is there already)."""
+    from trainer.model.factory import QUERY_KINDS
+
+    if cfg.model.kind not in QUERY_KINDS:
+        raise UserError(
+            f"model.kind = '{cfg.model.kind}' has no Saliency Prompt pre-training to compare; "
+            f"keep a query-based model.kind and add it with --reference {cfg.model.kind}"
+        )
+    kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in REFERENCE_LABELS or kind == cfg.model.kind:
+            others = [k for k in REFERENCE_LABELS if k != cfg.model.kind]
+            raise UserError(f"unknown --reference '{kind}' (expected one of {', '.join(others)})")
+    if len(set(kinds)) != len(kinds):
+        raise UserError(f"--reference lists a kind twice: {text}")
+    return kinds
+
+
+def reference_config(cfg: Config, kind: str) -> Config:
+    """``cfg`` with ``model.kind`` = ``kind``: everything else (data, backbone, budget) shared."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=kind))
+
+
+def reference_lines(cfg: Config, kinds: Sequence[str]) -> list[str]:
+    """The results.md sentence that says how the reference rows were trained."""
+    if "maskrcnn" not in kinds:
+        return []
+    m = cfg.maskrcnn
+    return [
+        "",
+        "Mask R-CNN (torchvision's, on the same frozen backbone, neck and input sizes) trains "
+        f"with its own optimiser ([maskrcnn]): {m.optimizer} lr {m.lr:g}, weight decay "
+        f"{m.weight_decay:g}, warm-up {m.warmup_iters}, steps {m.lr_steps}; same budget, split, "
+        "seeds and evaluation as the other rows.",
+    ]
 
 
 def drop_keys(tree: dict[str, Any], dotted: Sequence[str]) -> None:
@@ -81,7 +130,8 @@ def _check_same_settings(cfg: Config) -> None:
     if not recorded.is_file():
         return
     now = tomllib.loads(dump_toml(dataclasses.asdict(cfg)))
-    then = with_later_defaults(tomllib.loads(recorded.read_text()))
+    now = comparable(now)
+    then = comparable(tomllib.loads(recorded.read_text()))
     for section in IGNORED_SECTIONS:
         now.pop(section, None)
         then.pop(section, None)
@@ -214,20 +264,30 @@ def compare(
     iters: int | None = None,
     out: str | None = None,
     seeds: Sequence[int] | None = None,
+    references: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run (or reuse) every fine-tuning and write the report; returns write_report's dict plus
-    "rows" (the run records). Empty dict on non-zero torch.distributed ranks."""
+    "rows" (the run records). ``references``: model kinds fine-tuned from the backbone alone as
+    extra rows (:func:`parse_references`). Empty dict on non-zero torch.distributed ranks."""
     seeds = list(cfg.compare.seeds if seeds is None else seeds)
     configured = cfg.finetune.init if cfg.finetune.init.lower() != NO_INIT else ""
     inits = {"sp": pretrained or configured, "baseline": NO_INIT}
+    models = {"sp": cfg, "baseline": cfg, **{k: reference_config(cfg, k) for k in references}}
     folder = Path(out) if out else default_folder(cfg, frac, "compare")
-    rows: dict[str, list[dict[str, Any]]] = {row: [] for row in inits}
+    rows: dict[str, list[dict[str, Any]]] = {row: [] for row in models}
     main = True
     for seed in seeds:
-        for row, init in inits.items():
+        for row, model_cfg in models.items():
             run_cfg = run_config(
-                cfg, frac=frac, init=init, iters=iters, out=folder / f"{row}-seed{seed}", seed=seed
+                model_cfg,
+                frac=frac,
+                init=inits.get(row, NO_INIT),
+                iters=iters,
+                out=folder / f"{row}-seed{seed}",
+                seed=seed,
             )
+            if row == "baseline":
+                base_cfg = run_cfg
             summary = run_or_reuse(run_cfg)
             # Non-zero torch.distributed ranks get no summary: they train along, rank 0 reports.
             main = main and bool(summary)
@@ -236,14 +296,16 @@ def compare(
     if not main:
         return {}
     split = check_same_split([r for runs in rows.values() for r in runs])
-    settings = settings_record(run_cfg, split, seeds, command="compare")
-    frac_value = run_cfg.finetune.frac
+    settings = settings_record(
+        base_cfg, split, seeds, command="compare", references=list(references)
+    )
+    frac_value = base_cfg.finetune.frac
     report = write_report(
         folder,
         title=f"Saliency Prompt vs baseline: {cfg.name}, {frac_value:g} of the training images",
-        intro=intro_lines(settings),
+        intro=[*intro_lines(settings), *reference_lines(cfg, references)],
         rows=rows,
-        labels=LABELS,
+        labels={**LABELS, **{k: REFERENCE_LABELS[k] for k in references}},
         baseline="baseline",
         settings=settings,
     )
@@ -275,6 +337,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="output folder (default: runs/<name>/compare-<frac>)"
     )
+    add_reference_argument(parser)
+
+
+def add_reference_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="extra rows: model kinds fine-tuned from the backbone alone under the same "
+        f"protocol, comma-separated ({', '.join(REFERENCE_LABELS)}; e.g. maskrcnn)",
+    )
 
 
 def print_summary(result: dict[str, Any], labels: dict[str, str], command: str) -> None:
@@ -300,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
         iters=args.iters,
         out=args.out,
         seeds=parse_seeds(args.seeds, cfg.compare.seeds),
+        references=parse_references(args.reference, cfg),
     )
     if result:
-        print_summary(result, LABELS, "compare")
+        print_summary(result, result["labels"], "compare")
     return 0

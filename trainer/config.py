@@ -68,7 +68,7 @@ class ModelConfig:
         "ffn_dim": AT_LEAST_ONE,
         "mask_threshold": FRACTION,
         "kernel_pooling": OneOf(("mean", "sum")),
-        "kind": OneOf(("knet", "mask2former")),
+        "kind": OneOf(("knet", "mask2former", "maskrcnn")),
         "decoder_layers": AT_LEAST_ONE,
         "pixel_decoder": OneOf(("deformable", "fpn")),
         "encoder_layers": NON_NEGATIVE,
@@ -78,6 +78,7 @@ class ModelConfig:
         "num_points": AT_LEAST_ONE,
         "oversample": Range(lo=1),
         "importance": FRACTION,
+        "roi_samples": AT_LEAST_ONE,
     }
 
     def cross_checks(self) -> list[str]:
@@ -108,7 +109,8 @@ class ModelConfig:
     # project's choice: K^0 stays at the scale of the additive prompts) or "sum" (K-Net's code,
     # grows with mask area, which would make a prompt added to K^0 negligible).
     kernel_pooling: str = "mean"
-    # Which model (trainer/model/factory.py): "knet" or "mask2former".
+    # Which model (trainer/model/factory.py): "knet", "mask2former", or "maskrcnn" (torchvision's
+    # Mask R-CNN on the same backbone and neck, the CNN reference; trained with [maskrcnn]).
     kind: str = "knet"
     # A ViT backbone's simple feature pyramid (trainer/model/pyramid.py): resampling factors of its
     # one stride-14 map, finest first; the finest level is the mask grid. ViTDet's (4, 2, 1, 0.5)
@@ -127,6 +129,9 @@ class ModelConfig:
     num_points: int = 12544  # 112 x 112: uniform for matching, importance-sampled for the losses
     oversample: float = 3.0
     importance: float = 0.75  # share of the points taken where the prediction is most uncertain
+    # Mask R-CNN only (trainer/model/maskrcnn.py): RoIs sampled per image for its box and mask
+    # losses, a quarter of them positive at most (torchvision's box_batch_size_per_image).
+    roi_samples: int = 512
 
 
 @dataclass
@@ -241,6 +246,39 @@ class FinetuneConfig:
 
 
 @dataclass
+class MaskRCNNConfig:
+    """The Mask R-CNN reference's optimiser (model.kind = "maskrcnn"): it replaces finetune's lr,
+    weight decay, warm-up, steps and clipping; the budget (iters, batch, sizes, split, evaluation)
+    stays finetune's. Defaults: torchvision's reference recipe (SGD, momentum 0.9, weight decay
+    1e-4, lr 0.02 at batch 16 scaled linearly, 1,000 warm-up iterations at 0.001, x0.1 steps,
+    no clipping); a config scales it to its batch and budget."""
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "optimizer": OneOf(("sgd", "adamw")),
+        "lr": POSITIVE,
+        "momentum": FRACTION,
+        "weight_decay": NON_NEGATIVE,
+        "clip_grad": NON_NEGATIVE,
+        "warmup_iters": NON_NEGATIVE,
+        "warmup_ratio": FRACTION,
+        "lr_steps": AT_LEAST_ONE,
+        "lr_gamma": POSITIVE,
+        "backbone_lr_mult": NON_NEGATIVE,
+    }
+
+    optimizer: str = "sgd"  # "sgd" (torchvision's) or "adamw" (ViTDet's)
+    lr: float = 0.01  # 0.02 x 8 / 16: finetune.batch_size 8
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-4
+    clip_grad: float = 0.0  # 0: none, as torchvision
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [6653, 8132])  # finetune's
+    lr_gamma: float = 0.1
+    backbone_lr_mult: float = 1.0  # torchvision trains its backbone at the heads' rate
+
+
+@dataclass
 class CompareConfig:
     """``compare`` and ``study`` (trainer/compare.py, trainer/study.py): what is repeated."""
 
@@ -262,6 +300,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    maskrcnn: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
@@ -277,6 +316,9 @@ LATER_DEFAULTS: dict[str, Any] = {
     "finetune.precision": "fp32",
     "finetune.compile": False,
 }
+# Keys (dotted) or whole sections that one model kind alone reads: left out when configs of
+# another kind are compared, so adding one never makes older runs of the other kinds differ.
+KIND_ONLY = {"maskrcnn": ("model.roi_samples", "maskrcnn")}
 
 
 def with_later_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -287,3 +329,21 @@ def with_later_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
         if isinstance(recorded.get(section), dict):
             recorded[section].setdefault(key, value)
     return recorded
+
+
+def comparable(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config (nested dict) as runs are compared: later keys filled in
+    (:func:`with_later_defaults`) and other kinds' own keys (:data:`KIND_ONLY`) removed; in place,
+    returns it."""
+    with_later_defaults(tree)
+    kind = tree.get("model", {}).get("kind", "knet")
+    for owner, names in KIND_ONLY.items():
+        if owner == kind:
+            continue
+        for name in names:
+            section, _, key = name.partition(".")
+            if key:
+                tree.get(section, {}).pop(key, None)
+            else:
+                tree.pop(section, None)
+    return tree

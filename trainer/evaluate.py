@@ -1,4 +1,4 @@
-"""Evaluate a fine-tuned K-Net or Mask2Former: COCO mask AP, AP50, AP75, APs, APm, APl.
+"""Evaluate a fine-tuned K-Net, Mask2Former or Mask R-CNN: COCO mask AP, AP50, AP75, APs, APm, APl.
 
 ``python -m trainer evaluate --checkpoint CKPT [--out FILE]`` loads a fine-tuning checkpoint and
 scores it on the config's validation set (``data.val_json`` / ``data.val_images``).
@@ -16,6 +16,10 @@ the class probability alone; see ``get_seg_masks``/``segm2result`` in K-Net's
 is the sigmoid class probability, as in K-Net. A Mask2Former is scored as Mask2Former scores it
 (its ``detection_scores``: softmax class probability without no-object, times the mask score);
 both binarise masks at the same ``test_mask_threshold``.
+
+The Mask R-CNN reference decodes itself (its ``coco_results``): torchvision's detections, boxes
+and masks pasted into the original image by torchvision, binarised at 0.5 as torchvision's
+reference evaluation does; the COCO results and their scoring are the same as for the others.
 
 Detections whose binary mask is empty are dropped: an empty mask matches no object (IoU 0), so it
 cannot change AP, and keeping it would only bloat the results file.
@@ -105,7 +109,24 @@ def image_results(
         binary.append((chunk[0] > mask_threshold).cpu())
     if not binary:
         return []
-    masks = torch.cat(binary).numpy().astype(np.uint8)  # (k, H, W)
+    return encode_detections(
+        torch.cat(binary),
+        top_scores,
+        [category_ids[int(c)] for c in labels],
+        image_id=image_id,
+    )
+
+
+def encode_detections(
+    masks: Tensor, scores: Tensor, category_ids: Sequence[int], *, image_id: int
+) -> list[dict[str, Any]]:
+    """COCO results {"image_id", "category_id", "segmentation" (compressed RLE, counts as str),
+    "score"} of k detections: masks (k, H, W) bool at the original image size, scores (k,),
+    one COCO category id each; empty masks are left out, the order is kept."""
+    k = len(category_ids)
+    if k == 0:
+        return []
+    masks = masks.cpu().numpy().astype(np.uint8)  # (k, H, W)
     # pycocotools wants (H, W, k) in Fortran order.
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
     areas = masks.reshape(k, -1).sum(1)
@@ -117,9 +138,9 @@ def image_results(
         results.append(
             {
                 "image_id": int(image_id),
-                "category_id": int(category_ids[int(labels[i])]),
+                "category_id": int(category_ids[i]),
                 "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
-                "score": float(top_scores[i]),
+                "score": float(scores[i]),
             }
         )
     return results
@@ -170,6 +191,46 @@ def detection_scores(model: nn.Module, stage: dict[str, Tensor]) -> Tensor:
     it has one (Mask2Former), else the sigmoid class probabilities (K-Net)."""
     own = getattr(model, "detection_scores", None)
     return own(stage) if own is not None else stage["logits"].float().sigmoid()
+
+
+def batch_results(
+    model: nn.Module,
+    images: Any,
+    infos: Sequence[dict[str, Any]],
+    category_ids: Sequence[int],
+    mask_threshold: float,
+    max_detections: int,
+) -> list[dict[str, Any]]:
+    """COCO results of one batch: a model with its own decoding (``coco_results``: Mask R-CNN,
+    whose masks torchvision pastes and binarises at 0.5) decodes itself; a query-based model's
+    last stage goes through :func:`image_results`."""
+    own = getattr(model, "coco_results", None)
+    if own is not None:
+        return own(images, infos, category_ids, max_detections)
+    last = model(images)["stages"][-1]
+    last = {k: v.float() if torch.is_tensor(v) else v for k, v in last.items()}
+    with torch.autocast(last["masks"].device.type, enabled=False):  # decode in fp32 whatever
+        return _decode(model, last, images, infos, category_ids, mask_threshold, max_detections)
+
+
+def _decode(model, last, images, infos, category_ids, mask_threshold, max_detections):
+    """:func:`batch_results`' decoding of a query-based model's last stage, image by image."""
+    scores = detection_scores(model, last)
+    results = []
+    for i, info in enumerate(infos):
+        results += image_results(
+            last["logits"][i],
+            last["masks"][i],
+            scores=scores[i],
+            image_id=info["image_id"],
+            category_ids=category_ids,
+            input_size=tuple(images.shape[-2:]),
+            image_size=tuple(info["image_size"]),
+            orig_size=tuple(info["orig_size"]),
+            mask_threshold=mask_threshold,
+            max_detections=max_detections,
+        )
+    return results
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -234,23 +295,10 @@ def evaluate(
             images = batch.images.to(device, non_blocking=device.type == "cuda")
             if inputs is not None:  # a frozen backbone's levels (trainer.frozen_features)
                 images = inputs(images, batch.infos)
+            seen += [int(info["image_id"]) for info in batch.infos]
             with autocast(precision, device):
-                last = knet(images)["stages"][-1]
-            last = {k: v.float() if torch.is_tensor(v) else v for k, v in last.items()}
-            scores = detection_scores(knet, last)
-            for i, info in enumerate(batch.infos):
-                seen.append(int(info["image_id"]))
-                results += image_results(
-                    last["logits"][i],
-                    last["masks"][i],
-                    scores=scores[i],
-                    image_id=info["image_id"],
-                    category_ids=category_ids,
-                    input_size=tuple(images.shape[-2:]),
-                    image_size=tuple(info["image_size"]),
-                    orig_size=tuple(info["orig_size"]),
-                    mask_threshold=mask_threshold,
-                    max_detections=max_detections,
+                results += batch_results(
+                    knet, images, batch.infos, category_ids, mask_threshold, max_detections
                 )
     finally:
         knet.train(was_training)

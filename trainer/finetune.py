@@ -238,7 +238,8 @@ def _finetune(
         num_workers=ft.num_workers,
         seed=ft.seed,
     )
-    optimizer, scheduler = optimizer_from_section(objective, ft)
+    recipe = optimiser_section(cfg)
+    optimizer, scheduler = optimizer_from_section(objective, recipe)
     # The engine evaluates on rank 0 only, but every rank must take the same path through it.
     eval_fn = (
         make_eval_fn(cfg, knet, dataset.cat_ids, device, frozen, store) if rank == 0 else no_eval
@@ -264,7 +265,11 @@ def _finetune(
         optimizer,
         scheduler,
         # eval_every <= 0 still evaluates once, at the end: the run's metrics need it.
-        Schedule.from_section(ft, eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters),
+        Schedule.from_section(
+            ft,
+            eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters,
+            clip_grad=recipe.clip_grad,
+        ),
         out_dir=out,
         device=device,
         resume=resume,
@@ -286,6 +291,12 @@ def _finetune(
     )
     write_json(out / "metrics.json", summary)
     return summary
+
+
+def optimiser_section(cfg: Config) -> Any:
+    """Where fine-tuning's optimiser, lr schedule and clipping come from: [maskrcnn] for the Mask
+    R-CNN reference (its own recipe, torchvision's), else [finetune]. The budget is finetune's."""
+    return cfg.maskrcnn if cfg.model.kind == "maskrcnn" else cfg.finetune
 
 
 def _training_set(cfg: Config, scratch: Path, resume: bool, say: Callable) -> tuple[dict, Any]:

@@ -112,7 +112,7 @@ def kernel_statistics(
 def load_model(path: Path, overrides: list[str]) -> tuple[nn.Module, Config]:
     """The model a training checkpoint holds, built from its own config (``--set`` applied)."""
     from pipeline.backbones import build_backbone
-    from trainer.model.factory import build_model
+    from trainer.model.factory import QUERY_KINDS, build_model
 
     state = load_checkpoint(path)
     raw, num_classes = state.get("config"), state.get("num_classes")
@@ -122,6 +122,11 @@ def load_model(path: Path, overrides: list[str]) -> tuple[nn.Module, Config]:
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = from_dict(Config, raw)
+    if cfg.model.kind not in QUERY_KINDS:
+        raise UserError(
+            f"kernels: {path} is a model.kind = '{cfg.model.kind}' checkpoint, which has no "
+            f"kernels (query-based models only: {', '.join(QUERY_KINDS)})"
+        )
     model = build_model(cfg.model, build_backbone(cfg.backbone), int(num_classes))
     # strict: every tensor must fit (a frozen backbone is filled in from backbone.weights)
     load_matching(model, model_state(state, model, path), allowed_skips=())

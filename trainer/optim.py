@@ -2,6 +2,8 @@
 
 AdamW over the trainable parameters, the backbone's at a fraction of the heads' rate (K-Net
 fine-tuning's 0.25), and mmcv's "linear warm-up then step decay" as a per-iteration LambdaLR.
+A section may ask for SGD with momentum instead (``optimizer = "sgd"``: the Mask R-CNN reference's
+torchvision recipe, [maskrcnn]).
 """
 
 from __future__ import annotations
@@ -18,9 +20,15 @@ BACKBONE_PREFIX = "knet.backbone."
 
 
 def build_optimizer(
-    objective: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; ``knet.backbone.*`` ones get ``lr * backbone_lr_mult``.
+    objective: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_mult: float = 1.0,
+    kind: str = "adamw",
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """AdamW (``kind`` "adamw") or SGD with ``momentum`` ("sgd") over the trainable parameters;
+    ``knet.backbone.*`` ones get ``lr * backbone_lr_mult``.
 
     Groups are named ("heads", "backbone") so logs can tell their learning rates apart.
     """
@@ -35,6 +43,8 @@ def build_optimizer(
         groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
     if not groups:
         raise UserError("the model has no trainable parameter")
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
@@ -71,15 +81,18 @@ def optimizer_from_section(
 ) -> tuple[torch.optim.AdamW, LambdaLR]:
     """:func:`build_optimizer` and :func:`build_scheduler` with a config section's settings.
 
-    ``section`` (PretrainConfig, FinetuneConfig, ...) has lr, weight_decay, warmup_iters,
-    warmup_ratio, lr_steps and lr_gamma; backbone_lr_mult where it has one, else 1.0 (a section
-    without it trains a frozen backbone, or the backbone at the heads' rate).
+    ``section`` (PretrainConfig, FinetuneConfig, MaskRCNNConfig) has lr, weight_decay,
+    warmup_iters, warmup_ratio, lr_steps and lr_gamma; backbone_lr_mult where it has one, else 1.0
+    (a section without it trains a frozen backbone, or the backbone at the heads' rate);
+    optimizer and momentum where it has them, else AdamW.
     """
     optimizer = build_optimizer(
         objective,
         section.lr,
         section.weight_decay,
         getattr(section, "backbone_lr_mult", 1.0),
+        getattr(section, "optimizer", "adamw"),
+        getattr(section, "momentum", 0.9),
     )
     scheduler = build_scheduler(
         optimizer, section.warmup_iters, section.warmup_ratio, section.lr_steps, section.lr_gamma

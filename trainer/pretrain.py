@@ -190,6 +190,14 @@ def run_pretrain(
 ) -> dict[str, Any]:
     """Stage two end to end, holding ``out`` exclusively for the run (rank 0 only: the other
     torchrun ranks write nothing there); returns the engine's summary."""
+    from trainer.model.factory import QUERY_KINDS
+
+    if cfg.model.kind not in QUERY_KINDS:
+        raise UserError(
+            f"pretrain: Saliency Prompt pre-trains query-based models ({', '.join(QUERY_KINDS)}), "
+            f"not model.kind = '{cfg.model.kind}' (fine-tune it from the backbone: finetune "
+            "--init none)"
+        )
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group is not up yet
     claim = claim_run_folder(out, "pretrain") if rank == 0 else contextlib.nullcontext()
     with claim:

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.cli import UserError
 from trainer.checkpoint import load_latest, load_matching, model_state
-from trainer.config import with_later_defaults
+from trainer.config import comparable
 
 # Dotted config keys (or section prefixes) that change what a run is, per stage.
 MEANING_KEYS = {
@@ -60,7 +60,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def meaning_changes(stage: str, then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'key (then -> now)' for every meaning-changing setting that differs."""
-    a, b = _flatten(with_later_defaults(copy.deepcopy(then))), _flatten(now)
+    a, b = _flatten(comparable(copy.deepcopy(then))), _flatten(comparable(copy.deepcopy(now)))
     keys = sorted(k for k in set(a) | set(b) if k.startswith(MEANING_KEYS[stage]))
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 

@@ -2,13 +2,14 @@
 
     python -m trainer study --frac F [--seeds 0,1,2] [--pretrain-seeds 0,1]
                             [--variants full,no_prompts,no_ks,neither,ks_frozen] [--out DIR]
-                            [--iters N] [--pretrain-iters N]
+                            [--iters N] [--pretrain-iters N] [--reference maskrcnn]
 
 For every pre-training variant (default compare.variants) and pre-training seed (default
 compare.pretrain_seeds, pretrain.seed) pre-trains into the study folder (default
 runs/<name>/study-<frac>) as ``pretrain-<variant>-p<seed>/``, then fine-tunes each checkpoint over
 the fine-tuning seeds (default compare.seeds) as ``finetune/<variant>-p<p>-seed<s>/``, plus the
-baseline (``--init none``, shared by every variant: ``finetune/baseline-seed<s>/``). Every
+baseline (``--init none``, shared by every variant: ``finetune/baseline-seed<s>/``) and any
+``--reference`` kind (``finetune/<kind>-seed<s>/``, e.g. the Mask R-CNN reference). Every
 fine-tuning uses the same split and budget. Variants (pretrain.* switches):
 
     full         the paper's Saliency Prompt (prompts + kernel supervision)
@@ -40,12 +41,17 @@ from pipeline.cli import UserError
 from pipeline.config import apply_override, from_dict
 from trainer.checkpoint import load_checkpoint
 from trainer.compare import (
+    REFERENCE_LABELS,
+    add_reference_argument,
     check_same_split,
     default_folder,
     drop_keys,
     intro_lines,
+    parse_references,
     parse_seeds,
     print_summary,
+    reference_config,
+    reference_lines,
     run_config,
     run_or_reuse,
     run_record,
@@ -169,9 +175,11 @@ def study(
     iters: int | None = None,
     pretrain_iters: int | None = None,
     out: str | None = None,
+    references: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Pre-train every variant, fine-tune every checkpoint and the baseline over the seeds,
-    write the report; returns write_report's dict (empty on non-zero distributed ranks)."""
+    """Pre-train every variant, fine-tune every checkpoint, the baseline and each reference kind
+    (compare's ``references``) over the seeds, write the report; returns write_report's dict
+    (empty on non-zero distributed ranks)."""
     seeds = list(cfg.compare.seeds if seeds is None else seeds)
     pseeds = list(cfg.compare.pretrain_seeds if pretrain_seeds is None else pretrain_seeds)
     chosen = parse_variants(cfg.compare.variants if variants is None else variants)
@@ -219,9 +227,20 @@ def study(
             cfg, frac=frac, init=NO_INIT, iters=iters, out=tuned / f"{BASELINE}-seed{s}", seed=s
         )
         fine_tune(base_cfg, BASELINE, None)
+        for kind in references:
+            ref_cfg = run_config(
+                reference_config(cfg, kind),
+                frac=frac,
+                init=NO_INIT,
+                iters=iters,
+                out=tuned / f"{kind}-seed{s}",
+                seed=s,
+            )
+            fine_tune(ref_cfg, kind, None)
     if not main:
         return {}
     labels[BASELINE] = "baseline (backbone only)"
+    labels.update({k: REFERENCE_LABELS[k] for k in references})
     split = check_same_split([r for runs in rows.values() for r in runs])
     settings = settings_record(
         base_cfg,
@@ -231,6 +250,7 @@ def study(
         pretrain_seeds=pseeds,
         pretrain_iters=cfg.pretrain.iters,
         variants={name: sets for name, (_, sets) in chosen.items()},
+        references=list(references),
         pretraining=pretraining,
     )
     plotted = [k for k in rows if len(pseeds) == 1 or "@p" not in k]
@@ -242,6 +262,7 @@ def study(
             "",
             f"Pre-training: {cfg.pretrain.iters} iterations per variant, pre-training seeds "
             f"{', '.join(map(str, pseeds))} (pretrain.seed).",
+            *reference_lines(cfg, references),
         ],
         rows=rows,
         labels=labels,
@@ -274,6 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="study folder (default runs/<name>/study-<frac>)"
     )
+    add_reference_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -289,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
         iters=args.iters,
         pretrain_iters=args.pretrain_iters,
         out=args.out,
+        references=parse_references(args.reference, cfg),
     )
     if result:
         print_summary(result, result["labels"], "study")

@@ -1,10 +1,13 @@
-"""The model is a choice, not a fork: ``model.kind`` picks K-Net or Mask2Former and its criterion.
+"""The model is a choice, not a fork: ``model.kind`` picks K-Net, Mask2Former or the Mask R-CNN
+reference, and its criterion.
 
-Every model takes the backbone, returns DESIGN.md's output contract ("init", "stages" with
+Every query-based model takes the backbone, returns the output contract ("init", "stages" with
 "masks", "logits", "kernels", and "pyramid"), exposes strides, mask_stride, size_divisor,
 num_classes and num_kernels, and lists in ``CLASS_LAYER_PREFIXES`` the parameters whose shape
 depends on the class count. Everything else (engine, prompts, kernel supervision, checkpoints,
-evaluation) serves both through that contract.
+evaluation) serves both through that contract. Mask R-CNN (trainer/model/maskrcnn.py) shares the
+attributes, not the contract: it computes its own losses (no criterion, no prompts) and decodes its
+own COCO results; fine-tuning, evaluation, compare and study take it like the others.
 """
 
 from __future__ import annotations
@@ -19,7 +22,18 @@ from trainer.point_sampling import PointSampling
 if TYPE_CHECKING:
     from pipeline.backbones import Backbone
 
-MODEL_KINDS = ("knet", "mask2former")
+MODEL_KINDS = ("knet", "mask2former", "maskrcnn")
+# Kinds with object queries / kernels: the ones Saliency Prompt pre-trains and `kernels` draws.
+QUERY_KINDS = ("knet", "mask2former")
+
+
+def check_query_based(cfg: ModelConfig, what: str) -> None:
+    """ValueError (one line) when ``what`` needs a query-based model and ``cfg.kind`` is not."""
+    if cfg.kind not in QUERY_KINDS:
+        raise ValueError(
+            f"{what} is for query-based models ({', '.join(QUERY_KINDS)}), not "
+            f"model.kind = '{cfg.kind}'"
+        )
 
 
 def _check_kind(cfg: ModelConfig) -> None:
@@ -30,6 +44,10 @@ def _check_kind(cfg: ModelConfig) -> None:
 def build_model(cfg: ModelConfig, backbone: Backbone, num_classes: int) -> nn.Module:
     """The ``cfg.kind`` model over ``backbone`` with ``num_classes`` classes."""
     _check_kind(cfg)
+    if cfg.kind == "maskrcnn":
+        from trainer.model.maskrcnn import MaskRCNNReference
+
+        return MaskRCNNReference(backbone, cfg, num_classes)
     if cfg.kind == "mask2former":
         from trainer.model.mask2former.model import Mask2Former
 
@@ -55,6 +73,7 @@ def build_criterion(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The ``cfg.kind`` model's set criterion: outputs, targets -> (losses, assignments), where
     assignments[0] belongs to the initial prediction and assignments[i] to stage / layer i."""
     _check_kind(cfg)
+    check_query_based(cfg, "a set criterion (Mask R-CNN computes its own losses)")
     points = point_sampling(cfg)
     if cfg.kind == "mask2former":
         from trainer.model.mask2former.criterion import Mask2FormerCriterion

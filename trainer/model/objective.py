@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
-from trainer.model.factory import build_criterion, build_model
+from trainer.model.factory import QUERY_KINDS, build_criterion, build_model, check_query_based
 from trainer.prompts import KernelSupervision, PromptKernelMatching
 
 if TYPE_CHECKING:
@@ -90,6 +90,21 @@ class Objective(nn.Module):
         return result
 
 
+class DetectorObjective(nn.Module):
+    """A model that computes its own training losses (the Mask R-CNN reference): forward returns
+    them, plus stat_num_targets. ``knet`` is the model (the name checkpoints read)."""
+
+    def __init__(self, knet: nn.Module) -> None:
+        super().__init__()
+        self.knet = knet
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        result = dict(self.knet(images, targets))
+        count = sum(len(t["masks"]) for t in targets) / max(len(targets), 1)
+        result["stat_num_targets"] = torch.tensor(float(count), device=images.device)
+        return result
+
+
 def build_objective(
     backbone: Backbone,
     model_cfg: ModelConfig,
@@ -103,8 +118,13 @@ def build_objective(
     ks_decorrelation: float = 0.0,
 ) -> Objective:
     """The ``model_cfg.kind`` model over ``backbone`` with its criterion; prompt matching and
-    kernel supervision as switched (pre-training: both on by default; fine-tuning: both off)."""
+    kernel supervision as switched (pre-training: both on by default; fine-tuning: both off).
+    A model without a set criterion (Mask R-CNN) trains on its own losses, with neither."""
     knet = build_model(model_cfg, backbone, num_classes)
+    if model_cfg.kind not in QUERY_KINDS:
+        if prompts or kernel_supervision:
+            check_query_based(model_cfg, "Saliency Prompt (prompts, kernel supervision)")
+        return DetectorObjective(knet)
     criterion = build_criterion(model_cfg, num_classes)
     matching = PromptKernelMatching(prompt_slots, prompt_keep) if prompts else None
     supervision = (
