@@ -139,6 +139,9 @@ class PretrainConfig:
     }
 
     shards: str = ""  # empty = runs/<name>/proposals
+    # Train on an unfinished proposals folder (missing or failed shards, a run still writing):
+    # off, so such a folder is refused; --partial-shards sets it and config.toml records it.
+    partial_shards: bool = False
     out: str = ""  # empty = runs/<name>/pretrain
     iters: int = 29572  # 12 epochs of COCO train2017 at batch 48
     batch_size: int = 6  # per process
