@@ -8,10 +8,15 @@ resumed run or a different worker count reproduces the same batches.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
+import threading
+import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -120,9 +125,42 @@ class InfiniteLoader:
         self.consumed = int(state["epoch"]) * self.sampler.per_rank + int(state["position"])
 
 
-def _worker_init(worker_id: int) -> None:
+def _start_time(pid: int) -> str | None:
+    """The process's start time (Linux /proc; "" elsewhere when it runs), None when it is gone
+    or a zombie: with the pid it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (macOS): signal 0 only says whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _exit_with_trainer(trainer_pid: int, started: str | None, every: float) -> None:
+    while started is not None and _start_time(trainer_pid) == started:
+        time.sleep(every)
+    os._exit(1)
+
+
+def _worker_init(trainer_pid: int, worker_id: int) -> None:
     # DataLoader already limits torch to one thread per worker; OpenCV would start a pool per core.
     cv2.setNumThreads(1)
+    # A worker's parent is the fork server, not the trainer, so DataLoader's own check (its
+    # parent pid) misses a trainer killed by any signal: the worker, and the fork server it keeps
+    # open, would live on. Each worker watches the trainer itself and exits when it is gone.
+    started = _start_time(trainer_pid)
+    watch = threading.Thread(
+        target=_exit_with_trainer, args=(trainer_pid, started, 1.0), daemon=True
+    )
+    watch.start()
 
 
 def worker_context() -> str | None:
@@ -157,7 +195,7 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=Collate(size_divisor),
         pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers > 0 else None,
         # An explicit generator: creating a loader iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one more) would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
