@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.atomic_files import write_json
+from pipeline.atomic_files import with_path, write_json
 from pipeline.cli import UserError, record_run
 from pipeline.config import DataConfig, load_pipeline_config
 from pipeline.demo_preview import write_preview
@@ -160,7 +160,10 @@ def build_split(out_dir: Path, split: str, count: int, cfg: DataConfig) -> dict:
         if not ok:
             raise RuntimeError("JPEG encoding failed")
         name = _file_name(split, index)
-        (image_dir / name).write_bytes(jpeg.tobytes())
+        try:
+            (image_dir / name).write_bytes(jpeg.tobytes())
+        except OSError as e:  # a failed write() names no file: name it for the one-line error
+            raise with_path(e, image_dir / name) from None
         image_id = index + 1
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
         for mask, label in zip(sample.masks, sample.labels):

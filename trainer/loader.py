@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.cli import UserError
 from trainer.datasets import Batch, Collate, SampleKey
 from trainer.distributed import dist_info
 
@@ -180,13 +181,16 @@ def build_loader(
     infinite: bool = True,
     shuffle: bool = True,
     prefetch_factor: int = 2,
+    setting: str = "batch_size",
 ) -> InfiniteLoader | DataLoader:
     """A loader of :class:`Batch` es.
 
     infinite=True (training): an :class:`InfiniteLoader` (epoch-seeded shuffling, resumable
     state, sharded over ranks when torch.distributed is initialised). infinite=False
     (evaluation): one ordered pass, each rank taking every world_size-th image, last batch kept.
-    Workers are persistent, pin_memory is used only for a CUDA device.
+    Workers are persistent, pin_memory is used only for a CUDA device. A training
+    ``batch_size`` above the images one process sees is refused, naming ``setting``: every
+    batch would hold each image many times over (a batch of 1000 from 4 images seems to hang).
     """
     device = torch.device(device)
     rank, world = dist_info()
@@ -213,6 +217,13 @@ def build_loader(
         sampler = InfiniteSampler(
             len(dataset), seed=seed, shuffle=shuffle, rank=rank, world_size=world
         )
+        if batch_size > sampler.per_rank:
+            each = f" per process ({world} processes)" if world > 1 else ""
+            raise UserError(
+                f"{setting} = {batch_size} is larger than the {sampler.per_rank} training "
+                f"images{each}: every batch would repeat images; set it to at most "
+                f"{sampler.per_rank}"
+            )
         return InfiniteLoader(DataLoader(dataset, sampler=sampler, **common), sampler, batch_size)
     indices = list(range(rank, len(dataset), world))
     return DataLoader(dataset, sampler=indices, **common)

@@ -181,6 +181,7 @@ def build_pretraining(
         device=device,
         num_workers=p.num_workers,
         seed=p.seed,
+        setting="pretrain.batch_size",
     )
     optimizer, scheduler = optimizer_from_section(objective, p)
     return Pretraining(dataset, objective, loader, optimizer, scheduler, frozen, store, notes)
