@@ -49,7 +49,7 @@ from pipeline.image_files import ImageLimits
 from trainer.checkpoint import load_checkpoint, load_matching, model_state, training_config
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
-from trainer.loader import worker_context
+from trainer.loader import worker_context, worker_init
 from trainer.transforms import Augment
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # order of COCOeval.stats[0:6]
@@ -347,6 +347,7 @@ def build_eval_loader(
         # kept alive between the periodic evaluations.
         persistent_workers=workers > 0,
         multiprocessing_context=worker_context() if workers > 0 else None,
+        worker_init_fn=worker_init(workers),  # they exit with the process that evaluates
     )
 
 

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,12 @@ def _worker_init(trainer_pid: int, worker_id: int) -> None:
     watch.start()
 
 
+def worker_init(num_workers: int) -> Callable[[int], None] | None:
+    """The ``worker_init_fn`` of every loader with workers (None without): one OpenCV thread,
+    and exit when the process building the loader dies."""
+    return functools.partial(_worker_init, os.getpid()) if num_workers > 0 else None
+
+
 def worker_context() -> str | None:
     import multiprocessing
 
@@ -199,7 +205,7 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=Collate(size_divisor),
         pin_memory=device.type == "cuda",
-        worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers > 0 else None,
+        worker_init_fn=worker_init(num_workers),
         # An explicit generator: creating a loader iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one more) would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
