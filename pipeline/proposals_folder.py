@@ -33,7 +33,8 @@ def in_use(folder: Path) -> bool:
     except OSError:
         return False  # no lock file: no run ever held the folder
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Shared: readers probing at once (torchrun's ranks) do not see each other as a writer.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
         return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
     finally:
