@@ -19,6 +19,7 @@ from typing import Any
 DISK_ERRORS = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file-size limit: ulimit -f, or the file system's)",
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied (read-only?)",
     errno.EPERM: "operation not permitted (read-only?)",

@@ -13,7 +13,8 @@ What a user would expect of each problem:
   categories where classes are needed, a ``file_name`` leaving the image root.
 - **An annotation is skipped**, counted and listed on stderr when the rest of the file is fine:
   no or an unknown ``image_id`` / ``category_id``, no segmentation (missing, null, ``[]``), a
-  polygon of fewer than 3 points (pycocotools would take 4 numbers for a box), an RLE whose
+  polygon of fewer than 3 points (pycocotools would take 4 numbers for a box) or with a point
+  more than one image size outside its image (pycocotools' memory grows with it), an RLE whose
   ``size`` is not its image's or whose counts do not add up to height x width (pycocotools would
   read or write past the mask), a duplicate annotation id.
 - Harmless omissions are filled in: ``iscrowd`` 0, ``area`` from the mask (COCOeval needs both),

@@ -2,7 +2,8 @@
 
 pycocotools trusts its input: a polygon of 4 numbers is silently taken as a box, and an RLE whose
 run lengths add up to more or less than height x width is decoded past (or short of) the mask
-buffer, giving a wrong mask or worse. :func:`segmentation_problem` says, in a few words, why a
+buffer, giving a wrong mask or worse; a polygon far outside its image makes it allocate without
+bound (or crash). :func:`segmentation_problem` says, in a few words, why a
 segmentation cannot be used for an image of a given size; :func:`segmentation_area` fills in a
 missing ``area``.
 """
@@ -48,12 +49,20 @@ def rle_string_counts(counts: str) -> list[int] | None:
     return runs
 
 
-def _polygon_problem(polygons: list) -> str:
+def _polygon_problem(polygons: list, height: int, width: int) -> str:
     for i, poly in enumerate(polygons):
         if not isinstance(poly, list) or not all(_number(v) for v in poly):
             return f"polygon {i} is not a list of numbers"
         if len(poly) < 6 or len(poly) % 2:
             return f"polygon {i} has {len(poly)} numbers (need x,y pairs of at least 3 points)"
+        # pycocotools walks every edge at 5x resolution: its memory grows with the coordinates
+        # (1e7 costs 1.5 GB, 1e308 crashes it). A point more than one image size outside the
+        # image cannot be a label of it, so the memory stays bounded by the image's size.
+        xs, ys = poly[0::2], poly[1::2]
+        if not (-width <= min(xs) and max(xs) <= 2 * width):
+            return f"polygon {i} has x = {max(xs, key=abs):g}, far outside the {width} px width"
+        if not (-height <= min(ys) and max(ys) <= 2 * height):
+            return f"polygon {i} has y = {max(ys, key=abs):g}, far outside the {height} px height"
     return ""
 
 
@@ -87,7 +96,7 @@ def segmentation_problem(segmentation: Any, height: int, width: int) -> str:
     if isinstance(segmentation, list):
         if not segmentation:
             return "is empty ([])"
-        return _polygon_problem(segmentation)
+        return _polygon_problem(segmentation, height, width)
     if isinstance(segmentation, dict):
         return _rle_problem(segmentation, height, width)
     return f"must be polygons or an RLE, got {type(segmentation).__name__}"

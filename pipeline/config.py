@@ -23,11 +23,14 @@ from typing import Any, ClassVar
 from pipeline.ranges import (
     AT_LEAST_ONE,
     FRACTION,
+    IMAGE_SIDE,
     NON_NEGATIVE,
     POSITIVE,
     PRECISIONS,
+    SEED,
     OneOf,
     Range,
+    name_problems,
     section_problems,
 )
 
@@ -214,6 +217,7 @@ class DataConfig:
     allow_outside_root: bool = False
 
     RANGES: ClassVar[dict[str, Range]] = {
+        "seed": SEED,
         "num_train": AT_LEAST_ONE,
         "num_val": AT_LEAST_ONE,
         "min_size": AT_LEAST_ONE,
@@ -267,8 +271,8 @@ class ProposalConfig:
     out: str = ""  # empty = runs/<name>/proposals
 
     RANGES: ClassVar[dict[str, Range | OneOf]] = {
-        "short_side": AT_LEAST_ONE,
-        "max_side": AT_LEAST_ONE,
+        "short_side": IMAGE_SIDE,
+        "max_side": IMAGE_SIDE,
         "scales": Range(lo=0, hi=1, lo_open=True),  # fractions of the feature grid
         "mask_threshold": FRACTION,  # the soft maps are min-max normalised to [0, 1]
         "min_cells": NON_NEGATIVE,
@@ -296,9 +300,12 @@ class PipelineConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
 
+    def cross_checks(self) -> list[str]:
+        return name_problems(self.name)
+
 
 # Sections owned by trainer/config.py: tolerated (not validated) by stage-one commands.
-TRAINER_SECTIONS = ("model", "pretrain", "finetune", "compare")
+TRAINER_SECTIONS = ("model", "pretrain", "finetune", "maskrcnn", "compare")
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):

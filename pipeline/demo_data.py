@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.atomic_files import write_json
+from pipeline.atomic_files import with_path, write_json
 from pipeline.cli import UserError, record_run
 from pipeline.config import DataConfig, load_pipeline_config
 from pipeline.demo_preview import write_preview
@@ -160,7 +160,10 @@ def build_split(out_dir: Path, split: str, count: int, cfg: DataConfig) -> dict:
         if not ok:
             raise RuntimeError("JPEG encoding failed")
         name = _file_name(split, index)
-        (image_dir / name).write_bytes(jpeg.tobytes())
+        try:
+            (image_dir / name).write_bytes(jpeg.tobytes())
+        except OSError as e:  # a failed write() names no file: name it for the one-line error
+            raise with_path(e, image_dir / name) from None
         image_id = index + 1
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
         for mask, label in zip(sample.masks, sample.labels):
@@ -246,6 +249,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do nothing when OUT already holds this data version with these settings",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="build into OUT even when it holds files this command did not write",
+    )
 
 
 def dataset_state(out_dir: Path, cfg: DataConfig) -> dict:
@@ -276,10 +284,38 @@ def is_current(out_dir: Path, cfg: DataConfig) -> bool:
     )
 
 
+MARKER = ".demo-data"  # written first into every folder this command builds
+
+
+def check_out_is_ours(out: Path, overwrite: bool) -> None:
+    """Refuse to build into a folder holding files this command did not write (a user's own
+    annotations and images), unless ``overwrite``: missing, empty, or marked folders only."""
+    if overwrite or not out.exists() or (out / MARKER).is_file():
+        return
+    try:
+        made_here = "data_version" in json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError, TypeError):
+        made_here = False  # (marker-less builds of earlier versions carry a summary)
+    if made_here:
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is not a folder")
+    found = sorted(p.name for p in out.iterdir())
+    if found:
+        shown = ", ".join(found[:3]) + (" ..." if len(found) > 3 else "")
+        raise UserError(
+            f"{out} holds files this command did not write ({shown}); choose another --out, "
+            "or pass --overwrite to replace its annotations and images"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, raw = load_pipeline_config(args.config, args.overrides)
     out = Path(args.out or cfg.data.root)
     check_config(cfg.data)
+    check_out_is_ours(out, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("built by `python -m pipeline data`\n")
     if args.if_stale and is_current(out, cfg.data):
         print(f"{out}: demo data version {DATA_VERSION} is up to date")
         return 0

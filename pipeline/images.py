@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,14 @@ class ImageItem:
 # Listing
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+        return False
+    return True
+
+
 def _list_folder(root: Path) -> list[ImageItem]:
     files = []
     for p in root.rglob("*"):
@@ -55,6 +64,17 @@ def _list_folder(root: Path) -> list[ImageItem]:
             continue
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
             files.append(rel.as_posix())
+    # A name that is not valid UTF-8 cannot be stored in a shard (or a COCO file): counted and
+    # left out here, instead of failing its whole shard on every retry.
+    odd = [n for n in files if not _utf8(n)]
+    if odd:
+        files = [n for n in files if _utf8(n)]
+        shown = ascii(odd[0])
+        print(
+            f"{root}: skipped {len(odd)} image(s) whose file names are not valid UTF-8 "
+            f"(first {shown}); rename them to include them",
+            file=sys.stderr,
+        )
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     files.sort()
@@ -256,6 +276,21 @@ def _to_rgb8(img: np.ndarray) -> np.ndarray:
     return out
 
 
+def read_checked(path: Path, limits: ImageLimits | None = None) -> tuple[bytes, str]:
+    """The bytes and sniffed format of an image file that passes every check short of decoding:
+    a regular file within ``limits`` (bytes, header pixels), not empty, not visibly truncated.
+    UnreadableImage with a short reason otherwise."""
+    limits = limits or ImageLimits()
+    data = read_image_bytes(path, limits)
+    if not data:
+        raise UnreadableImage("zero-byte file")
+    fmt = _sniff(data)
+    if fmt and _is_truncated(data, fmt):
+        raise UnreadableImage(f"truncated {fmt.upper()} file")
+    check_pixels(data, fmt, limits)
+    return data, fmt
+
+
 def decode_image(path: Path, min_side: int = 1, limits: ImageLimits | None = None) -> np.ndarray:
     """Decode ``path`` to an upright ``(H, W, 3)`` uint8 RGB array.
 
@@ -264,14 +299,7 @@ def decode_image(path: Path, min_side: int = 1, limits: ImageLimits | None = Non
     is applied. ``min_side``: the smallest allowed height and width (callers pass two backbone
     patches). Raises :class:`UnreadableImage` with a short reason otherwise.
     """
-    limits = limits or ImageLimits()
-    data = read_image_bytes(Path(path), limits)
-    if not data:
-        raise UnreadableImage("zero-byte file")
-    fmt = _sniff(data)
-    if fmt and _is_truncated(data, fmt):
-        raise UnreadableImage(f"truncated {fmt.upper()} file")
-    check_pixels(data, fmt, limits)
+    data, fmt = read_checked(Path(path), limits)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:

@@ -50,6 +50,7 @@ from pipeline.shards import (
     ShardReader,
     list_shards,
     list_temp_files,
+    read_meta,
     shard_index,
     shard_name,
     verify_shard,
@@ -64,6 +65,15 @@ PLAN_FILE, SUMMARY_FILE = "plan.json", "summary.json"
 
 # --------------------------------------------------------------------------------------------
 # Output folder: resume, mismatch, overwrite
+
+
+def _made_by(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` is a shard with this run's schema and fingerprint (however damaged its
+    datasets): only such a file may be deleted and recomputed without --overwrite."""
+    try:
+        return read_meta(path).get("fingerprint") == fingerprint
+    except (ShardError, OSError):
+        return False
 
 
 def prepare_out(
@@ -94,9 +104,11 @@ def prepare_out(
     done = set()
     for path in existing:
         index = shard_index(path)
-        try:  # checksums and structure: a damaged shard is recomputed, not counted as done
+        try:  # checksums and structure: a damaged shard of this run is recomputed
             meta = verify_shard(path)
         except ShardError as e:
+            if not _made_by(path, fingerprint):  # another schema, another tool: not ours
+                raise UserError(f"{e}; not a shard of this run, so it is kept; {hint}") from None
             print(f"proposals: {e}; recomputing that shard", file=sys.stderr)
             path.unlink()
             continue
@@ -201,20 +213,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _staged(out: Path, args, cfg, raw, shards, backbone, fingerprint, executor, workers) -> int:
-    # An overwriting run computes into staging and replaces the old shards only when it finished.
-    target = overwrite_staging.begin(out, args.overwrite)
-    try:
-        rc = _compute(target, args, cfg, raw, shards, backbone, fingerprint, executor, workers)
-    except BaseException:
-        if target != out:
-            overwrite_staging.discard(target)
-        raise
+    # An overwriting run computes into staging and replaces the old shards only when it finished;
+    # staging left by an interrupted run with the same plan and fingerprint is resumed.
+    target = overwrite_staging.begin(out, args.overwrite, plan_hash(shards), fingerprint)
+    rc = _compute(target, args, cfg, raw, shards, backbone, fingerprint, executor, workers)
     if target != out:
         if rc == 0:
             overwrite_staging.commit(out, target)
         else:
-            overwrite_staging.discard(target)
-            print(f"proposals: --overwrite kept the previous shards in {out}", file=sys.stderr)
+            print(
+                f"proposals: --overwrite kept the previous shards in {out}; the finished new "
+                f"ones wait in {target} for a re-run of this command",
+                file=sys.stderr,
+            )
     return rc
 
 
@@ -223,7 +234,9 @@ def _compute(out: Path, args, cfg, raw, shards, backbone, fingerprint, executor,
     pcfg = cfg.proposals
     items = [it for s in shards for it in s]
     inputs = plan_inputs(raw["proposals"]["images"], items)
-    done = prepare_out(out, shards, pcfg.shard_size, fingerprint, args.overwrite, inputs)
+    # Staged shards are this run's own: resumed, never deleted as "existing" ones.
+    overwrite = args.overwrite and out.name != overwrite_staging.STAGING
+    done = prepare_out(out, shards, pcfg.shard_size, fingerprint, overwrite, inputs)
     record_run(out, raw)
 
     jobs = [(i, s) for i, s in enumerate(shards) if i not in done]

@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
+
+
+def _number(v: float | None) -> str:
+    """Whole bounds in full (a seed's 4294967295), others as %g."""
+    if v is None:
+        return ""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
 @dataclass(frozen=True)
@@ -26,12 +34,13 @@ class Range:
     hi_open: bool = False
 
     def __str__(self) -> str:
+        lo, hi = _number(self.lo), _number(self.hi)
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
         if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
         left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+        return f"in {left}{lo}, {hi}{right}"
 
     def holds(self, value: float) -> bool:
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
@@ -63,6 +72,22 @@ NON_NEGATIVE = Range(lo=0)
 POSITIVE = Range(lo=0, lo_open=True)
 FRACTION = Range(lo=0, hi=1)  # probabilities and thresholds on [0, 1] maps
 POSITIVE_FRACTION = Range(lo=0, hi=1, lo_open=True)
+SEED = Range(lo=0, hi=2**32 - 1)  # what NumPy's and torch's seeding take
+# Input sizes in pixels: below this an image is a few feature cells, and the run "works" on
+# nothing (a short_side of 1 gave empty proposals and masks that vanish in training).
+IMAGE_SIDE = Range(lo=32)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def name_problems(name: str) -> list[str]:
+    """The experiment ``name`` becomes the folder runs/<name>: one plain folder name only."""
+    if _NAME_RE.match(name):
+        return []
+    return [
+        "name must be one folder name of letters, digits, '.', '_' and '-' (not starting with "
+        f"'.' or '-'; it becomes runs/<name>), got {name!r}"
+    ]
 
 
 def _values(name: str, value: Any) -> list[tuple[str, Any]]:

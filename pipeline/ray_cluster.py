@@ -151,22 +151,55 @@ def token_auth_enabled() -> bool:
 # Connecting
 
 
+# An HTTP/2 client's opening (the preface, then an empty SETTINGS frame). Every gRPC server, Ray's
+# GCS and Ray Client server among them, answers it with a SETTINGS frame of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 4
+
+
+def _answers_grpc(sock: socket.socket) -> bool:
+    """Whether the server on ``sock`` answers an HTTP/2 opening with a SETTINGS frame (within
+    the socket's timeout): a port that accepts TCP but is no gRPC server would make ray.init
+    wait without end."""
+    sock.sendall(_H2_PREFACE)
+    head = b""
+    while len(head) < 9:
+        chunk = sock.recv(9 - len(head))
+        if not chunk:
+            return False
+        head += chunk
+    return head[3] == _H2_SETTINGS
+
+
 def probe_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Raise UserError in one line unless ``address`` (host:port, ray://host:port) answers on TCP
-    within ``timeout`` seconds. "auto" and "local" are left to Ray (no host to probe)."""
+    and as a gRPC server within ``timeout`` seconds. "auto" and "local" are left to Ray (no host
+    to probe)."""
     if address.lower() in ("auto", "local"):
         return
     host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"RAY_ADDRESS={address} is not host:port")
+    advice = "unset RAY_ADDRESS for a private local Ray, or use --executor local"
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
         raise UserError(
             f"cannot reach the Ray cluster at RAY_ADDRESS={address} within {timeout:g} s "
-            f"({reason}); unset RAY_ADDRESS for a private local Ray, or use --executor local"
+            f"({reason}); {advice}"
         ) from None
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            grpc = _answers_grpc(sock)
+        except OSError:  # timed out, reset: no gRPC server there
+            grpc = False
+    if not grpc:
+        raise UserError(
+            f"RAY_ADDRESS={address} accepts connections but is not a Ray cluster (no gRPC "
+            f"answer within {timeout:g} s); {advice}"
+        )
 
 
 def ray_init(num_cpus: int | None = None, connect_timeout: float = CONNECT_TIMEOUT_S):

@@ -96,13 +96,13 @@ OUT_OF_RANGE = [
     ("model.pyramid_scales=[2, 1, 0.5]", "model.pyramid_scales must be four decreasing factors"),
     ("model.pyramid_scales=[1, 2, 0.5, 0.25]", "model.pyramid_scales must be four decreasing"),
     ("model.pyramid_scales=[4, 2, 1, 0.3]", "model.pyramid_scales must be four decreasing"),
-    ("pretrain.short_side=0", "pretrain.short_side must be >= 1"),
+    ("pretrain.short_side=0", "pretrain.short_side must be >= 32"),
     ("pretrain.prompt_keep=1.5", "pretrain.prompt_keep must be in [0, 1]"),
     ("proposals.top_k=0", "proposals.top_k must be >= 1"),
     ("proposals.top_k=-3", "proposals.top_k must be >= 1"),
-    ("proposals.short_side=0", "proposals.short_side must be >= 1"),
+    ("proposals.short_side=0", "proposals.short_side must be >= 32"),
     ("proposals.mask_threshold=2", "proposals.mask_threshold must be in [0, 1]"),
-    ("proposals.max_side=-1", "proposals.max_side must be >= 1"),
+    ("proposals.max_side=-1", "proposals.max_side must be >= 32"),
     ("proposals.scales=[]", "proposals.scales must list at least one scale"),
     ("proposals.scales=[1.0, 0]", "proposals.scales[1] must be in (0, 1]"),
     ("proposals.executor=dask", "proposals.executor must be one of 'ray', 'local'"),
@@ -113,6 +113,16 @@ OUT_OF_RANGE = [
     ("finetune.frac=0", "finetune.frac must be in (0, 1]"),
     ("finetune.multiscale=[192, 0]", "finetune.multiscale[1] must be >= 1"),
     ("data.max_image_pixels=0", "data.max_image_pixels must be >= 1"),
+    # issue 26: each of these ran (or crashed deep inside) instead of stopping at the key
+    ("pretrain.short_side=1", "pretrain.short_side must be >= 32"),
+    ("proposals.short_side=1", "proposals.short_side must be >= 32"),
+    ("pretrain.seed=-1", "pretrain.seed must be in [0, 4294967295]"),
+    ("finetune.seed=99999999999", "finetune.seed must be in [0, 4294967295]"),
+    ("finetune.split_seed=-7", "finetune.split_seed must be in [0, 4294967295]"),
+    ("compare.seeds=[0, -2]", "compare.seeds[1] must be in [0, 4294967295]"),
+    ("data.seed=-5", "data.seed must be in [0, 4294967295]"),
+    ('name="../../x"', "name must be one folder name"),
+    ('name=""', "name must be one folder name"),
 ]
 
 

@@ -123,6 +123,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+# More classes than any instance-segmentation label set has (LVIS: 1,203): a checkpoint claiming
+# more is crafted or damaged, and building its classifier would allocate without bound.
+MAX_CLASSES = 100_000
+
+
+def training_config(state: dict[str, Any], path: str | Path) -> tuple[dict[str, Any], int]:
+    """The resolved config and class count a training checkpoint records; UserError (one line
+    naming the field) when either is missing or not sensible (num_classes negative, a string,
+    10^9)."""
+    raw, num_classes = state.get("config"), state.get("num_classes")
+    if not isinstance(raw, dict) or num_classes is None:
+        raise UserError(f"{path} is not a training checkpoint (no config / num_classes)")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise UserError(f"{path}: num_classes must be a whole number, got {num_classes!r}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise UserError(f"{path}: num_classes {num_classes} is not in [1, {MAX_CLASSES}]")
+    return raw, num_classes
+
+
 # --------------------------------------------------------------------------------------------
 # A run's checkpoints: the newest intact one, pruning
 

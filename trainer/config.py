@@ -20,12 +20,15 @@ from pipeline.config import (
 from pipeline.ranges import (
     AT_LEAST_ONE,
     FRACTION,
+    IMAGE_SIDE,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_FRACTION,
     PRECISIONS,
+    SEED,
     OneOf,
     Range,
+    name_problems,
 )
 
 # Allowed ranges (pipeline/ranges.py) of the keys pretrain and finetune share: the schedule, the
@@ -41,8 +44,9 @@ _TRAINING_RANGES: dict[str, Range | OneOf] = {
     "warmup_ratio": FRACTION,
     "lr_steps": AT_LEAST_ONE,
     "lr_gamma": POSITIVE,
-    "short_side": AT_LEAST_ONE,
-    "max_side": AT_LEAST_ONE,
+    "short_side": IMAGE_SIDE,
+    "max_side": IMAGE_SIDE,
+    "seed": SEED,
     "flip": FRACTION,
     "num_workers": NON_NEGATIVE,
     "log_every": AT_LEAST_ONE,
@@ -146,6 +150,9 @@ class PretrainConfig:
     }
 
     shards: str = ""  # empty = runs/<name>/proposals
+    # Train on an unfinished proposals folder (missing or failed shards, a run still writing):
+    # off, so such a folder is refused; --partial-shards sets it and config.toml records it.
+    partial_shards: bool = False
     out: str = ""  # empty = runs/<name>/pretrain
     iters: int = 29572  # 12 epochs of COCO train2017 at batch 48
     batch_size: int = 6  # per process
@@ -191,6 +198,7 @@ class FinetuneConfig:
     RANGES: ClassVar[dict[str, Range | OneOf]] = {
         **_TRAINING_RANGES,
         "frac": POSITIVE_FRACTION,
+        "split_seed": SEED,
         "split_fold": AT_LEAST_ONE,
         "backbone_lr_mult": NON_NEGATIVE,
         "frozen_stages": Range(lo=-1),  # -1: the whole backbone frozen
@@ -282,6 +290,8 @@ class MaskRCNNConfig:
 class CompareConfig:
     """``compare`` and ``study`` (trainer/compare.py, trainer/study.py): what is repeated."""
 
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {"seeds": SEED, "pretrain_seeds": SEED}
+
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds (finetune.seed)
     pretrain_seeds: list[int] = field(default_factory=lambda: [0])  # study: pretrain.seed values
     variants: list[str] = field(  # study: pre-training variants (trainer/study.py VARIANTS)
@@ -302,6 +312,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     maskrcnn: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+
+    def cross_checks(self) -> list[str]:
+        return name_problems(self.name)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -142,13 +142,14 @@ def collate(samples: list[dict[str, Any]], size_divisor: int) -> Batch:
 
 
 def _load_image(
-    path: Path, height: int, width: int, limits: ImageLimits | None = None
+    path: Path, height: int, width: int, limits: ImageLimits | None = None, role: str = "training"
 ) -> np.ndarray:
-    """Decode an image that the index says exists with size (height, width)."""
+    """Decode an image that the index says exists with size (height, width); ``role`` names
+    the kind of image in an error ("training", "validation")."""
     try:
         image = decode_image(path, limits=limits)
     except (UnreadableImage, FileNotFoundError, OSError) as e:
-        raise UserError(f"cannot read training image {path}: {e}") from None
+        raise UserError(f"cannot read {role} image {path}: {e}") from None
     if image.shape[:2] != (height, width):
         raise UserError(
             f"{path} is {image.shape[1]}x{image.shape[0]} but its labels are for "
@@ -304,6 +305,7 @@ class CocoDataset(Dataset):
         self.limits = limits  # [data] max_image_pixels / max_image_mb; None: the defaults
         self.augment = augment
         self.with_masks = with_masks
+        self.train = train
         self.categories = coco.categories()  # (id, name), sorted by id
         self.cat_ids = [cat_id for cat_id, _ in self.categories]
         label_of = {c: i for i, c in enumerate(self.cat_ids)}
@@ -339,7 +341,8 @@ class CocoDataset(Dataset):
     def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
         index, rng = _split_key(key)
         file_name, image_id, height, width = self.images[index]
-        image = _load_image(self.image_root / file_name, height, width, self.limits)
+        role = "training" if self.train else "validation"
+        image = _load_image(self.image_root / file_name, height, width, self.limits, role)
         anns = self.annotations[index] if self.with_masks else []
         if anns:
             rles = [_annotation_rle(segm, height, width) for segm, _ in anns]

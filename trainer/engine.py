@@ -233,6 +233,7 @@ def train(
     eval_fn: Callable[[int], dict[str, float]] | None = None,
     desc: str = "train",
     inputs: Callable[[torch.Tensor, list[dict]], Any] | None = None,
+    pins: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``objective`` (returns {"loss_*": weighted scalars, "stat_*": detached scalars}) for
     ``schedule.iters`` iterations in total, counting any resumed ones (see :class:`Schedule`).
@@ -245,7 +246,8 @@ def train(
     ``inputs(images, infos)``, when given, turns each batch's images into what the model takes
     (``trainer.frozen_features.FrozenFeatures``: a frozen backbone's levels, maybe cached).
     ``eval_fn(t)`` runs on rank 0 every ``schedule.eval_every`` iterations and at the end, in eval
-    mode without gradients; its metrics go to metrics.jsonl as kind "eval".
+    mode without gradients; its metrics go to metrics.jsonl as kind "eval". ``pins`` (such as
+    the digest of the shards trained on) is stored in every checkpoint as ``pins``.
 
     Returns {"iteration", "trained" (iterations run by this call), "data_wait_share", "seconds",
     "last_checkpoint", "last_record"}. On resume, settings that differ from the checkpoint's
@@ -353,6 +355,7 @@ def train(
                 "log_window": window.state_dict(),
                 "iteration": iteration,
                 "config": config,
+                "pins": pins or {},
                 "num_classes": getattr(knet, "num_classes", None),
                 # (COCO id, name) per class where the model was given them (fine-tuning), so
                 # evaluation can check the categories it scores are the ones trained.

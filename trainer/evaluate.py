@@ -51,10 +51,10 @@ from pipeline.coco_file import load_coco_file
 from pipeline.config import apply_override, from_dict
 from pipeline.image_files import ImageLimits
 from pipeline.precision import autocast, stage_precision
-from trainer.checkpoint import load_checkpoint, load_matching, model_state
+from trainer.checkpoint import load_checkpoint, load_matching, model_state, training_config
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
-from trainer.loader import worker_context
+from trainer.loader import worker_context, worker_init
 from trainer.transforms import Augment
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # order of COCOeval.stats[0:6]
@@ -400,6 +400,7 @@ def build_eval_loader(
         # kept alive between the periodic evaluations.
         persistent_workers=workers > 0,
         multiprocessing_context=worker_context() if workers > 0 else None,
+        worker_init_fn=worker_init(workers),  # they exit with the process that evaluates
     )
 
 
@@ -433,21 +434,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.backbones import build_backbone
     from trainer.distributed import init_distributed
+    from trainer.eval_inputs import check_output, check_validation_images, validation_error
     from trainer.feature_cache import cache_dir, frozen_inputs
     from trainer.model.factory import build_model
 
     path = Path(args.checkpoint)
+    out = Path(args.out) if args.out else default_output(path, args.class_agnostic)
+    check_output(out)  # before any work: a folder that cannot take the result is refused now
     state = load_checkpoint(path)
-    raw = state.get("config")
-    num_classes = state.get("num_classes")
-    if not isinstance(raw, dict) or not num_classes:
-        raise UserError(f"{path} is not a training checkpoint (no config / num_classes)")
+    raw, num_classes = training_config(state, path)
     raw = copy.deepcopy(raw)
     for assignment in args.overrides:
         apply_override(raw, assignment)
     cfg = from_dict(Config, raw)
     if args.batch_size > 0:
         cfg.finetune.batch_size = args.batch_size
+    coco_gt = load_coco(cfg.data.val_json)
+    check_validation_images(cfg, coco_gt.dataset)
     device = init_distributed()
     knet = build_model(cfg.model, build_backbone(cfg.backbone), int(num_classes))
     # strict: every tensor must fit (a frozen backbone is filled in from backbone.weights)
@@ -473,21 +476,23 @@ def run(args: argparse.Namespace) -> int:
         # A pre-training checkpoint predicts one "object" class: label its detections with the
         # first category; useCats=0 makes the label irrelevant to the score.
         category_ids = [category_ids[0]] * int(num_classes)
-    out = Path(args.out) if args.out else default_output(path, args.class_agnostic)
-    metrics = evaluate(
-        knet,
-        loader,
-        load_coco(cfg.data.val_json),
-        device,
-        category_ids=category_ids,
-        mask_threshold=cfg.finetune.test_mask_threshold,
-        max_detections=cfg.finetune.max_detections,
-        results_path=out.with_name(out.stem + "-segm.json"),
-        progress=True,
-        class_agnostic=args.class_agnostic,
-        inputs=frozen,
-        precision=stage_precision(cfg.finetune, device, "finetune"),
-    )
+    try:
+        metrics = evaluate(
+            knet,
+            loader,
+            coco_gt,
+            device,
+            category_ids=category_ids,
+            mask_threshold=cfg.finetune.test_mask_threshold,
+            max_detections=cfg.finetune.max_detections,
+            results_path=out.with_name(out.stem + "-segm.json"),
+            progress=True,
+            class_agnostic=args.class_agnostic,
+            inputs=frozen,
+            precision=stage_precision(cfg.finetune, device, "finetune"),
+        )
+    except UserError as e:
+        raise validation_error(e) from None
     report = {
         "checkpoint": str(path),
         "iteration": state.get("iteration"),

@@ -237,6 +237,7 @@ def _finetune(
         device=device,
         num_workers=ft.num_workers,
         seed=ft.seed,
+        setting="finetune.batch_size",
     )
     recipe = optimiser_section(cfg)
     optimizer, scheduler = optimizer_from_section(objective, recipe)
@@ -326,7 +327,10 @@ def _training_set(cfg: Config, scratch: Path, resume: bool, say: Callable) -> tu
                 f"{ft.frac:g}): resume with the run's own settings or choose another --out"
             )
     good = usable_training_ids(
-        chosen, cfg.data.train_images, lambda m: say(f"finetune: {m}", file=sys.stderr)
+        chosen,
+        cfg.data.train_images,
+        lambda m: say(f"finetune: {m}", file=sys.stderr),
+        ImageLimits.from_data(cfg.data),
     )
     augment = Augment(
         ft.short_side,

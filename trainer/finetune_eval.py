@@ -16,9 +16,8 @@ from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 from pipeline.precision import stage_precision
 from trainer.config import Config
+from trainer.eval_inputs import check_validation_images, validation_error
 from trainer.evaluate import METRIC_NAMES, build_eval_loader, evaluate, load_coco
-from trainer.labelled_check import check_validation_set
-from trainer.loader import worker_error_line
 from trainer.metrics_log import append_metrics, read_metrics
 
 
@@ -74,7 +73,7 @@ def make_eval_fn(
             "categories: the classes the model learns would not be scored"
         )
     coco_gt = load_coco(cfg.data.val_json)
-    check_validation_set(coco_gt.dataset, cfg.data.val_images, cfg.data.val_json)
+    check_validation_images(cfg, coco_gt.dataset)
 
     def eval_fn(iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -90,11 +89,8 @@ def make_eval_fn(
                 inputs=frozen,
                 precision=stage_precision(ft, device, "finetune"),
             )
-        except UserError as e:
-            # A loader worker's error carries the worker's traceback; the dataset's wording
-            # is the training one.
-            last = worker_error_line(str(e))
-            raise UserError(last.replace("training image", "validation image")) from None
+        except UserError as e:  # one line, not the loader worker's traceback
+            raise validation_error(e) from None
         return {**metrics, "eval_seconds": time.perf_counter() - t0}
 
     return eval_fn

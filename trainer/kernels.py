@@ -43,12 +43,13 @@ from torch.utils.data import DataLoader, Subset
 
 from pipeline.cli import UserError
 from pipeline.config import apply_override, from_dict
-from trainer.checkpoint import load_checkpoint, load_matching, model_state
+from trainer.checkpoint import load_checkpoint, load_matching, model_state, training_config
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
 from trainer.transforms import Augment
 
 CANVAS = 64
+MAX_CANVAS = 1024  # --canvas beyond this is refused: maps cost kernels x canvas^2 per image
 
 
 def canvas_maps(
@@ -115,9 +116,7 @@ def load_model(path: Path, overrides: list[str]) -> tuple[nn.Module, Config]:
     from trainer.model.factory import QUERY_KINDS, build_model
 
     state = load_checkpoint(path)
-    raw, num_classes = state.get("config"), state.get("num_classes")
-    if not isinstance(raw, dict) or not num_classes:
-        raise UserError(f"{path} is not a training checkpoint (no config / num_classes)")
+    raw, num_classes = training_config(state, path)
     raw = copy.deepcopy(raw)
     for assignment in overrides:
         apply_override(raw, assignment)
@@ -214,8 +213,12 @@ def run(args: argparse.Namespace) -> int:
     labels = args.label or [_default_label(p) for p in paths]
     if len(labels) != len(paths) or len(set(labels)) != len(labels):
         raise UserError("give one distinct --label per --checkpoint (or none)")
-    if args.canvas < 2 or not 0.0 < args.threshold < 1.0:
-        raise UserError("--canvas must be >= 2 and --threshold in (0, 1)")
+    if not 2 <= args.canvas <= MAX_CANVAS or not 0.0 < args.threshold < 1.0:
+        # (kernels x canvas^2 floats per image: 100000 cells a side would need terabytes)
+        raise UserError(
+            f"--canvas must be in [2, {MAX_CANVAS}] and --threshold in (0, 1), got "
+            f"{args.canvas} and {args.threshold:g}"
+        )
     out = Path(args.out) if args.out else _default_run(paths[0]) / "kernels"
     out.mkdir(parents=True, exist_ok=True)
     device = init_distributed()

@@ -4,7 +4,8 @@ and every segmentation convertible to a mask, before a fine-tuning writes or tra
 Without them one bad item stops a run when the sampler reaches it, inside a DataLoader worker,
 and the deterministic sampler reaches it again on every resume. The training split is small by
 design (a labelled fraction), so its images are decoded in full, exactly as training will; the
-validation set is checked by file header only (existence, size), which is cheap at COCO's 5,000.
+validation set is checked without decoding (existence, [data] limits, a visibly truncated file,
+the header's size), which is cheap at COCO's 5,000.
 
 Well-formedness of the JSON itself (types, ids, categories) is the COCO-file validator's job;
 these checks are about the files on disk and whether pycocotools can turn each segmentation into
@@ -13,6 +14,7 @@ a mask of the image's size.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,32 +22,39 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.cli import UserError
-from pipeline.images import UnreadableImage, decode_image
+from pipeline.image_files import ImageLimits
+from pipeline.images import UnreadableImage, decode_image, read_checked
 from trainer.datasets import _annotation_rle
 
 # EXIF orientations that swap width and height (decode_image turns images upright).
 _TRANSPOSED = (5, 6, 7, 8)
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    """(height, width) of the upright image from its header, without decoding pixels."""
-    with Image.open(path) as im:
+def _header_size(path: Path, limits: ImageLimits | None) -> tuple[int, int]:
+    """(height, width) of the upright image from its header, without decoding pixels, after the
+    checks that need no decoding: [data] limits, an empty or visibly truncated file."""
+    data, _ = read_checked(path, limits)
+    with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
         if im.getexif().get(0x0112) in _TRANSPOSED:
             width, height = height, width
     return height, width
 
 
-def _decoded_size(path: Path) -> tuple[int, int]:
-    return tuple(decode_image(path).shape[:2])
+def _decoded_size(path: Path, limits: ImageLimits | None) -> tuple[int, int]:
+    return tuple(decode_image(path, limits=limits).shape[:2])
 
 
-def _file_problem(path: Path, height: int, width: int, size_of: Callable) -> str:
+def _file_problem(
+    path: Path, height: int, width: int, size_of: Callable, limits: ImageLimits | None
+) -> str:
     if not path.is_file():
         return "file not found"
     try:
-        got = size_of(path)
+        got = size_of(path, limits)
     except (UnreadableImage, UnidentifiedImageError, OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    except Image.DecompressionBombError as e:  # over PIL's own limit (a Warning's relative)
         return f"unreadable ({e})"
     if tuple(got) != (height, width):
         return f"is {got[1]}x{got[0]} on disk but {width}x{height} in the labels"
@@ -75,10 +84,17 @@ def _segmentation_problem(ann: dict[str, Any], height: int, width: int) -> str:
     return ""
 
 
-def find_bad_images(coco: dict[str, Any], image_root: str | Path, *, decode: bool) -> dict:
+def find_bad_images(
+    coco: dict[str, Any],
+    image_root: str | Path,
+    *,
+    decode: bool,
+    limits: ImageLimits | None = None,
+) -> dict:
     """{image_id: "file_name: reason"} of every image of ``coco`` that cannot be used: its file
     missing, unreadable or of another size (``decode``: full decode, else header only), or a
-    non-crowd segmentation that pycocotools cannot turn into a mask."""
+    non-crowd segmentation that pycocotools cannot turn into a mask. ``limits``: the [data]
+    section's (None: the defaults)."""
     root = Path(image_root).expanduser()
     size_of = _decoded_size if decode else _header_size
     per_image: dict[int, list[dict[str, Any]]] = {}
@@ -88,7 +104,7 @@ def find_bad_images(coco: dict[str, Any], image_root: str | Path, *, decode: boo
     bad = {}
     for im in coco.get("images", []):
         image_id, height, width = int(im["id"]), int(im["height"]), int(im["width"])
-        reason = _file_problem(root / str(im["file_name"]), height, width, size_of)
+        reason = _file_problem(root / str(im["file_name"]), height, width, size_of, limits)
         for ann in per_image.get(image_id, []) if not reason else []:
             reason = _segmentation_problem(ann, height, width)
             if reason:
@@ -98,10 +114,12 @@ def find_bad_images(coco: dict[str, Any], image_root: str | Path, *, decode: boo
     return bad
 
 
-def usable_training_ids(coco: dict[str, Any], image_root: str | Path, say: Callable) -> list[int]:
+def usable_training_ids(
+    coco: dict[str, Any], image_root: str | Path, say: Callable, limits: ImageLimits | None = None
+) -> list[int]:
     """Ids of the split's images that training can use; each bad one is skipped with one line
     through ``say``. UserError when none is left."""
-    bad = find_bad_images(coco, image_root, decode=True)
+    bad = find_bad_images(coco, image_root, decode=True, limits=limits)
     for image_id, reason in sorted(bad.items()):
         say(f"skipping training image {image_id} ({reason})")
     good = [int(im["id"]) for im in coco.get("images", []) if int(im["id"]) not in bad]
@@ -110,10 +128,15 @@ def usable_training_ids(coco: dict[str, Any], image_root: str | Path, say: Calla
     return good
 
 
-def check_validation_set(coco: dict[str, Any], image_root: str | Path, val_json: str) -> None:
+def check_validation_set(
+    coco: dict[str, Any],
+    image_root: str | Path,
+    val_json: str,
+    limits: ImageLimits | None = None,
+) -> None:
     """Refuse a validation set with a bad image: skipping it would change what AP is measured on.
     One line naming the first bad file and how many others there are."""
-    bad = find_bad_images(coco, image_root, decode=False)
+    bad = find_bad_images(coco, image_root, decode=False, limits=limits)
     if bad:
         first_id = min(bad)
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

@@ -8,10 +8,15 @@ resumed run or a different worker count reproduces the same batches.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.cli import UserError
 from trainer.datasets import Batch, Collate, SampleKey
 from trainer.distributed import dist_info
 
@@ -120,9 +126,48 @@ class InfiniteLoader:
         self.consumed = int(state["epoch"]) * self.sampler.per_rank + int(state["position"])
 
 
-def _worker_init(worker_id: int) -> None:
+def _start_time(pid: int) -> str | None:
+    """The process's start time (Linux /proc; "" elsewhere when it runs), None when it is gone
+    or a zombie: with the pid it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (macOS): signal 0 only says whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _exit_with_trainer(trainer_pid: int, started: str | None, every: float) -> None:
+    while started is not None and _start_time(trainer_pid) == started:
+        time.sleep(every)
+    os._exit(1)
+
+
+def _worker_init(trainer_pid: int, worker_id: int) -> None:
     # DataLoader already limits torch to one thread per worker; OpenCV would start a pool per core.
     cv2.setNumThreads(1)
+    # A worker's parent is the fork server, not the trainer, so DataLoader's own check (its
+    # parent pid) misses a trainer killed by any signal: the worker, and the fork server it keeps
+    # open, would live on. Each worker watches the trainer itself and exits when it is gone.
+    started = _start_time(trainer_pid)
+    watch = threading.Thread(
+        target=_exit_with_trainer, args=(trainer_pid, started, 1.0), daemon=True
+    )
+    watch.start()
+
+
+def worker_init(num_workers: int) -> Callable[[int], None] | None:
+    """The ``worker_init_fn`` of every loader with workers (None without): one OpenCV thread,
+    and exit when the process building the loader dies."""
+    return functools.partial(_worker_init, os.getpid()) if num_workers > 0 else None
 
 
 def worker_context() -> str | None:
@@ -142,13 +187,16 @@ def build_loader(
     infinite: bool = True,
     shuffle: bool = True,
     prefetch_factor: int = 2,
+    setting: str = "batch_size",
 ) -> InfiniteLoader | DataLoader:
     """A loader of :class:`Batch` es.
 
     infinite=True (training): an :class:`InfiniteLoader` (epoch-seeded shuffling, resumable
     state, sharded over ranks when torch.distributed is initialised). infinite=False
     (evaluation): one ordered pass, each rank taking every world_size-th image, last batch kept.
-    Workers are persistent, pin_memory is used only for a CUDA device.
+    Workers are persistent, pin_memory is used only for a CUDA device. A training
+    ``batch_size`` above the images one process sees is refused, naming ``setting``: every
+    batch would hold each image many times over (a batch of 1000 from 4 images seems to hang).
     """
     device = torch.device(device)
     rank, world = dist_info()
@@ -157,7 +205,7 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=Collate(size_divisor),
         pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=worker_init(num_workers),
         # An explicit generator: creating a loader iterator must not draw from the global torch
         # RNG, or a resumed run (which creates one more) would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
@@ -175,6 +223,13 @@ def build_loader(
         sampler = InfiniteSampler(
             len(dataset), seed=seed, shuffle=shuffle, rank=rank, world_size=world
         )
+        if batch_size > sampler.per_rank:
+            each = f" per process ({world} processes)" if world > 1 else ""
+            raise UserError(
+                f"{setting} = {batch_size} is larger than the {sampler.per_rank} training "
+                f"images{each}: every batch would repeat images; set it to at most "
+                f"{sampler.per_rank}"
+            )
         return InfiniteLoader(DataLoader(dataset, sampler=sampler, **common), sampler, batch_size)
     indices = list(range(rank, len(dataset), world))
     return DataLoader(dataset, sampler=indices, **common)

@@ -29,7 +29,10 @@ from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.image_files import ImageLimits
 from pipeline.precision import stage_precision
+from pipeline.proposals_folder import folder_problems, shards_digest
 from pipeline.run_folder import claim_run_folder
+from pipeline.shards import list_shards
+from trainer.checkpoint import load_latest
 from trainer.config import Config, load_config
 from trainer.datasets import ShardDataset
 from trainer.distributed import dist_info, init_distributed, shutdown_distributed
@@ -55,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="total iterations (pretrain.iters)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoints/last.pt when it exists"
+    )
+    parser.add_argument(
+        "--partial-shards",
+        action="store_true",
+        help="train on the shards there are in an unfinished proposals folder "
+        "(recorded as pretrain.partial_shards)",
     )
     parser.add_argument(
         "--image-root",
@@ -174,6 +183,7 @@ def build_pretraining(
         device=device,
         num_workers=p.num_workers,
         seed=p.seed,
+        setting="pretrain.batch_size",
     )
     optimizer, scheduler = optimizer_from_section(objective, p)
     return Pretraining(dataset, objective, loader, optimizer, scheduler, frozen, store, notes)
@@ -222,13 +232,17 @@ def _pretrain(
             f"{out} already holds checkpoints: pass --resume to continue that run, "
             "or choose another --out"
         )
+    partial = check_shard_folder(shards, p.partial_shards)
     device = init_distributed()
     rank, world = dist_info()
     built = build_pretraining(cfg, shards, image_root, device)
     dataset, objective, store = built.dataset, built.objective, built.store
+    built.notes += partial
     resolved = dataclasses.asdict(cfg)
+    pins = {"shards_digest": shards_digest(list_shards(shards))}
     if resume:  # checked before record_run, so a refused resume leaves the run's records alone
         check_resume("pretrain", out, resolved, objective.knet)
+        check_pinned_shards(out, shards, pins["shards_digest"])
     if rank == 0:
         record_run(out, resolved, argv)
         skipped = ", ".join(f"{n} with status {s}" for s, n in sorted(dataset.skipped.items()))
@@ -255,12 +269,39 @@ def _pretrain(
             config=resolved,
             desc="pretrain",
             inputs=built.frozen,
+            pins=pins,
         )
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
     shutdown_distributed()
     return {**result, "rank": rank}
+
+
+def check_shard_folder(shards: Path, partial: bool) -> list[str]:
+    """Refuse an unfinished proposals folder (a run still writing, missing or failed shards)
+    before any work; with ``partial`` (--partial-shards) train on it, returning a note."""
+    problems = folder_problems(shards)
+    if not problems:
+        return []
+    if not partial:
+        raise UserError(
+            f"{shards} is not a finished proposals result: {'; '.join(problems)}; let proposals "
+            "finish (or re-run it), or pass --partial-shards to train on the shards there are"
+        )
+    return [f"training on an unfinished proposals folder (--partial-shards): {problems[0]}"]
+
+
+def check_pinned_shards(out: Path, shards: Path, digest: str) -> None:
+    """A resume must read the shards the checkpoint learnt from (their digest is pinned in it):
+    shards recomputed since, with other settings or images, are refused."""
+    path, state = load_latest(out)
+    pinned = ((state or {}).get("pins") or {}).get("shards_digest")
+    if path is not None and pinned is not None and pinned != digest:
+        raise UserError(
+            f"cannot resume {path}: the shards in {shards} are not the ones it was trained on "
+            "(their digest changed: proposals re-ran there); choose another --out"
+        )
 
 
 def shards_folder(cfg: Config, given: str | None = None) -> Path:
@@ -279,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
     shards = shards_folder(cfg, args.shards)
     out = Path(args.out or p.out or f"runs/{cfg.name}/pretrain")
     p.shards, p.out = str(shards), str(out)
+    p.partial_shards = p.partial_shards or args.partial_shards
     result = run_pretrain(
         cfg, shards=shards, out=out, resume=args.resume, image_root=args.image_root
     )

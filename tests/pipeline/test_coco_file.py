@@ -125,6 +125,8 @@ def test_several_problems_one_line_each(tmp_path):
         ({"segmentation": []}, "annotation 2: 'segmentation' is empty ([])"),
         ({"segmentation": [[1, 1, 5, 5]]}, "polygon 0 has 4 numbers"),
         ({"segmentation": [1, 2, 3, 4, 5, 6]}, "polygon 0 is not a list of numbers"),
+        ({"segmentation": [[1, 1, 1e308, 1, 5, 5]]}, "polygon 0 has x = 1e+308, far outside"),
+        ({"segmentation": [[1, 1, 5, -50, 5, 5]]}, "polygon 0 has y = -50, far outside"),
         ({"image_id": None}, "'image_id' None is not an image of this file"),
         ({"image_id": 99}, "'image_id' 99 is not an image of this file"),
         ({"category_id": 4}, "'category_id' 4 is not a category of this file"),

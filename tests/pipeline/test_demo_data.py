@@ -240,3 +240,25 @@ def test_if_stale_skips_a_current_folder_and_rebuilds_another_version(tmp_path, 
     assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
     assert "up to date" not in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["data_version"] == 2
+
+
+def test_a_folder_of_the_users_own_data_is_left_alone(tmp_path, capsys):
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        'name = "demo"\n[data]\nnum_train = 2\nnum_val = 1\nmin_size = 64\nmax_size = 80\n'
+    )
+    out = tmp_path / "mine"
+    (out / "annotations").mkdir(parents=True)
+    (out / "train").mkdir()
+    mine = out / "annotations" / "instances_train.json"
+    mine.write_text('{"images": []}')
+    (out / "train" / "train_000123.jpg").write_bytes(b"my photo")
+    argv = ["data", "--config", str(config), "--out", str(out)]
+    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "--overwrite" in err[0]
+    assert mine.read_text() == '{"images": []}'
+    assert (out / "train" / "train_000123.jpg").read_bytes() == b"my photo"
+    assert main("pipeline", {"data": "pipeline.demo_data"}, [*argv, "--overwrite"]) == 0
+    assert not (out / "train" / "train_000123.jpg").exists()
+    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0  # now ours: rebuilt

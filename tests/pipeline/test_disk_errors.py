@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import builtins
 import errno
+import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,6 +20,8 @@ from pipeline.atomic_files import write_json
 from pipeline.cli import main
 from pipeline.shards import STATUS_EMPTY, ImageRecord, list_temp_files, write_shard
 from trainer.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
 
 META = {
     "fingerprint": "f" * 64,
@@ -119,3 +123,31 @@ def test_checkpoint_write_on_full_disk_is_enospc(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=2**40))
     with pytest.raises(RuntimeError, match="unexpected pos"):
         save_checkpoint(path, {"iteration": 10})
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="sets a POSIX resource limit")
+def test_a_file_size_limit_is_the_disk_full_line(tmp_path):
+    """EFBIG (ulimit -f; Python ignores SIGXFSZ) is as much the user's to fix as ENOSPC."""
+    import resource
+
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        'name = "demo"\n[data]\nnum_train = 2\nnum_val = 1\nmin_size = 64\nmax_size = 80\n'
+    )
+    out = tmp_path / "data"
+    limit = 1000  # bytes: every JPEG is larger
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "data", "--config", str(config), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=small_files,
+        timeout=120,
+    )
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(err) == 1, run.stderr
+    assert "file too large" in err[0] and str(out) in err[0]

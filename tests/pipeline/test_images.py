@@ -229,6 +229,17 @@ def test_list_folder(tmp_path):
     assert items[2] == ImageItem("b/z.png", 2, tmp_path / "b" / "z.png")
 
 
+def test_non_utf8_file_names_are_a_counted_skip(tmp_path, capsys):
+    """Such a name cannot be stored in a shard: it used to fail its shard on every retry."""
+    (tmp_path / "good.png").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path), b"bad_\xff.png"), "wb") as f:
+        f.write(b"x")
+    items = list_images(tmp_path)
+    assert [it.file_name for it in items] == ["good.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 1 image(s)" in err[0] and "not valid UTF-8" in err[0]
+
+
 def test_list_folder_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         list_images(tmp_path / "nope")

@@ -90,3 +90,17 @@ def test_pyproject_requires_a_ray_with_token_auth():
     low = re.search(r">=\s*([\d.]+)", spec)
     assert low, spec
     assert tuple(int(x) for x in low.group(1).split(".")) >= (2, 52), spec
+
+
+def test_a_port_that_is_not_ray_fails_in_bounded_time():
+    """It accepts TCP (the old probe passed) but never speaks gRPC: ray.init would hang."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(UserError) as e:
+            probe_address(address, timeout=1)
+    assert time.monotonic() - t0 < 4
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "is not a Ray cluster" in msg and address in msg

@@ -115,3 +115,19 @@ def test_confident_centres_follow_their_definition():
     maps[2, 3, 0] = 0.6  # one cell: centre (0.125, 0.875)
     got = confident_centres(maps, 0.5)
     torch.testing.assert_close(got, torch.tensor([[0.0, 0.75, 0.25], [2.0, 0.125, 0.875]]))
+
+
+def test_a_huge_canvas_is_refused_before_any_work(tmp_path):
+    """--canvas 100000 would allocate kernels x 10^10 floats per image."""
+    code, _, err = run_cli(
+        "kernels",
+        "--checkpoint",
+        str(tmp_path / "x.pt"),
+        "--canvas",
+        "100000",
+        "--out",
+        str(tmp_path / "k"),
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--canvas must be in [2, 1024]" in lines[0]
+    assert not (tmp_path / "k").exists()
