@@ -188,7 +188,10 @@ class ProposalWorker:
             h, w = b.orig
             k = int(p.masks.shape[0])
             if k == 0:
-                records.append(ImageRecord(it.file_name, int(it.image_id), h, w, STATUS_EMPTY))
+                # the shard's error column says why (schema v1 has it for every image)
+                records.append(
+                    ImageRecord(it.file_name, int(it.image_id), h, w, STATUS_EMPTY, p.empty_reason)
+                )
                 continue
             records.append(
                 ImageRecord(
