@@ -388,15 +388,8 @@ def shape_checks(
     return area > 0, cy / h > min_center_y, width / w < max_box_width
 
 
-def shape_filter(
-    boxes: Tensor,
-    area: Tensor,
-    cy: Tensor,
-    size: tuple[int, int],
-    min_center_y: float,
-    max_box_width: float,
-) -> Tensor:
-    """Step 8's geometric filters combined (see :func:`shape_checks`) -> (K,) bool."""
+def shape_filter(boxes, area, cy, size, min_center_y, max_box_width) -> Tensor:
+    """Step 8's geometric filters combined (arguments as :func:`shape_checks`) -> (K,) bool."""
     non_empty, centre_ok, width_ok = shape_checks(
         boxes, area, cy, size, min_center_y, max_box_width
     )
@@ -470,7 +463,7 @@ def propose(
         checks = shape_checks(
             boxes, area_px, cy, orig_sizes[i], cfg.min_center_y, cfg.max_box_width
         )
-        good = checks[0] & checks[1] & checks[2]
+        good = checks[0] & checks[1] & checks[2]  # shape_filter, parts kept for the reason
         out.append(
             Proposals(
                 masks=masks[good],
