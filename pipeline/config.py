@@ -258,6 +258,12 @@ class ProposalConfig:
     score_threshold: float = 0.7  # decayed maskness to keep a mask
     min_center_y: float = 0.2  # mask's vertical centre must lie below this fraction of the height
     max_box_width: float = 0.95  # box must be narrower than this fraction of the width
+    # Clean-up of the kept masks (pipeline/mask_cleanup.py); the defaults are the paper's form.
+    keep_component: bool = False  # keep the peak's connected piece (and pieces >= piece_share)
+    piece_share: float = 0.5  # other pieces kept: at least this share of the peak's piece
+    split_share: float = 0.0  # >0: pieces >= this share of the largest become instances
+    hole_share: float = 0.0  # >0: fill enclosed holes of at most this share of the mask
+    dup_iou: float = 1.0  # <1: drop a mask overlapping a higher-scored one above this IoU
     batch_size: int = 8  # images per backbone forward
     shard_size: int = 256  # images per HDF5 shard
     workers: int = 0  # CPU actors when no GPU is present; 0: from the machine (README)
@@ -281,6 +287,10 @@ class ProposalConfig:
         "score_threshold": FRACTION,
         "min_center_y": FRACTION,
         "max_box_width": POSITIVE,
+        "piece_share": POSITIVE,
+        "split_share": FRACTION,
+        "hole_share": NON_NEGATIVE,
+        "dup_iou": FRACTION,
         "batch_size": AT_LEAST_ONE,
         "shard_size": AT_LEAST_ONE,
         "workers": NON_NEGATIVE,
@@ -291,6 +301,12 @@ class ProposalConfig:
 
     def cross_checks(self) -> list[str]:
         return [] if self.scales else ["scales must list at least one scale, got []"]
+
+    def cleans(self) -> bool:
+        """Whether any clean-up step is on (all off: the paper's form)."""
+        return (
+            self.keep_component or self.split_share > 0 or self.hole_share > 0 or self.dup_iou < 1
+        )
 
 
 @dataclass

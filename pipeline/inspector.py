@@ -36,6 +36,7 @@ import numpy as np
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 from pipeline.coco_export import to_coco
+from pipeline.mask_stats import StatsCollector, format_stats, image_stats
 from pipeline.recall import (
     RECALL_FILE,
     format_recall,
@@ -106,8 +107,10 @@ def summarise(shard_dir: str | Path) -> dict[str, Any]:
     scores: list[np.ndarray] = []
     fractions: list[np.ndarray] = []
     ids: Counter[int] = Counter()
+    quality = StatsCollector()
     for _, _, rec in iter_records(paths, "summary"):
         status[STATUS_NAMES.get(rec.status, str(rec.status))] += 1
+        quality.add(rec)
         ids[rec.image_id] += 1
         if rec.status == STATUS_UNREADABLE:
             reasons[rec.error or "(no reason)"] += 1
@@ -136,6 +139,7 @@ def summarise(shard_dir: str | Path) -> dict[str, Any]:
         },
         "score": _quantiles(scores_all),
         "area_fraction": _quantiles(fractions_all),
+        "quality": quality.result(),
         "bytes": n_bytes,
         "bytes_per_image": n_bytes / n_images if n_images else None,
         "duplicate_image_ids": sum(1 for c in ids.values() if c > 1),
@@ -229,6 +233,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines += _histogram(s["masks_per_image"]["histogram"])
     lines.append(f"score:        {_fmt_q(s['score'])}")
     lines.append(f"area (image): {_fmt_q(s['area_fraction'], pct=True)}")
+    lines += format_stats(s["quality"])
     per = s["bytes_per_image"]
     lines.append(
         f"size: {s['bytes'] / 2**20:.2f} MiB, "
@@ -270,17 +275,20 @@ def format_image(path: Path, index: int, rec: ImageRecord) -> str:
         lines.append("  no masks")
         return "\n".join(lines)
     areas = mask_areas(rec)
+    q = image_stats(rec)
     lines.append(
         f"  {'#':>3} {'score':>6} {'area px':>9} {'area %':>7}  "
-        f"{'box x0,y0,x1,y1':<24} seed (scale,row,col)"
+        f"{'box x0,y0,x1,y1':<24} seed (scale,row,col)  width pieces largest"
     )
     for k in range(rec.num_masks):
         box = ",".join(f"{v:.0f}" for v in rec.boxes[k])
         pos = ",".join(str(int(v)) for v in rec.seed_pos[k])
         lines.append(
             f"  {k:>3} {rec.scores[k]:6.3f} {areas[k]:9.0f} "
-            f"{100 * areas[k] / max(1, rec.height * rec.width):6.2f}%  {box:<24} ({pos})"
+            f"{100 * areas[k] / max(1, rec.height * rec.width):6.2f}%  {box:<24} ({pos})  "
+            f"{q['width'][k]:5.0%} {q['pieces'][k]:>6} {q['largest'][k]:7.0%}"
         )
+    lines.append(f"  near-duplicate pairs: {q['dup_pairs']}")
     return "\n".join(lines)
 
 
@@ -315,6 +323,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         metavar="N",
         help="render at most N images (default 64: four 4x4 pages)",
+    )
+    parser.add_argument(
+        "--tile", type=int, default=256, metavar="PX", help="render: tile size (default 256)"
+    )
+    parser.add_argument(
+        "--grid", type=int, default=4, metavar="N", help="render: N x N tiles a page (default 4)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="render: draw the best K masks (0: all)"
+    )
+    parser.add_argument(
+        "--min-score", type=float, default=0.0, metavar="S", help="render: masks scored >= S"
     )
     parser.add_argument(
         "--to-coco",
@@ -376,9 +396,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"  file {Path(root) / found[2].file_name} (image root {where})")
     if args.render:
         root, where = image_root(args, shard_dir)
-        pages = render(shard_dir, args.render, root, args.max_render)
+        only = None if args.image is None else found[2].image_id
+        pages = render(
+            shard_dir,
+            args.render,
+            root,
+            args.max_render,
+            grid=args.grid,
+            tile=args.tile,
+            top_k=args.top_k,
+            min_score=args.min_score,
+            only=only,
+        )
+        drawn = 1 if only is not None else min(args.max_render, summary["images"])
         print(
-            f"\nrendered {min(args.max_render, summary['images'])} images (image root {root}, "
+            f"\nrendered {drawn} image{'s' if drawn != 1 else ''} (image root {root}, "
             f"{where}) into {len(pages)} PNG(s) in {args.render}"
         )
     if args.to_coco:

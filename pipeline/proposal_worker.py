@@ -35,7 +35,7 @@ from pipeline.images import (
     resize_keep_ratio,
 )
 from pipeline.precision import autocast, check_precision
-from pipeline.saliency import propose
+from pipeline.saliency import Proposals, propose
 from pipeline.shard_plan import compute_fingerprint, result_settings
 from pipeline.shards import (
     STATUS_EMPTY,
@@ -144,7 +144,7 @@ class ProposalWorker:
         """Whether the running call was cancelled (the Ray actor overrides this)."""
         return False
 
-    def _load(self, item: ImageItem) -> _Loaded:
+    def load(self, item: ImageItem) -> _Loaded:
         try:
             img = decode_image(item.path, self.min_side, self.limits)
         except UnreadableImage as e:
@@ -160,58 +160,35 @@ class ProposalWorker:
         )
 
     @torch.inference_mode()
+    def features(self, good: list[_Loaded]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Backbone features (B, C, h, w) of decoded images and each one's valid cell grid."""
+        stride = self.backbone.saliency_stride
+        x = pad_batch([b.tensor for b in good], self.backbone.size_divisor).to(self.device)
+        # sizes: each image's valid pixels, so a batch-invariant backbone ignores the padding
+        with autocast(self.precision, self.device):
+            feats = self._features(x, [b.resized for b in good])  # (B,C,h,w)
+        feats = feats.float()  # seeds, maps and maskness in fp32 whatever the backbone ran in
+        valid = [
+            (math.ceil(h / stride), math.ceil(w / stride)) for h, w in (b.resized for b in good)
+        ]
+        return feats, valid
+
+    @torch.inference_mode()
     def _infer(self, batch: list[_Loaded]) -> list[ImageRecord]:
         """Backbone + saliency proposals for one batch; records in the batch's order."""
         good = [b for b in batch if b.tensor is not None]
         props = []
         if good:
-            stride = self.backbone.saliency_stride
-            x = pad_batch([b.tensor for b in good], self.backbone.size_divisor).to(self.device)
-            # sizes: each image's valid pixels, so a batch-invariant backbone ignores the padding
-            with autocast(self.precision, self.device):
-                feats = self._features(x, [b.resized for b in good])  # (B,C,h,w)
-            feats = feats.float()  # seeds, maps and maskness in fp32 whatever the backbone ran in
-            valid = [
-                (math.ceil(h / stride), math.ceil(w / stride)) for h, w in (b.resized for b in good)
-            ]
+            feats, valid = self.features(good)
             props = propose(
                 feats,
                 valid,
                 [b.resized for b in good],
                 [b.orig for b in good],
-                float(stride),
+                float(self.backbone.saliency_stride),
                 self.cfg,
             )
-        found = iter(props)  # propose() answers the good images in order
-        records = []
-        for b in batch:
-            it = b.item
-            if b.tensor is None:
-                records.append(
-                    ImageRecord(it.file_name, int(it.image_id), 0, 0, STATUS_UNREADABLE, b.error)
-                )
-                continue
-            p = next(found)
-            h, w = b.orig
-            k = int(p.masks.shape[0])
-            if k == 0:
-                records.append(ImageRecord(it.file_name, int(it.image_id), h, w, STATUS_EMPTY))
-                continue
-            records.append(
-                ImageRecord(
-                    file_name=it.file_name,
-                    image_id=int(it.image_id),
-                    height=h,
-                    width=w,
-                    status=STATUS_OK,
-                    rles=masks_to_rles(p.masks.cpu().numpy()),
-                    boxes=p.boxes.float().cpu().numpy(),
-                    scores=p.scores.float().cpu().numpy(),
-                    seeds=p.seeds.float().cpu().numpy().astype(np.float16),
-                    seed_pos=p.seed_pos.cpu().numpy().astype(np.int16),
-                )
-            )
-        return records
+        return to_records(batch, props)
 
     def process_batch(self, items: list[ImageItem]) -> list[ImageRecord] | None:
         """One batch: decode in the thread pool, then backbone and proposals under the lock.
@@ -220,7 +197,7 @@ class ProposalWorker:
         backbone (another actor finished the same batch first)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
-        loaded = list(self._pool.map(self._load, items))
+        loaded = list(self._pool.map(self.load, items))
         with self._infer_lock:
             if self.cancelled():
                 return None
@@ -245,12 +222,12 @@ class ProposalWorker:
             pending: deque = deque()
             ahead = 1 + max(0, int(self.cfg.prefetch))
             for b in batches[:ahead]:
-                pending.append([pool.submit(self._load, it) for it in b])
+                pending.append([pool.submit(self.load, it) for it in b])
             nxt = ahead
             while pending:
                 futures = pending.popleft()
                 if nxt < len(batches):
-                    pending.append([pool.submit(self._load, it) for it in batches[nxt]])
+                    pending.append([pool.submit(self.load, it) for it in batches[nxt]])
                     nxt += 1
                 out = self._infer([f.result() for f in futures])
                 records.extend(out)
@@ -260,6 +237,42 @@ class ProposalWorker:
         summary = count_records(records)
         summary.update(index=index, seconds=time.perf_counter() - t0)
         return summary
+
+
+def to_records(batch: list[_Loaded], props: list[Proposals]) -> list[ImageRecord]:
+    """Shard records of a batch, in its order, from the proposals of its readable images."""
+    found = iter(props)  # propose() answers the readable images in order
+    records = []
+    for b in batch:
+        it = b.item
+        if b.tensor is None:
+            records.append(
+                ImageRecord(it.file_name, int(it.image_id), 0, 0, STATUS_UNREADABLE, b.error)
+            )
+            continue
+        p = next(found)
+        h, w = b.orig
+        if int(p.masks.shape[0]) == 0:
+            # the shard's error column says why (schema v1 has it for every image)
+            records.append(
+                ImageRecord(it.file_name, int(it.image_id), h, w, STATUS_EMPTY, p.empty_reason)
+            )
+            continue
+        records.append(
+            ImageRecord(
+                file_name=it.file_name,
+                image_id=int(it.image_id),
+                height=h,
+                width=w,
+                status=STATUS_OK,
+                rles=masks_to_rles(p.masks.cpu().numpy()),
+                boxes=p.boxes.float().cpu().numpy(),
+                scores=p.scores.float().cpu().numpy(),
+                seeds=p.seeds.float().cpu().numpy().astype(np.float16),
+                seed_pos=p.seed_pos.cpu().numpy().astype(np.int16),
+            )
+        )
+    return records
 
 
 def count_records(records: list[ImageRecord]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ outlines, boxes and scores) laid out in PNG grid pages, as ``pipeline inspect --
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -70,6 +71,22 @@ def render_tile(rec: ImageRecord, image: np.ndarray | None, note: str, tile: int
     return cell
 
 
+def best_masks(rec: ImageRecord, top_k: int, min_score: float) -> ImageRecord:
+    """``rec`` with only its masks scored >= ``min_score``, at most ``top_k`` (0: all)."""
+    keep = [k for k in range(rec.num_masks) if rec.scores[k] >= min_score]
+    keep = keep[:top_k] if top_k > 0 else keep
+    if len(keep) == rec.num_masks:
+        return rec
+    return dataclasses.replace(
+        rec,
+        rles=[rec.rles[k] for k in keep],
+        boxes=rec.boxes[keep],
+        scores=rec.scores[keep],
+        seeds=rec.seeds[keep],
+        seed_pos=rec.seed_pos[keep],
+    )
+
+
 def render(
     shard_dir: str | Path,
     out_dir: str | Path,
@@ -77,13 +94,17 @@ def render(
     max_images: int = 64,
     grid: int = 4,
     tile: int = 256,
+    top_k: int = 0,
+    min_score: float = 0.0,
+    only: int | None = None,
 ) -> list[Path]:
     """Draw the first ``max_images`` images (shard order) as ``grid`` x ``grid`` PNG pages.
 
     Images that cannot be read under ``image_root`` (missing, unreadable, another size than the
     shard records) become a labelled placeholder. A file of another byte size than the one the
     proposals read (plan.json) is another picture under the same name: a UserError naming it,
-    never masks drawn over the wrong image. Returns the PNG paths.
+    never masks drawn over the wrong image. ``top_k`` (0: all) and ``min_score`` choose the
+    masks drawn; ``only`` draws the image with that image_id alone. Returns the PNG paths.
     """
     from pipeline.images import UnreadableImage, decode_image  # lazy: pulls in torch
     from pipeline.shard_plan import check_image_file, recorded_inputs
@@ -103,6 +124,9 @@ def render(
     for _, _, rec in iter_records(paths):
         if len(cells) >= max_images:
             break
+        if only is not None and rec.image_id != only:
+            continue
+        rec = best_masks(rec, top_k, min_score)
         image, note = None, ""
         if rec.status == STATUS_UNREADABLE:
             note = f"unreadable: {rec.error}"
@@ -116,7 +140,7 @@ def render(
             if image is not None and image.shape[:2] != (rec.height, rec.width):
                 note = f"size {image.shape[1]}x{image.shape[0]} != shard {rec.width}x{rec.height}"
             elif image is not None and rec.status == STATUS_EMPTY:
-                note = "no mask survived"
+                note = f"empty: {rec.error or 'no mask survived'}"
         cells.append(render_tile(rec, image, note, tile))
     written = []
     per_page = grid * grid

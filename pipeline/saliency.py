@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.config import ProposalConfig
+from pipeline.empty_reasons import after_filters, before_filters
+from pipeline.mask_cleanup import clean_kept
 
 # Upsampled masks are produced in chunks of at most this many float32 pixels (bounds the memory
 # a very large original image needs: 2**25 floats = 128 MiB per intermediate).
@@ -64,6 +66,7 @@ class Proposals:
     scores: Tensor  # (K,) float32 decayed maskness
     seeds: Tensor  # (K, C) float32 L2-normalised seed embeddings S_l
     seed_pos: Tensor  # (K, 3) int64 scale index, row, column on that scale's grid
+    empty_reason: str = ""  # for K = 0: the stage that removed the last candidate (empty_reasons)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,25 +367,33 @@ def mask_boxes(masks: Tensor) -> Tensor:
     return mask_geometry(masks)[0]
 
 
-def shape_filter(
+def shape_checks(
     boxes: Tensor,
     area: Tensor,
     cy: Tensor,
     size: tuple[int, int],
     min_center_y: float,
     max_box_width: float,
-) -> Tensor:
-    """Step 8's geometric filters (inputs from :func:`mask_geometry`) -> (K,) bool.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 8's geometric filters one by one (inputs from :func:`mask_geometry`), each (K,) bool.
 
-    Keeps a mask when it is non-empty, its vertical centre lies strictly below
-    ``min_center_y`` of the image height from the top (``cy / H > min_center_y``; y grows
-    downwards, so this drops masks centred in the top band, e.g. sky), and its box is strictly
-    narrower than ``max_box_width`` of the image width (``(x1 - x0) / W < max_box_width``).
-    ``size`` is the image's (H, W).
+    Returns ``non_empty`` (the mask kept pixels at the original size), ``centre_ok`` (its
+    vertical centre lies strictly below ``min_center_y`` of the image height from the top,
+    ``cy / H > min_center_y``; y grows downwards, so this drops masks centred in the top band,
+    e.g. sky) and ``width_ok`` (its box is strictly narrower than ``max_box_width`` of the image
+    width, ``(x1 - x0) / W < max_box_width``). ``size`` is the image's (H, W).
     """
     h, w = size
     width = boxes[:, 2] - boxes[:, 0]
-    return (area > 0) & (cy / h > min_center_y) & (width / w < max_box_width)
+    return area > 0, cy / h > min_center_y, width / w < max_box_width
+
+
+def shape_filter(boxes, area, cy, size, min_center_y, max_box_width) -> Tensor:
+    """Step 8's geometric filters combined (arguments as :func:`shape_checks`) -> (K,) bool."""
+    non_empty, centre_ok, width_ok = shape_checks(
+        boxes, area, cy, size, min_center_y, max_box_width
+    )
+    return non_empty & centre_ok & width_ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,22 +441,37 @@ def propose(
         score, hard, candidate, cfg.nms_sigma, cfg.top_k, cfg.score_threshold if prune else None
     )
     kept &= decayed >= cfg.score_threshold  # step 8's score filter, before any upsampling
+    # For the empty-image reasons: how far each image's candidates got.
+    reach_score = (candidate & (score >= cfg.score_threshold)).sum(1).tolist()
+    best = score.masked_fill(~candidate, 0.0).amax(1).tolist()
 
     out = []
     for i in range(b):
         idx = index[i][kept[i]]
+        scores_i = decayed[i][kept[i]]
         hv, wv = valid_sizes[i]
         maps = soft[i].index_select(0, idx).view(-1, h, w)[:, :hv, :wv]
+        if cfg.cleans():  # issue 22's clean-up; the paper's form skips it
+            decay = scores_i / score[i].index_select(0, idx).clamp_min(1e-12)
+            maps, scores_i, parent = clean_kept(maps, decay, cfg.mask_threshold, cfg)
+            idx = idx.index_select(0, parent)
+        reason = before_filters(
+            int(candidate[i].sum()), reach_score[i], int(kept[i].sum()), len(idx), best[i], cfg
+        )
         masks = upsample_masks(maps, resized_sizes[i], orig_sizes[i], stride, cfg.mask_threshold)
         boxes, area_px, cy = mask_geometry(masks)
-        good = shape_filter(boxes, area_px, cy, orig_sizes[i], cfg.min_center_y, cfg.max_box_width)
+        checks = shape_checks(
+            boxes, area_px, cy, orig_sizes[i], cfg.min_center_y, cfg.max_box_width
+        )
+        good = checks[0] & checks[1] & checks[2]  # shape_filter, parts kept for the reason
         out.append(
             Proposals(
                 masks=masks[good],
                 boxes=boxes[good],
-                scores=decayed[i][kept[i]][good],
+                scores=scores_i[good],
                 seeds=seeds[i].index_select(0, idx)[good],
                 seed_pos=seed_pos.index_select(0, idx)[good],
+                empty_reason=reason or after_filters(*checks, cfg),
             )
         )
     return out

@@ -37,6 +37,9 @@ NON_RESULT_FIELDS = ("batch_size", "shard_size", "workers", "executor", "prefetc
 # Settings added after shards existed, at the value that reproduces the older results: left out of
 # ``settings`` at that value, so every older shard keeps its fingerprint (and still resumes).
 LATER_FIELDS = {"precision": "fp32", "compile": False}
+# The clean-up switches (issue 22) enter the settings only when one of them is on, so shards made
+# in the paper's form before the switches existed keep their fingerprint and stay reusable.
+CLEANUP_FIELDS = ("keep_component", "piece_share", "split_share", "hole_share", "dup_iou")
 
 
 def make_plan(items: list[ImageItem], shard_size: int) -> list[list[ImageItem]]:
@@ -60,6 +63,8 @@ def result_settings(cfg: ProposalConfig, batch_invariant: bool = True) -> dict[s
     """The proposal settings that change results (stored in every shard as ``settings``);
     ``batch_size`` among them when the backbone is not ``batch_invariant``."""
     skip = NON_RESULT_FIELDS if batch_invariant else tuple(set(NON_RESULT_FIELDS) - {"batch_size"})
+    if not cfg.cleans():
+        skip = (*skip, *CLEANUP_FIELDS)
     return {
         k: v
         for k, v in dataclasses.asdict(cfg).items()

@@ -11,7 +11,7 @@ from trainer.config import Config, load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["demo", "coco_r50"])
+@pytest.mark.parametrize("name", ["demo", "coco_r50", "photos"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.toml")
     assert cfg.name == name
