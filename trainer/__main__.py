@@ -1,4 +1,4 @@
-"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels}"""
+"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels,predict}"""
 
 import sys
 
@@ -11,6 +11,7 @@ COMMANDS = {
     "compare": "trainer.compare",
     "study": "trainer.study",
     "kernels": "trainer.kernels",
+    "predict": "trainer.predict",
 }
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def decode(
     masks = _binary_masks(mask_logits, kernels, input_size, image_size, orig_size, mask_threshold)
     # pycocotools wants (H, W, k) in Fortran order.
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
-    nonempty = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
+    nonempty = np.flatnonzero(masks.any(axis=(1, 2)))
     score_np = top_scores.cpu().numpy().astype(np.float32)
     masks, score_np, labels = masks[nonempty], score_np[nonempty], labels[nonempty]
     rles = [rles[i] for i in nonempty]

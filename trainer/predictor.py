@@ -76,7 +76,7 @@ def as_rgb(image: Any, limits: ImageLimits | None = None) -> np.ndarray:
 
         return decode_image(Path(image), limits=limits)
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.array(image.convert("RGB"), dtype=np.uint8)
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image array, got {array.dtype}")
@@ -84,7 +84,7 @@ def as_rgb(image: Any, limits: ImageLimits | None = None) -> np.ndarray:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return np.array(array, order="C")  # a writable copy: torch refuses read-only arrays
 
 
 class Predictor:
