@@ -75,6 +75,9 @@ def make_eval_fn(
     coco_gt = load_coco(cfg.data.val_json)
     check_validation_set(coco_gt.dataset, cfg.data.val_images, cfg.data.val_json)
 
+    # The last evaluation's detections stay beside metrics.json (COCO results, pycocotools).
+    final = Path(ft.out) / "detections-val.json" if ft.out else None
+
     def eval_fn(iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
         try:
@@ -87,6 +90,7 @@ def make_eval_fn(
                 mask_threshold=ft.test_mask_threshold,
                 max_detections=ft.max_detections,
                 inputs=frozen,
+                results_path=final if iteration == ft.iters else None,
             )
         except UserError as e:
             # A loader worker's error carries the worker's traceback; the dataset's wording

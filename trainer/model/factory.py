@@ -1,10 +1,10 @@
 """The model is a choice, not a fork: ``model.kind`` picks K-Net or Mask2Former and its criterion.
 
-Every model takes the backbone, returns DESIGN.md's output contract ("init", "stages" with
-"masks", "logits", "kernels", and "pyramid"), exposes strides, mask_stride, size_divisor,
-num_classes and num_kernels, and lists in ``CLASS_LAYER_PREFIXES`` the parameters whose shape
-depends on the class count. Everything else (engine, prompts, kernel supervision, checkpoints,
-evaluation) serves both through that contract.
+Every model takes the backbone, returns the output contract of docs/architecture.md ("init",
+"stages" with "masks", "logits", "kernels", and "pyramid"), exposes strides, mask_stride,
+size_divisor, num_classes and num_kernels, and lists in ``CLASS_LAYER_PREFIXES`` the parameters
+whose shape depends on the class count. Everything else (engine, prompts, kernel supervision,
+checkpoints, evaluation) serves both through that contract.
 """
 
 from __future__ import annotations
