@@ -1,4 +1,4 @@
-"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels,predict}"""
+"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels,predict,export}"""
 
 import sys
 
@@ -12,6 +12,7 @@ COMMANDS = {
     "study": "trainer.study",
     "kernels": "trainer.kernels",
     "predict": "trainer.predict",
+    "export": "trainer.export",
 }
 
 if __name__ == "__main__":

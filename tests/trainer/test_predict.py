@@ -100,6 +100,24 @@ def test_predict_on_a_coco_file_scores_the_ap_of_evaluate(project, tmp_path):
     ours = coco_mask_metrics(load_coco(val_json), detections)
     for key in ("AP", "AP50", "AP75"):
         assert ours[key] == pytest.approx(report[key], abs=1e-12)
+    # The fine-tuning run kept its final validation detections: the same ones.
+    kept = json.loads((ckpt.parent.parent / "detections-val.json").read_text())
+    assert kept == json.loads((tmp_path / "e-segm.json").read_text())
+
+
+def test_evaluate_on_a_file_without_annotations_says_where_the_detections_went(project, tmp_path):
+    root, ckpt, _ = project
+    coco = json.loads((root / "data" / "annotations" / "instances_val.json").read_text())
+    bare = tmp_path / "images-only.json"
+    bare.write_text(json.dumps({"images": coco["images"], "categories": coco["categories"]}))
+    out = tmp_path / "e.json"
+    code, stdout, err = run_cli(
+        "evaluate", "--checkpoint", str(ckpt), "--out", str(out),
+        "--set", f"data.val_json={bare}",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "has no annotations" in stdout and str(tmp_path / "e-segm.json") in stdout
+    assert "n/a" not in stdout and (tmp_path / "e-segm.json").is_file()
 
 
 def test_api_gives_the_same_instances_for_a_path_an_array_and_a_pil_image(project):
