@@ -58,7 +58,9 @@ def export_onnx(predictor: Predictor, path: Path, example: Tensor, dynamic: bool
     wrapped = ExportedModel(predictor.model).eval().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # Not under no_grad: there nn.MultiheadAttention takes its fused fast path
+        # (aten::_native_multi_head_attention), which has no ONNX form.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on Python-side shape arithmetic
             torch.onnx.export(
                 wrapped,
