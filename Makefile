@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEPS := "ray[data]" h5py "opencv-python-headless<5" pycocotools tqdm scipy timm tensorboard \
         scikit-image onnx onnxruntime matplotlib pillow pytest ruff
 
-.PHONY: install data proposals inspect pretrain finetune compare study demo test bench lint format clean
+.PHONY: install data proposals inspect pretrain finetune predict compare study demo test bench lint format clean
 
 install: $(STAMP)
 
@@ -45,6 +45,13 @@ pretrain: $(STAMP)
 
 finetune: $(STAMP)
 	$(PY) -m trainer finetune --config $(CONFIG) --frac $(FRAC) $(ARGS)
+
+# A trained model on your own images: make predict CKPT=runs/demo/finetune-0.1/checkpoints/last.pt
+# IMAGES=path/to/photos (folders, files or a COCO JSON); detections.json and overlays beside CKPT's run.
+CKPT ?= $(RUN)/pretrain/checkpoints/last.pt
+IMAGES ?= data/demo/val
+predict: $(STAMP)
+	$(PY) -m trainer predict --checkpoint $(CKPT) --images $(IMAGES) --render $(ARGS)
 
 compare: $(STAMP)
 	$(PY) -m trainer compare --config $(CONFIG) --frac $(FRAC) $(ARGS)

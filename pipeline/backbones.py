@@ -11,7 +11,7 @@ Two backbones share one interface (``Backbone``):
   Meta's DINOv2 checkpoints, Hugging Face Dinov2 state dicts and converted timm state dicts load
   too (all in ``pipeline.vit_weights``).
 
-Saliency features (METHOD.md, stage one) are ResNet C5 (stride 32, 2048 channels) or the ViT's last
+Saliency features (docs/method.md, stage one): C5 (stride 32, 2048 channels) or the ViT's last
 block patch tokens after the final norm (stride 14, 384 channels).
 
 Batches of differently sized images arrive zero-padded bottom/right (``pipeline.images.pad_batch``);

@@ -214,20 +214,23 @@ def load_coco_file(
     categories: bool = True,
     allow_outside_root: bool = False,
     quiet: bool = False,
+    unlabelled_ok: bool = False,
 ) -> CocoFile:
     """Read and validate a COCO file (see the module docstring for what is refused or skipped).
 
     ``labels``: the annotations are used (False for ``proposals``, which reads images only: the
     annotations are then neither checked nor kept). ``categories``: at least one category is
     required (False for class-agnostic recall). Skipped annotations are printed on stderr
-    unless ``quiet``; they stay listed in ``CocoFile.skipped``.
+    unless ``quiet``; they stay listed in ``CocoFile.skipped``. ``unlabelled_ok``: a file with
+    no ``annotations`` list is read as having none (images to predict on, for ``evaluate``).
     """
     path = Path(path)
     data = _read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a COCO file (the top level is a {type(data).__name__})")
     images = _list_of(data, "images", path, required=True)
-    anns = _list_of(data, "annotations", path, required=labels) if labels else []
+    required = labels and not unlabelled_ok
+    anns = _list_of(data, "annotations", path, required=required) if labels else []
     cats = _list_of(data, "categories", path, required=categories) if labels else []
     problems = _image_problems(images, labels, allow_outside_root) + _category_problems(cats)
     if labels and categories and not cats:

@@ -246,7 +246,7 @@ class BackboneConfig:
 
 @dataclass
 class ProposalConfig:
-    """Stage one, METHOD.md steps 1-9. Defaults are the paper's (DenseCL R50 at 800 px)."""
+    """Stage one, docs/method.md steps 1-9. Defaults are the paper's (DenseCL R50 at 800 px)."""
 
     short_side: int = 800
     max_side: int = 1333

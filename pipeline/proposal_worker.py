@@ -1,7 +1,7 @@
 """The per-shard proposal worker: a shard's images -> backbone -> saliency proposals -> shard file.
 
 Each shard is computed by a :class:`ProposalWorker`: decode and resize in a prefetching thread
-pool, frozen backbone forward, METHOD.md steps 2-8 in ``pipeline.saliency.propose``, compressed
+pool, frozen backbone forward, docs/method.md steps 2-8 in ``pipeline.saliency.propose``, compressed
 RLE, written atomically. The executors (``pipeline.executors``) decide where workers run.
 """
 

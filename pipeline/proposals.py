@@ -5,7 +5,7 @@
 
 The sorted image list is cut into shards by a deterministic plan (shard i holds images
 [i * shard_size, (i + 1) * shard_size)). Each shard is computed by a :class:`ProposalWorker`
-(decode and resize in a prefetching thread pool, frozen backbone forward, METHOD.md steps 2-8 in
+(decode and resize in a prefetching thread pool, backbone forward, docs/method.md steps 2-8 in
 ``pipeline.saliency.propose``, compressed RLE) and written atomically. A re-run skips every shard
 already on disk with the same fingerprint (backbone weights + result-changing settings + schema
 version) and the same images, so a killed run resumes where it stopped and recomputes nothing.

@@ -31,7 +31,7 @@ PALETTE = (
 )
 
 
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.4) -> None:
+def draw_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.4) -> None:
     """White text with a black outline, readable on any background (in place)."""
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
@@ -44,7 +44,7 @@ def render_tile(rec: ImageRecord, image: np.ndarray | None, note: str, tile: int
     if image is None:
         cell[:] = 128
         for i, line in enumerate([rec.file_name[-34:], note[:34], note[34:68]]):
-            _text(cell, line, (6, tile // 2 - 10 + 16 * i))
+            draw_text(cell, line, (6, tile // 2 - 10 + 16 * i))
         return cell
     h, w = image.shape[:2]
     s = min(tile / w, tile / h)
@@ -62,12 +62,12 @@ def render_tile(rec: ImageRecord, image: np.ndarray | None, note: str, tile: int
             color = PALETTE[k % len(PALETTE)]
             x0, y0, x1, y1 = (float(v) * s for v in rec.boxes[k])
             cv2.rectangle(view, (round(x0), round(y0)), (round(x1) - 1, round(y1) - 1), color, 1)
-            _text(view, f"{rec.scores[k]:.2f}", (round(x0) + 2, max(10, round(y0) + 11)), 0.35)
+            draw_text(view, f"{rec.scores[k]:.2f}", (round(x0) + 2, max(10, round(y0) + 11)), 0.35)
     oy, ox = (tile - nh) // 2, (tile - nw) // 2
     cell[oy : oy + nh, ox : ox + nw] = view
-    _text(cell, f"{rec.image_id}: {rec.file_name[-24:]} ({rec.num_masks})", (4, 12))
+    draw_text(cell, f"{rec.image_id}: {rec.file_name[-24:]} ({rec.num_masks})", (4, 12))
     if note:
-        _text(cell, note[:40], (4, tile - 8))
+        draw_text(cell, note[:40], (4, tile - 8))
     return cell
 
 

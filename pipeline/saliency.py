@@ -1,4 +1,4 @@
-"""Saliency mask proposals (METHOD.md stage one, steps 2-8) as batched tensor functions.
+"""Saliency mask proposals (docs/method.md stage one, steps 2-8) as batched tensor functions.
 
 Input is a padded batch of backbone features ``X`` (B, C, h, w): image ``i`` only covers the
 top-left ``valid_sizes[i]`` cells, the rest is padding whose features are garbage. Every step
@@ -27,7 +27,7 @@ with ``comp_i = max_{k<i} iou_ki``. Note the code *multiplies* by sigma (sigma =
 SOLOv2 paper writes ``exp(-iou^2 / sigma)``; the paper's sigma = 2 setting refers to the code's
 form, which is used here.
 
-Choices where METHOD.md leaves room: a scale-``s`` seed grid has ``floor(n * s)`` (at least 1)
+Choices where docs/method.md leaves room: a scale-``s`` seed grid has ``floor(n * s)`` (at least 1)
 cells per axis and samples the valid crop like ``F.interpolate(size=...)`` (crop mapped onto the
 whole grid); seeds are resized from the raw features, then L2-normalised. Soft maps are
 upsampled in one bilinear step from the cell grid straight to the original image (no
@@ -411,7 +411,7 @@ def propose(
     *,
     prune: bool = True,
 ) -> list[Proposals]:
-    """METHOD.md steps 2-8 for a padded batch; one :class:`Proposals` per image, in order.
+    """docs/method.md steps 2-8 for a padded batch; one :class:`Proposals` per image, in order.
 
     ``features`` (B, C, h, w) from ``Backbone.saliency_features`` of a bottom/right padded batch;
     ``valid_sizes[i]`` = (rows, cols) of cells covering image i (``ceil(resized / stride)``);

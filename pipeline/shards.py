@@ -1,4 +1,4 @@
-"""The shard format (DESIGN.md, schema version 1): one HDF5 file per shard of proposals.
+"""The shard format (docs/architecture.md, schema version 1): one HDF5 file per shard of proposals.
 
 This module owns every name in the format. The proposals driver writes through
 :func:`write_shard`; the inspector and the trainer's dataset read through :class:`ShardReader`

@@ -1,6 +1,6 @@
 """Work units of a distributed proposals run: shards cut into batches that any actor may take.
 
-A shard is the unit of output and of resume (DESIGN.md); it is not a good unit of work: a run
+A shard is the unit of output and resume (docs/architecture.md), not a good unit of work: a run
 with fewer shards than actors leaves actors idle, and the last round of whole shards runs half
 empty. So the Ray executor hands out *pieces*: one backbone batch of one shard, exactly the
 batches the local worker forms (``batch_size`` consecutive images from the shard's start), so a

@@ -1,4 +1,4 @@
-"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels}"""
+"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels,predict,export}"""
 
 import sys
 
@@ -11,6 +11,8 @@ COMMANDS = {
     "compare": "trainer.compare",
     "study": "trainer.study",
     "kernels": "trainer.kernels",
+    "predict": "trainer.predict",
+    "export": "trainer.export",
 }
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
 @dataclass
 class ModelConfig:
-    """The query-based model: K-Net "s3" (METHOD.md stage two) or Mask2Former. Paper sizes by
+    """The query-based model: K-Net "s3" (docs/method.md stage two) or Mask2Former. Paper sizes by
     default. Mask2Former reads num_kernels (its queries), channels, num_heads and ffn_dim too."""
 
     RANGES: ClassVar[dict[str, Range | OneOf]] = {

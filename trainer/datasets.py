@@ -4,7 +4,7 @@
   one mask); masks decoded from the shards' RLE, seeds S_l (fp16 on disk) as float32, labels 0.
 - :class:`CocoDataset`: stage three and evaluation. Category ids mapped to contiguous indices in
   sorted-id order, crowd annotations ignored.
-- :func:`collate` builds the trainer :class:`Batch` (interfaces.md "Trainer batch").
+- :func:`collate` builds the trainer :class:`Batch` (docs/architecture.md "The trainer batch").
 
 Samples are addressed by ``(index, sample_seed)`` keys (:data:`SampleKey`, produced by
 trainer/loader.py's sampler); the augmentation draws only from the key's seed, so a resumed run
@@ -82,7 +82,8 @@ def make_sample(
 
 @dataclass
 class Batch:
-    """The trainer batch (interfaces.md). After :meth:`to` it is exactly the contract:
+    """The trainer batch (docs/architecture.md "The trainer batch"). After :meth:`to` it is
+    exactly the contract:
 
     images: (B,3,Hp,Wp) float32 ImageNet-normalised, zero-padded bottom/right, Hp and Wp
         multiples of the model's size_divisor.
@@ -294,12 +295,15 @@ class CocoDataset(Dataset):
         with_masks: bool = True,
         limits: ImageLimits | None = None,
         allow_outside_root: bool = False,
+        unlabelled_ok: bool = False,
     ):
         ann_file = Path(ann_file)
         if not ann_file.is_file():
             raise UserError(f"annotation file not found: {ann_file}")
         # Validated once for every reader (bad annotations skipped and listed, bad files refused).
-        coco = load_coco_file(ann_file, allow_outside_root=allow_outside_root)
+        coco = load_coco_file(
+            ann_file, allow_outside_root=allow_outside_root, unlabelled_ok=unlabelled_ok
+        )
         data = coco.data
         self.image_root = Path(image_root).expanduser()
         self.limits = limits  # [data] max_image_pixels / max_image_mb; None: the defaults

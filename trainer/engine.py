@@ -1,4 +1,4 @@
-"""The training loop shared by pre-training and fine-tuning (interfaces.md "trainer engine").
+"""The training loop of pre-training and fine-tuning (docs/architecture.md "The training engine").
 
 ``train`` runs a fixed number of iterations over an endless loader with the optimiser and
 learning-rate schedule it is given: gradient clipping, optional mixed precision (bf16 autocast
@@ -366,6 +366,9 @@ def train(
             link_checkpoint(path, last_path)
             last_saved = str(path)
             prune_checkpoints(ckpt_dir, schedule.keep_checkpoints)
+            # The loss plot follows the checkpoints, so a long run can be watched (and a killed
+            # one still has its curves up to the last checkpoint).
+            plot_curves(metrics_path, out_dir / "loss_curves.png")
 
     def run_eval(iteration: int) -> None:
         if is_main:
@@ -494,13 +497,17 @@ def train(
                 and (iteration % eval_every == 0 or iteration == iters)
             ):
                 run_eval(iteration)
+    except KeyboardInterrupt:
+        # Ctrl-C: say what was kept and how to go on (the command prints "interrupted: ...").
+        kept = f"last checkpoint {last_saved}" if last_saved else "no checkpoint saved yet"
+        raise KeyboardInterrupt(f"{kept}; run the same command with --resume to continue") from None
     finally:
         bar.close()
         if writer is not None:
             writer.close()
 
-    if is_main:
-        plot_curves(metrics_path, out_dir / "loss_curves.png")
+    if is_main and not (start < iters):
+        plot_curves(metrics_path, out_dir / "loss_curves.png")  # a finished run re-read
     barrier()
     return {
         "iteration": max(start, iters),

@@ -1,9 +1,10 @@
-"""Evaluate a fine-tuned K-Net, Mask2Former or Mask R-CNN: COCO mask AP, AP50, AP75, APs, APm, APl.
+"""Evaluate a fine-tuned K-Net or Mask2Former: COCO mask AP, AP50, AP75, APs, APm, APl.
 
 ``python -m trainer evaluate --checkpoint CKPT [--out FILE]`` loads a fine-tuning checkpoint and
 scores it on the config's validation set (``data.val_json`` / ``data.val_images``).
 
-Test-time decoding follows K-Net's ``KernelIterHead.simple_test`` (METHOD.md, stage three):
+Test-time decoding follows K-Net's ``KernelIterHead.simple_test`` (docs/method.md, stage three;
+trainer/instances.py):
 the last update stage's class logits (N kernels x C classes) go through a sigmoid and are flattened,
 the top ``max_detections`` (kernel, class) pairs are kept, and each one's mask logits are turned
 into an original-size binary mask: sigmoid, bilinear up-sampling to the padded input size, crop to
@@ -17,10 +18,6 @@ is the sigmoid class probability, as in K-Net. A Mask2Former is scored as Mask2F
 (its ``detection_scores``: softmax class probability without no-object, times the mask score);
 both binarise masks at the same ``test_mask_threshold``.
 
-The Mask R-CNN reference decodes itself (its ``coco_results``): torchvision's detections, boxes
-and masks pasted into the original image by torchvision, binarised at 0.5 as torchvision's
-reference evaluation does; the COCO results and their scoring are the same as for the others.
-
 Detections whose binary mask is empty are dropped: an empty mask matches no object (IoU 0), so it
 cannot change AP, and keeping it would only bloat the results file.
 """
@@ -29,17 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
@@ -48,23 +41,17 @@ from torch.utils.data import DataLoader
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 from pipeline.coco_file import load_coco_file
-from pipeline.config import apply_override, from_dict
 from pipeline.image_files import ImageLimits
-from pipeline.precision import autocast, stage_precision
-from trainer.checkpoint import load_checkpoint, load_matching, model_state, training_config
 from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
+from trainer.instances import Instances, boxes_of, decode
 from trainer.loader import worker_context, worker_init
+from trainer.predictor import Predictor, Settings
 from trainer.transforms import Augment
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # order of COCOeval.stats[0:6]
 
-# Masks are resized in groups of this many, so 100 detections on an 800 x 1333 image never hold
-# 100 full-size float maps at once (~430 MB) on the device.
-_RESIZE_CHUNK = 16
 
-
-@torch.no_grad()
 def image_results(
     class_logits: Tensor,
     mask_logits: Tensor,
@@ -78,72 +65,37 @@ def image_results(
     max_detections: int = 100,
     scores: Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """COCO results for one image from the last stage's predictions.
+    """COCO results for one image from the last stage's predictions (trainer/instances.py).
 
     class_logits: (N, C) logits, N kernels, C classes (C == len(category_ids)).
     mask_logits: (N, h, w) logits on the mask grid (h = Hp / mask_stride, w = Wp / mask_stride).
     input_size: (Hp, Wp) padded network input; image_size: (h_img, w_img) the resized image inside
     it (top-left); orig_size: (H, W) of the image on disk, the frame of the ground truth.
-    scores: (N, C) detection scores when they are not the sigmoid of ``class_logits`` (a model's
-    ``detection_scores``; Mask2Former: softmax without no-object, times the mask score).
+    scores: (N, C) detection scores when they are not the sigmoid of ``class_logits``.
     Returns up to ``max_detections`` dicts {"image_id", "category_id", "segmentation" (compressed
-    RLE, counts as str), "score"}, sorted by score descending, empty masks left out.
+    RLE, counts as str), "bbox", "score"}, sorted by score descending, empty masks left out.
     """
     probs = class_logits.float().sigmoid() if scores is None else scores.float()
-    num_kernels, num_classes = probs.shape
-    if num_classes != len(category_ids):
-        raise ValueError(f"{num_classes} class scores but {len(category_ids)} category ids")
-    flat = probs.flatten()  # (N*C,), kernel-major
-    k = min(max_detections, flat.numel())
-    top_scores, top_index = flat.topk(k, sorted=True)
-    kernels = torch.div(top_index, num_classes, rounding_mode="floor")
-    labels = top_index % num_classes
-
-    h_img, w_img = image_size
-    binary = []
-    for start in range(0, k, _RESIZE_CHUNK):
-        chunk = mask_logits[kernels[start : start + _RESIZE_CHUNK]].float().sigmoid()[None]
-        chunk = F.interpolate(chunk, size=input_size, mode="bilinear", align_corners=False)
-        chunk = chunk[:, :, :h_img, :w_img]  # drop the zero padding (bottom/right)
-        chunk = F.interpolate(chunk, size=orig_size, mode="bilinear", align_corners=False)
-        binary.append((chunk[0] > mask_threshold).cpu())
-    if not binary:
-        return []
-    return encode_detections(
-        torch.cat(binary),
-        top_scores,
-        [category_ids[int(c)] for c in labels],
-        image_id=image_id,
+    if probs.shape[1] != len(category_ids):
+        raise ValueError(f"{probs.shape[1]} class scores but {len(category_ids)} category ids")
+    masks, score, labels, rles = decode(
+        probs,
+        mask_logits,
+        input_size=input_size,
+        image_size=image_size,
+        orig_size=orig_size,
+        mask_threshold=mask_threshold,
+        max_detections=max_detections,
     )
-
-
-def encode_detections(
-    masks: Tensor, scores: Tensor, category_ids: Sequence[int], *, image_id: int
-) -> list[dict[str, Any]]:
-    """COCO results {"image_id", "category_id", "segmentation" (compressed RLE, counts as str),
-    "score"} of k detections: masks (k, H, W) bool at the original image size, scores (k,),
-    one COCO category id each; empty masks are left out, the order is kept."""
-    k = len(category_ids)
-    if k == 0:
-        return []
-    masks = masks.cpu().numpy().astype(np.uint8)  # (k, H, W)
-    # pycocotools wants (H, W, k) in Fortran order.
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-    areas = masks.reshape(k, -1).sum(1)
-    results = []
-    for i in range(k):
-        if areas[i] == 0:
-            continue
-        rle = rles[i]
-        results.append(
-            {
-                "image_id": int(image_id),
-                "category_id": int(category_ids[i]),
-                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
-                "score": float(scores[i]),
-            }
-        )
-    return results
+    found = Instances(
+        masks=masks.astype(bool),
+        boxes=boxes_of(rles),
+        scores=score,
+        labels=labels,
+        category_ids=[int(category_ids[int(c)]) for c in labels],
+        rles=rles,
+    )
+    return found.to_coco(image_id)
 
 
 def coco_mask_metrics(
@@ -186,62 +138,9 @@ def coco_mask_metrics(
     return {name: float(ev.stats[i]) for i, name in enumerate(METRIC_NAMES)}
 
 
-def detection_scores(model: nn.Module, stage: dict[str, Tensor]) -> Tensor:
-    """(B, N, C) detection scores of a prediction: the model's own ``detection_scores`` where
-    it has one (Mask2Former), else the sigmoid class probabilities (K-Net)."""
-    own = getattr(model, "detection_scores", None)
-    return own(stage) if own is not None else stage["logits"].float().sigmoid()
-
-
-def batch_results(
-    model: nn.Module,
-    images: Any,
-    infos: Sequence[dict[str, Any]],
-    category_ids: Sequence[int],
-    mask_threshold: float,
-    max_detections: int,
-) -> list[dict[str, Any]]:
-    """COCO results of one batch: a model with its own decoding (``coco_results``: Mask R-CNN,
-    whose masks torchvision pastes and binarises at 0.5) decodes itself; a query-based model's
-    last stage goes through :func:`image_results`."""
-    own = getattr(model, "coco_results", None)
-    if own is not None:
-        return own(images, infos, category_ids, max_detections)
-    last = model(images)["stages"][-1]
-    last = {k: v.float() if torch.is_tensor(v) else v for k, v in last.items()}
-    with torch.autocast(last["masks"].device.type, enabled=False):  # decode in fp32 whatever
-        return _decode(model, last, images, infos, category_ids, mask_threshold, max_detections)
-
-
-def _decode(model, last, images, infos, category_ids, mask_threshold, max_detections):
-    """:func:`batch_results`' decoding of a query-based model's last stage, image by image."""
-    scores = detection_scores(model, last)
-    results = []
-    for i, info in enumerate(infos):
-        results += image_results(
-            last["logits"][i],
-            last["masks"][i],
-            scores=scores[i],
-            image_id=info["image_id"],
-            category_ids=category_ids,
-            input_size=tuple(images.shape[-2:]),
-            image_size=tuple(info["image_size"]),
-            orig_size=tuple(info["orig_size"]),
-            mask_threshold=mask_threshold,
-            max_detections=max_detections,
-        )
-    return results
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The KNet inside an Objective and/or DistributedDataParallel wrapper."""
-    model = getattr(model, "module", model)
-    return getattr(model, "knet", model)
-
-
 @torch.no_grad()
 def evaluate(
-    knet: nn.Module,
+    knet: nn.Module | Predictor,
     loader: Iterable,
     coco_gt: COCO,
     device: torch.device | str,
@@ -255,53 +154,46 @@ def evaluate(
     inputs: Callable[[torch.Tensor, list[dict]], Any] | None = None,
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """Mask AP of ``knet`` over one pass of ``loader`` against ``coco_gt``.
+    """Mask AP of a model over one pass of ``loader`` against ``coco_gt``.
 
-    knet: a KNet (an Objective or DDP wrapper around one is unwrapped). It is run in eval mode and
-    put back in its previous mode afterwards (the engine calls this in the middle of training).
+    knet: a factory-built model (an Objective or DDP wrapper around one is unwrapped), run through
+    a :class:`trainer.predictor.Predictor` with the settings below (evaluation keeps every
+    detection: no score cut, no NMS), or a ready Predictor (its own settings and classes; the
+    arguments after ``coco_gt`` other than results_path, progress and class_agnostic are then
+    ignored). The model is put back in its previous mode afterwards (the engine calls this in the
+    middle of training).
     loader: finite, yields trainer Batches whose ``infos`` carry "image_id", "orig_size",
-    "image_size", "input_size" (trainer/datasets.py, evaluation Augment: resize only).
+    "image_size" (trainer/datasets.py, evaluation Augment: resize only).
     category_ids: COCO id of each contiguous class; default ``loader.dataset.cat_ids``.
     results_path: where to write the COCO results JSON (optional).
     class_agnostic: score with COCOeval useCats=0 (see :func:`coco_mask_metrics`).
     inputs: as the engine's: batch images -> the model's input (frozen, maybe cached, levels).
-    precision: the forward pass's autocast (pipeline.precision); scores and masks are fp32.
+    precision: the forward pass's autocast (pipeline.precision); decoding runs in fp32.
     Returns METRIC_NAMES (fractions, -1 where pycocotools has no ground truth) plus "images"
     (images evaluated) and "detections" (results kept). Only the images seen are scored.
     """
-    knet = _unwrap(knet)
-    device = torch.device(device)
-    if category_ids is None:
-        category_ids = getattr(getattr(loader, "dataset", None), "cat_ids", None)
+    predictor = knet if isinstance(knet, Predictor) else None
+    if predictor is None:
         if category_ids is None:
-            raise ValueError("category_ids not given and the loader's dataset has no cat_ids")
-    category_ids = [int(c) for c in category_ids]
-    if getattr(knet, "num_classes", len(category_ids)) != len(category_ids):
-        raise UserError(
-            f"the model predicts {knet.num_classes} classes but the evaluation set has "
-            f"{len(category_ids)} categories"
+            category_ids = getattr(getattr(loader, "dataset", None), "cat_ids", None)
+            if category_ids is None:
+                raise ValueError("category_ids not given and the loader's dataset has no cat_ids")
+        settings = Settings(0, 0, mask_threshold=mask_threshold, max_detections=max_detections)
+        cats = [(int(c), str(c)) for c in category_ids]
+        predictor = Predictor(
+            knet, cats, settings, device=device, inputs=inputs, precision=precision
         )
-    was_training = knet.training
-    knet.eval()
     results: list[dict[str, Any]] = []
     seen: list[int] = []
-    try:
-        batches = loader
-        if progress:
-            from tqdm import tqdm
+    batches = loader
+    if progress:
+        from tqdm import tqdm
 
-            batches = tqdm(loader, desc="evaluate", dynamic_ncols=True)
-        for batch in batches:
-            images = batch.images.to(device, non_blocking=device.type == "cuda")
-            if inputs is not None:  # a frozen backbone's levels (trainer.frozen_features)
-                images = inputs(images, batch.infos)
-            seen += [int(info["image_id"]) for info in batch.infos]
-            with autocast(precision, device):
-                results += batch_results(
-                    knet, images, batch.infos, category_ids, mask_threshold, max_detections
-                )
-    finally:
-        knet.train(was_training)
+        batches = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True)
+    for batch in batches:
+        for info, found in zip(batch.infos, predictor.predict_batch(batch)):
+            seen.append(int(info["image_id"]))
+            results += found.to_coco(info["image_id"])
     if not seen:
         raise UserError("the evaluation loader yielded no image")
     if results_path is not None:
@@ -317,7 +209,7 @@ def load_coco(path: str | Path) -> COCO:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"annotation file not found: {path}")
-    return load_coco_file(path, quiet=True).to_coco()
+    return load_coco_file(path, quiet=True, unlabelled_ok=True).to_coco()
 
 
 def check_categories(checkpoint: Path, trained: Any, val_json: str, scored: list) -> None:
@@ -384,6 +276,7 @@ def build_eval_loader(
         with_masks=False,
         limits=ImageLimits.from_data(cfg.data),
         allow_outside_root=cfg.data.allow_outside_root,
+        unlabelled_ok=True,  # images only: detections are written, nothing is scored
     )
     if store is not None:
         from trainer.feature_cache import CachedDataset
@@ -432,76 +325,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.backbones import build_backbone
     from trainer.distributed import init_distributed
     from trainer.eval_inputs import check_output, check_validation_images, validation_error
     from trainer.feature_cache import cache_dir, frozen_inputs
-    from trainer.model.factory import build_model
 
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else default_output(path, args.class_agnostic)
     check_output(out)  # before any work: a folder that cannot take the result is refused now
-    state = load_checkpoint(path)
-    raw, num_classes = training_config(state, path)
-    raw = copy.deepcopy(raw)
-    for assignment in args.overrides:
-        apply_override(raw, assignment)
-    cfg = from_dict(Config, raw)
+    predictor = Predictor.from_checkpoint(path, device=init_distributed(), overrides=args.overrides)
+    cfg = predictor.config
     if args.batch_size > 0:
         cfg.finetune.batch_size = args.batch_size
     coco_gt = load_coco(cfg.data.val_json)
     check_validation_images(cfg, coco_gt.dataset)
-    device = init_distributed()
-    knet = build_model(cfg.model, build_backbone(cfg.backbone), int(num_classes))
-    # strict: every tensor must fit (a frozen backbone is filled in from backbone.weights)
-    load_matching(knet, model_state(state, knet, path), allowed_skips=())
-    knet.to(device)
     # A checkpoint's backbone is frozen here: evaluation reads the same levels as training did,
     # from the feature cache when finetune.feature_cache is on.
     _, frozen, store = frozen_inputs(
-        knet.backbone,
+        predictor.model.backbone,
         enabled=cfg.finetune.feature_cache,
         cache_dir=cache_dir(cfg, cfg.finetune),
         stage="finetune",
         datasets=[],
-        precision=stage_precision(cfg.finetune, device, "finetune"),
+        precision=predictor.precision,
     )
-    loader = build_eval_loader(cfg, knet.size_divisor, store=store)
-    category_ids = list(loader.dataset.cat_ids)
+    predictor.inputs = frozen
+    loader = build_eval_loader(cfg, predictor.model.size_divisor, store=store)
+    scored = list(loader.dataset.categories)
     if not args.class_agnostic:
-        check_categories(
-            path, state.get("categories"), cfg.data.val_json, loader.dataset.categories
-        )
-    if args.class_agnostic and len(category_ids) != int(num_classes):
+        check_categories(path, predictor.recorded_categories, cfg.data.val_json, scored)
+    if len(scored) == len(predictor.categories):
+        predictor.categories = scored
+    else:  # class-agnostic only (checked above otherwise)
         # A pre-training checkpoint predicts one "object" class: label its detections with the
         # first category; useCats=0 makes the label irrelevant to the score.
-        category_ids = [category_ids[0]] * int(num_classes)
+        predictor.categories = [scored[0]] * len(predictor.categories)
+    segm = out.with_name(out.stem + "-segm.json")
     try:
         metrics = evaluate(
-            knet,
+            predictor,
             loader,
             coco_gt,
-            device,
-            category_ids=category_ids,
-            mask_threshold=cfg.finetune.test_mask_threshold,
-            max_detections=cfg.finetune.max_detections,
-            results_path=out.with_name(out.stem + "-segm.json"),
+            predictor.device,
+            results_path=segm,
             progress=True,
             class_agnostic=args.class_agnostic,
-            inputs=frozen,
-            precision=stage_precision(cfg.finetune, device, "finetune"),
         )
     except UserError as e:
         raise validation_error(e) from None
     report = {
         "checkpoint": str(path),
-        "iteration": state.get("iteration"),
+        "iteration": predictor.iteration,
         "val_json": cfg.data.val_json,
         "class_agnostic": args.class_agnostic,
         "metrics": metrics,
     }
     write_json(out, report)
+    if not coco_gt.dataset.get("annotations"):
+        # Nothing to score against: say where the detections are instead of a table of "n/a".
+        print(
+            f"{cfg.data.val_json} has no annotations, so there is nothing to score: "
+            f"{int(metrics['detections'])} detections on {int(metrics['images'])} images are "
+            f"in {segm} (python -m trainer predict also draws them)"
+        )
+        return 0
     print(format_table({path.name: metrics}))
     print(f"metrics: {out}")
-    print(f"detections: {out.with_name(out.stem + '-segm.json')}")
+    print(f"detections: {segm}")
     return 0

@@ -216,9 +216,18 @@ def frozen_inputs(
 
 
 def cache_dir(cfg: Any, section: Any) -> Path:
-    """A stage's cache folder: its ``feature_cache_dir``, else runs/<name>/feature-cache (shared
-    by pre-training, fine-tuning and evaluation: same backbone, same images, same entries)."""
-    return Path(section.feature_cache_dir or f"runs/{cfg.name}/feature-cache")
+    """A stage's cache folder: its ``feature_cache_dir`` when set; else runs/<name>/feature-cache
+    for a run folder inside runs/<name>/ (the default layout, compare and study: pre-training,
+    fine-tuning and evaluation share it, same backbone, same images, same entries); else
+    ``feature-cache`` beside the run folder, so a run sent elsewhere with ``--out`` writes
+    nothing into runs/ of the current directory."""
+    if section.feature_cache_dir:
+        return Path(section.feature_cache_dir)
+    shared = Path(f"runs/{cfg.name}")
+    out = Path(section.out or shared / "run")
+    if out.resolve().is_relative_to(shared.resolve()):
+        return shared / "feature-cache"
+    return out.parent / "feature-cache"
 
 
 def describe(store: FeatureStore | None) -> str:

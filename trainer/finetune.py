@@ -42,6 +42,7 @@ from trainer.config import Config, load_config
 from trainer.evaluate import format_table
 from trainer.feature_cache import cache_dir, describe, frozen_inputs
 from trainer.finetune_eval import make_eval_fn, no_eval, summarise
+from trainer.optim import fit_schedule
 from trainer.resume import check_resume, refuse_existing
 from trainer.splits import write_split
 
@@ -77,10 +78,9 @@ def resolve(
         ft.frac = frac
     if not 0.0 < ft.frac <= 1.0:
         raise UserError(f"--frac must be in (0, 1], got {ft.frac}")
-    if iters is not None:
-        if iters < 1:
-            raise UserError(f"--iters must be >= 1, got {iters}")
-        ft.iters = iters
+    note = fit_schedule(ft, "finetune", iters)
+    if note:
+        print(note, file=sys.stderr)
     if split_file is not None:
         ft.split_file = split_file
     if split_fold is not None:
@@ -252,8 +252,9 @@ def _finetune(
         record_run(out, resolved, argv)
         write_json(out / "init.json", init)
         say(
-            f"finetune: {split['num_images']} of {split['total_images']} training images "
-            f"({ft.frac:g}, {split['method']}), {len(dataset)} with objects, "
+            f"finetune: {split['num_images']} of the {split['total_images']} images of "
+            f"{cfg.data.train_json} ({split['method']}; frac {ft.frac:g} = --frac or "
+            f"finetune.frac, 1.0 for all), {len(dataset)} with objects, "
             f"{dataset.num_classes} classes; batch {ft.batch_size} x {world} process(es) on "
             f"{device}; {ft.iters} iterations -> {out}",
             file=sys.stderr,
@@ -276,7 +277,8 @@ def _finetune(
         resume=resume,
         config=resolved,
         eval_fn=eval_fn,
-        desc=f"finetune {out.name}",
+        # The folder's name already says "finetune" in the default layout (finetune-0.05).
+        desc=out.name if "finetune" in out.name else f"finetune {out.name}",
         inputs=frozen,
     )
     if rank != 0:

@@ -75,6 +75,9 @@ def make_eval_fn(
     coco_gt = load_coco(cfg.data.val_json)
     check_validation_images(cfg, coco_gt.dataset)
 
+    # The last evaluation's detections stay beside metrics.json (COCO results, pycocotools).
+    final = Path(ft.out) / "detections-val.json" if ft.out else None
+
     def eval_fn(iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
         try:
@@ -88,6 +91,7 @@ def make_eval_fn(
                 max_detections=ft.max_detections,
                 inputs=frozen,
                 precision=stage_precision(ft, device, "finetune"),
+                results_path=final if iteration == ft.iters else None,
             )
         except UserError as e:  # one line, not the loader worker's traceback
             raise validation_error(e) from None

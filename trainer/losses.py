@@ -1,6 +1,6 @@
 """K-Net's set criterion: Hungarian assignment per stage; mask, Dice, class and semantic losses.
 
-Assignment (METHOD.md stage two): the initial stage is matched on its own initial masks; update
+Assignment (docs/method.md stage two): the initial stage is matched on its own initial masks; update
 stage i is matched on the *previous* stage's detached predictions (stage 1 on the initial masks,
 without a class cost, so it reuses the initial assignment; stage i > 1 on stage i-1's masks and
 class logits). Unmatched kernels are background.

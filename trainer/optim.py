@@ -9,6 +9,7 @@ torchvision recipe, [maskrcnn]).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,3 +99,39 @@ def optimizer_from_section(
         optimizer, section.warmup_iters, section.warmup_ratio, section.lr_steps, section.lr_gamma
     )
     return optimizer, scheduler
+
+
+def fit_schedule(section: Any, stage: str, iters: int | None) -> str:
+    """Apply a command's ``--iters`` to a config section so its lr schedule never runs flat.
+
+    The warm-up and lr_steps are written for ``section.iters``. A shorter ``--iters`` that cuts
+    into them scales both by iters / section.iters (the schedule keeps its shape), and the
+    returned note says so; a schedule that still reaches past the run's end (set that way, e.g.
+    ``--set pretrain.iters=120`` with steps at 220 and 280) is a UserError naming lr_steps.
+    Returns "" when nothing was changed.
+    """
+    note = ""
+    if iters is not None:
+        if iters < 1:
+            raise UserError(f"--iters must be >= 1, got {iters}")
+        configured = int(section.iters)
+        beyond = any(s > iters for s in section.lr_steps) or section.warmup_iters > iters
+        if iters < configured and beyond:
+            factor = iters / configured
+            steps = [max(1, min(iters - 1, round(s * factor))) for s in section.lr_steps]
+            warmup = min(iters - 1, round(section.warmup_iters * factor))
+            note = (
+                f"{stage}: --iters {iters} is shorter than {stage}.iters = {configured}, so the "
+                f"lr schedule is scaled by {factor:.3g}: lr_steps {list(section.lr_steps)} -> "
+                f"{steps}, warmup_iters {section.warmup_iters} -> {warmup}"
+            )
+            section.lr_steps, section.warmup_iters = steps, warmup
+        section.iters = iters
+    late = [s for s in section.lr_steps if s > section.iters]
+    if late:
+        raise UserError(
+            f"{stage}.lr_steps {list(section.lr_steps)} lie past {stage}.iters = "
+            f"{section.iters}, so the learning rate would never decay: set {stage}.lr_steps, "
+            "or shorten the run with --iters, which scales them"
+        )
+    return note

@@ -3,7 +3,7 @@
     python -m trainer pretrain [--shards DIR] [--out DIR] [--iters N] [--resume]
 
 Reads the proposal shards (default runs/<name>/proposals), builds the frozen backbone and the
-class-agnostic K-Net objective (METHOD.md stage two), and trains it with the shared engine.
+class-agnostic K-Net objective (docs/method.md stage two), and trains it with the shared engine.
 Writes runs/<name>/pretrain/{config.toml, metrics.jsonl, tensorboard/, checkpoints/,
 loss_curves.png}. With --resume it continues exactly from checkpoints/last.pt.
 """
@@ -39,7 +39,7 @@ from trainer.distributed import dist_info, init_distributed, shutdown_distribute
 from trainer.engine import Schedule, latest_checkpoint, train
 from trainer.feature_cache import cache_dir, describe, frozen_inputs
 from trainer.loader import build_loader
-from trainer.optim import optimizer_from_section
+from trainer.optim import fit_schedule, optimizer_from_section
 from trainer.resume import check_resume
 from trainer.transforms import Augment
 
@@ -313,10 +313,9 @@ def shards_folder(cfg: Config, given: str | None = None) -> Path:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     p = cfg.pretrain
-    if args.iters is not None:
-        if args.iters < 1:
-            raise UserError(f"--iters must be >= 1, got {args.iters}")
-        p.iters = args.iters
+    note = fit_schedule(p, "pretrain", args.iters)
+    if note:
+        print(note, file=sys.stderr)
     shards = shards_folder(cfg, args.shards)
     out = Path(args.out or p.out or f"runs/{cfg.name}/pretrain")
     p.shards, p.out = str(shards), str(out)

@@ -1,4 +1,4 @@
-"""Saliency prompts, prompt-kernel matching and kernel supervision (METHOD.md stage two).
+"""Saliency prompts, prompt-kernel matching and kernel supervision (docs/method.md stage two).
 
 Prompts. For pseudo mask l with box b_l (input pixels, x1/y1 exclusive), P_l is the mean of the
 coarsest pyramid level P5 over the cells the box covers on P5's grid (stride read from the model:

@@ -1,6 +1,6 @@
 """Low-data splits: a fixed, seeded subset of the training *images*, each with all its annotations.
 
-Two ways to choose the images (METHOD.md, stage three):
+Two ways to choose the images (docs/method.md, stage three):
 
 - ``seeded_image_ids``: our own split. The images are ordered by COCO id, permuted by a NumPy
   generator seeded with ``seed``, and the first ``floor(frac * N)`` taken. Because it is a prefix

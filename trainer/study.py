@@ -59,6 +59,7 @@ from trainer.compare import (
 )
 from trainer.config import Config, load_config
 from trainer.finetune import NO_INIT
+from trainer.optim import fit_schedule
 from trainer.pretrain_record import pretrain_summary, pretrain_table
 from trainer.results import write_report
 
@@ -185,7 +186,9 @@ def study(
     chosen = parse_variants(cfg.compare.variants if variants is None else variants)
     if pretrain_iters is not None:
         cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain))
-        cfg.pretrain.iters = pretrain_iters
+        note = fit_schedule(cfg.pretrain, "pretrain", pretrain_iters)
+        if note:
+            print(note, file=sys.stderr)
     folder = Path(out) if out else default_folder(cfg, frac, "study")
     tuned = folder / "finetune"
     rows: dict[str, list[dict[str, Any]]] = {}

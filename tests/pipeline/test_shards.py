@@ -79,7 +79,7 @@ def test_round_trip_all_fields(tmp_path):
     # settings given as a dict are stored as sorted-key JSON
     assert meta["settings"] == '{"scales": [1.0, 0.5], "top_k": 20}'
 
-    with h5py.File(path, "r") as f:  # the DESIGN.md names and dtypes, exactly
+    with h5py.File(path, "r") as f:  # the docs/architecture.md names and dtypes, exactly
         dtypes = {
             "images/image_id": np.int64,
             "images/height": np.int32,

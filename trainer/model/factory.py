@@ -1,13 +1,13 @@
 """The model is a choice, not a fork: ``model.kind`` picks K-Net, Mask2Former or the Mask R-CNN
 reference, and its criterion.
 
-Every query-based model takes the backbone, returns the output contract ("init", "stages" with
-"masks", "logits", "kernels", and "pyramid"), exposes strides, mask_stride, size_divisor,
-num_classes and num_kernels, and lists in ``CLASS_LAYER_PREFIXES`` the parameters whose shape
-depends on the class count. Everything else (engine, prompts, kernel supervision, checkpoints,
-evaluation) serves both through that contract. Mask R-CNN (trainer/model/maskrcnn.py) shares the
-attributes, not the contract: it computes its own losses (no criterion, no prompts) and decodes its
-own COCO results; fine-tuning, evaluation, compare and study take it like the others.
+Every query-based model takes the backbone, returns the output contract of docs/architecture.md
+("init", "stages" with "masks", "logits", "kernels", and "pyramid"), exposes strides, mask_stride,
+size_divisor, num_classes and num_kernels, and lists in ``CLASS_LAYER_PREFIXES`` the parameters
+whose shape depends on the class count. Everything else (engine, prompts, kernel supervision,
+checkpoints, evaluation) serves both through that contract. Mask R-CNN (trainer/model/maskrcnn.py)
+shares the attributes, not the contract: it computes its own losses (no criterion, no prompts) and
+decodes its own COCO results; fine-tuning, evaluation, compare and study take it like the others.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -203,28 +204,21 @@ class MaskRCNNReference(nn.Module):
         return {**rpn_losses, **roi_losses} if self.training else detections
 
     @torch.no_grad()
-    def coco_results(
-        self,
-        images: Tensor | BackboneLevels,
-        infos: Sequence[dict[str, Any]],
-        category_ids: Sequence[int],
-        max_detections: int,
-    ) -> list[dict[str, Any]]:
-        """COCO results of a batch: torchvision's detections, boxes and masks taken back to each
-        image's original size by its transform's postprocess, masks binarised at 0.5."""
-        from trainer.evaluate import encode_detections
-
+    def detect(
+        self, images: Tensor | BackboneLevels, infos: Sequence[dict[str, Any]]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image (masks (K, H, W) bool, scores (K,), contiguous labels (K,)), best first, at
+        the original size: torchvision's detections taken back by its transform's postprocess,
+        masks binarised at 0.5 (as torchvision's paste does). The Predictor selects from them."""
         sizes = [tuple(int(v) for v in info["image_size"]) for info in infos]
         originals = [tuple(int(v) for v in info["orig_size"]) for info in infos]
         detections = self.forward(images, image_sizes=sizes)
         detections = self.detector.transform.postprocess(detections, sizes, originals)
-        results = []
-        for info, det in zip(infos, detections):
-            keep = det["scores"].argsort(descending=True)[:max_detections]
-            results += encode_detections(
-                det["masks"][keep, 0] > MASK_THRESHOLD,
-                det["scores"][keep],
-                [int(category_ids[int(c) - 1]) for c in det["labels"][keep]],
-                image_id=int(info["image_id"]),
-            )
-        return results
+        out = []
+        for det in detections:
+            order = det["scores"].float().argsort(descending=True)
+            masks = (det["masks"][order, 0].float() > MASK_THRESHOLD).cpu().numpy()
+            scores = det["scores"][order].float().cpu().numpy()
+            labels = (det["labels"][order] - 1).cpu().numpy()  # torchvision's 0 is background
+            out.append((masks, scores, labels))
+        return out

@@ -24,7 +24,9 @@ def attention_mask(mask_logits: Tensor, size: tuple[int, int], heads: int) -> Te
     may NOT attend (outside its mask), all False for a query whose resized mask is empty."""
     resized = F.interpolate(mask_logits.float(), size=size, mode="bilinear", align_corners=False)
     blocked = resized.flatten(2).sigmoid() < 0.5  # (B, N, S)
-    blocked[blocked.all(dim=-1)] = False  # empty mask: attend everywhere
+    # Empty mask: attend everywhere. A logical and, not an indexed write, so the ONNX graph has
+    # no Where on booleans (onnxruntime has no kernel for it).
+    blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
     return blocked.repeat_interleave(heads, dim=0)
 
 

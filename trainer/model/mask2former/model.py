@@ -6,7 +6,7 @@ one per layer). A ResNet's C2..C5 go into the pixel decoder as they are (it has 
 projections, as published); a ViT's single level first becomes four through the ViTDet simple
 feature pyramid (strides 3.5..28), as for K-Net.
 
-Output contract (DESIGN.md, shared with K-Net): "init" and "stages" hold "masks" (B, N, h, w)
+Output contract (docs/architecture.md; as K-Net's): "init" and "stages" hold "masks" (B, N, h, w)
 logits on the mask grid (stride ``mask_stride``), "logits" (B, N, C + 1) with a last no-object
 column, and "kernels" (B, N, D) query embeddings; "pyramid" holds P2..P5 (the pixel decoder's
 four outputs, finest first), whose coarsest level the prompts pool from.
