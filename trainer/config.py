@@ -328,6 +328,15 @@ LATER_DEFAULTS: dict[str, Any] = {
     "pretrain.compile": False,
     "finetune.precision": "fp32",
     "finetune.compile": False,
+    "pretrain.partial_shards": False,
+    "proposals.precision": "fp32",
+    "proposals.compile": False,
+    # Stage one's clean-up switches, off: the paper's form, which older shards were made in.
+    "proposals.keep_component": False,
+    "proposals.piece_share": 0.5,
+    "proposals.split_share": 0.0,
+    "proposals.hole_share": 0.0,
+    "proposals.dup_iou": 1.0,
 }
 # Keys (dotted) or whole sections that one model kind alone reads: left out when configs of
 # another kind are compared, so adding one never makes older runs of the other kinds differ.
