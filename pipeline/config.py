@@ -292,7 +292,7 @@ class PipelineConfig:
 
 
 # Sections owned by trainer/config.py: tolerated (not validated) by stage-one commands.
-TRAINER_SECTIONS = ("model", "pretrain", "finetune", "compare")
+TRAINER_SECTIONS = ("model", "pretrain", "finetune", "maskrcnn", "compare")
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
