@@ -82,3 +82,13 @@ def test_resume_into_another_model_names_the_checkpoint(tmp_path):
     other = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(UserError, match="cannot resume from .*last.pt: it does not fit"):
         _run(tmp_path, 4, resume=True, objective=other)
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_resume_and_the_plot_is_already_there(tmp_path):
+    def interrupted(iteration: int) -> dict[str, float]:
+        raise KeyboardInterrupt  # Ctrl-C during the evaluation after iteration 2's checkpoint
+
+    with pytest.raises(KeyboardInterrupt, match=r"last checkpoint .*iter_0000002\.pt.*--resume"):
+        _run(tmp_path, 6, eval_fn=interrupted)
+    # The loss plot follows the checkpoints, so the interrupted run has its curves.
+    assert (tmp_path / "loss_curves.png").is_file()

@@ -109,7 +109,8 @@ def test_evaluate_on_a_file_without_annotations_says_where_the_detections_went(p
     root, ckpt, _ = project
     coco = json.loads((root / "data" / "annotations" / "instances_val.json").read_text())
     bare = tmp_path / "images-only.json"
-    bare.write_text(json.dumps({"images": coco["images"], "categories": coco["categories"]}))
+    images_only = {"images": coco["images"], "categories": coco["categories"], "annotations": []}
+    bare.write_text(json.dumps(images_only))
     out = tmp_path / "e.json"
     code, stdout, err = run_cli(
         "evaluate", "--checkpoint", str(ckpt), "--out", str(out),
