@@ -111,6 +111,11 @@ def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
     if problems:
         # The first problem is enough to fix; the key is named with its section.
         raise ConfigError(f"{where}.{problems[0]}" if where else problems[0])
+    if getattr(section, "precision", None) == "auto":
+        from pipeline.precision import auto_precision
+
+        # Resolved once, here, so that a run's config.toml and fingerprints record what ran.
+        section.precision = auto_precision()
     return section
 
 

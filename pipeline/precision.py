@@ -4,7 +4,8 @@ Both stages spend their time in matrix products and convolutions, which a CPU wi
 (AVX512_BF16 or AMX) runs about 1.5x faster in bf16 than in fp32 (docs/benchmarks.md). Autocast
 keeps reductions, norms and losses in fp32 and runs the products in bf16, so the code paths stay
 the same and a precision is one setting (``proposals.precision``, ``pretrain.precision``,
-``finetune.precision``). ``"fp16"`` (with loss scaling) exists on CUDA only.
+``finetune.precision``). ``"fp16"`` (with loss scaling) exists on CUDA only; ``"auto"`` picks bf16
+where the device runs it natively and fp32 elsewhere, once, when the config is loaded.
 
 On a CPU without native bf16, oneDNN emulates it, which is slower than fp32: asking for bf16
 there is a one-line error instead of a silent slow-down.
@@ -37,6 +38,15 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def auto_precision(device: torch.device | str | None = None) -> str:
+    """What ``precision = "auto"`` means on ``device`` (default: where a stage runs): bf16 on a
+    GPU that supports it or a CPU with native bf16, where it is the faster path, else fp32."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def default_device() -> torch.device:
     """Where a stage runs when nothing else is said: the first GPU, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,7 +55,7 @@ def default_device() -> torch.device:
 def check_precision(precision: str, device: torch.device | str, key: str) -> str:
     """``precision`` if ``device`` can run it, else a UserError naming ``key``."""
     device = torch.device(device)
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS or precision == "auto":  # "auto" is resolved at load time
         raise UserError(f"{key} = {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"{key} = 'fp16' needs a CUDA device; on a CPU use 'bf16' or 'fp32'")

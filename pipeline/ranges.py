@@ -63,8 +63,9 @@ class OneOf:
         return value in self.choices
 
 
-# Numeric precisions a stage may run in (pipeline.precision checks the device can).
-PRECISIONS = ("fp32", "bf16", "fp16")
+# Numeric precisions a stage may run in (pipeline.precision checks the device can); "auto" is
+# resolved when the config is loaded: bf16 where the device runs it natively, else fp32.
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 # The rules most keys need, named for readability in the sections.
 AT_LEAST_ONE = Range(lo=1)

@@ -145,3 +145,18 @@ def test_pretrain_refuses_bf16_without_native_support(tmp_path, monkeypatch):
     )
     assert code == 2 and "pretrain.precision" in err
     assert not (tmp_path / "pt" / "checkpoints").exists()
+
+
+def test_auto_is_resolved_when_the_config_is_loaded(tmp_path, monkeypatch):
+    """ "auto" never reaches a run: the loaded config holds bf16 or fp32, as the CPU allows, so a
+    run's config.toml and the shards' fingerprint record what ran."""
+    from pipeline.config import load_pipeline_config
+    from trainer.config import load_config
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('[proposals]\nprecision = "auto"\n[finetune]\nprecision = "auto"\n')
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision_mod, "cpu_has_native_bf16", lambda n=native: n)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert load_pipeline_config(toml)[0].proposals.precision == expected
+        assert load_config(toml).finetune.precision == expected
