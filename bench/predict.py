@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.images import list_images
-from trainer.evaluate import build_eval_loader, evaluate, load_coco
-from trainer.predict import predict_images
-from trainer.predictor import Predictor
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.images import list_images  # noqa: E402
+from trainer.evaluate import build_eval_loader, evaluate, load_coco  # noqa: E402
+from trainer.predict import predict_images  # noqa: E402
+from trainer.predictor import Predictor  # noqa: E402
 
 
 def main() -> None:
