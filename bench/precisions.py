@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from bench.flops import cpu_peak_gflops
 from pipeline.proposal_worker import ProposalWorker
 
@@ -46,4 +48,20 @@ def batch_size_runs(cfg, items: list, precision: str, sizes: list[int], bare: Ca
         worker = ProposalWorker(cfg.backbone, pcfg, "unused")
         rows[str(size)] = bare(worker, items, len(items))["images_per_s"]
         del worker
+    return {"precision": precision, "images_per_s": rows}
+
+
+def thread_runs(cfg, items: list, precision: str, counts: list[int], bare: Callable) -> dict:
+    """(6) bare backbone throughput at each torch thread count (the config's batch size)."""
+    before = torch.get_num_threads()
+    rows = {}
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            pcfg = dataclasses.replace(cfg.proposals, precision=precision)
+            worker = ProposalWorker(cfg.backbone, pcfg, "unused", threads=n)
+            rows[str(n)] = bare(worker, items, len(items))["images_per_s"]
+            del worker
+    finally:
+        torch.set_num_threads(before)
     return {"precision": precision, "images_per_s": rows}

@@ -17,7 +17,8 @@ Measured in one run, on one device, with the config's batch size (ratios, never 
    end-to-end loop's main thread;
 6. (1) and (2) again for every ``--precisions`` entry (``fp32``, ``bf16``, ``bf16:compile``...),
    each as a ratio to the first, with the backbone's achieved GFLOP/s against the CPU's peak
-   (bench/flops.py), and (1) at every ``--batch-sizes`` entry (bf16 where asked).
+   (bench/flops.py), and (1) at every ``--batch-sizes`` entry and ``--threads`` count (in the
+   last precision setting).
 (3)-(5) run with the config's own precision.
 """
 
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.flops import step_flops  # noqa: E402
-from bench.precisions import batch_size_runs, precision_runs  # noqa: E402
+from bench.precisions import batch_size_runs, precision_runs, thread_runs  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
@@ -327,6 +328,7 @@ def main() -> int:
     p.add_argument("--no-ray", action="store_true", help="skip (3)")
     p.add_argument("--precisions", default="fp32,bf16", help="settings for (6), '' to skip")
     p.add_argument("--batch-sizes", default="", help="batch sizes for (6), e.g. 4,8,16")
+    p.add_argument("--threads", default="", help="torch thread counts for (6), e.g. 1,2")
     p.add_argument("--note", default="", help="how the machine was shared, for the record")
     p.add_argument("--out", default="bench/results/proposals.json")
     p.add_argument("--_rss-child", dest="rss_child", action="store_true", help=argparse.SUPPRESS)
@@ -386,6 +388,9 @@ def main() -> int:
             report["batch_sizes"] = batch_size_runs(
                 cfg, bench_items, settings[-1], sizes, bare_backbone
             )
+        if args.threads:
+            counts = [int(s) for s in args.threads.split(",")]
+            report["threads"] = thread_runs(cfg, bench_items, settings[-1], counts, bare_backbone)
 
     bare = report["bare_backbone"]["images_per_s"]
     e2e = report["end_to_end_local"]["images_per_s"]
@@ -427,6 +432,8 @@ def main() -> int:
             f"{bare['gflops']:.0f} GFLOP/s), end-to-end {e2e['images_per_s']:.2f} img/s "
             f"(x{e2e['ratio']:.2f}; x{row['end_to_end_over_bare']:.2f} of bare)"
         )
+    if "threads" in report:
+        print(f"  threads: {report['threads']}")
     if "batch_sizes" in report:
         print(f"  batch sizes: {report['batch_sizes']}")
     return 0
