@@ -14,7 +14,11 @@ from trainer.config import load_config
 
 
 def _one_line(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line]
+    """The error, which must be one line; the note that a short --iters scales the lr schedule
+    (printed before any check) is not part of it."""
+    lines = [
+        line for line in stderr.strip().splitlines() if line and " is shorter than " not in line
+    ]
     assert len(lines) == 1, stderr
     return lines[0]
 
