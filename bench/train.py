@@ -179,7 +179,7 @@ def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup
         "other_share": max(0.0, 1 - sum(shares.values())),
         "cache_hit_rate": hit_rate,
         "peak_memory_mib": peak / 2**20,
-        "cache": store.stats() if store is not None else None,
+        "cache_store": store.stats() if store is not None else None,
     }
 
 
