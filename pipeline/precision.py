@@ -86,9 +86,9 @@ def effective_precision(precision: str, amp: bool | str, device: torch.device | 
 
 
 def stage_precision(section: object, device: torch.device | str, stage: str) -> str:
-    """The precision a training section (``pretrain``, ``finetune``) runs in on ``device``, from its
-    ``precision`` and older ``amp`` keys; a UserError naming ``<stage>.precision`` when the device
-    cannot run it."""
+    """The precision a training section (``pretrain``, ``finetune``, or the engine's Schedule built
+    from one) runs in on ``device``, from its ``precision`` and older ``amp`` keys; a UserError
+    naming ``<stage>.precision`` when the device cannot run it."""
     amp = getattr(section, "amp", False)
     wanted = effective_precision(getattr(section, "precision", "fp32"), amp, device)
     return check_precision(wanted, device, f"{stage}.precision")

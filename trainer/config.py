@@ -329,15 +329,23 @@ LATER_DEFAULTS: dict[str, Any] = {
     "finetune.precision": "fp32",
     "finetune.compile": False,
     "pretrain.partial_shards": False,
-    "proposals.precision": "fp32",
-    "proposals.compile": False,
-    # Stage one's clean-up switches, off: the paper's form, which older shards were made in.
-    "proposals.keep_component": False,
-    "proposals.piece_share": 0.5,
-    "proposals.split_share": 0.0,
-    "proposals.hole_share": 0.0,
-    "proposals.dup_iou": 1.0,
 }
+# Stage one's precision and clean-up switches, at their defaults: fp32 and the paper's form, which
+# older shards and runs were made with (the values are ProposalConfig's own, not repeated here).
+LATER_DEFAULTS.update(
+    {
+        f"proposals.{key}": getattr(ProposalConfig(), key)
+        for key in (
+            "precision",
+            "compile",
+            "keep_component",
+            "piece_share",
+            "split_share",
+            "hole_share",
+            "dup_iou",
+        )
+    }
+)
 # Keys (dotted) or whole sections that one model kind alone reads: left out when configs of
 # another kind are compared, so adding one never makes older runs of the other kinds differ.
 KIND_ONLY = {"maskrcnn": ("model.roi_samples", "maskrcnn")}

@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from pipeline.cli import UserError
-from pipeline.precision import autocast, check_precision, effective_precision
+from pipeline.precision import autocast, stage_precision
 from trainer.checkpoint import (
     capture_rng_state,
     link_checkpoint,
@@ -269,9 +269,7 @@ def train(
     is_main = rank == 0
     objective.to(device)
 
-    precision = check_precision(
-        effective_precision(schedule.precision, amp, device), device, "precision"
-    )
+    precision = stage_precision(schedule, device, "training")
     if amp and precision == "fp32" and is_main:
         warnings.warn("amp is used on CUDA only (precision = 'bf16' on a CPU); fp32", stacklevel=2)
     if schedule.compile:

@@ -78,6 +78,8 @@ def make_eval_fn(
     # The last evaluation's detections stay beside metrics.json (COCO results, pycocotools).
     final = Path(ft.out) / "detections-val.json" if ft.out else None
 
+    precision = stage_precision(ft, device, "finetune")  # checked once, not per evaluation
+
     def eval_fn(iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
         try:
@@ -90,7 +92,7 @@ def make_eval_fn(
                 mask_threshold=ft.test_mask_threshold,
                 max_detections=ft.max_detections,
                 inputs=frozen,
-                precision=stage_precision(ft, device, "finetune"),
+                precision=precision,
                 results_path=final if iteration == ft.iters else None,
             )
         except UserError as e:  # one line, not the loader worker's traceback
