@@ -17,7 +17,7 @@ from pipeline.config import ProposalConfig
 from pipeline.precision import check_precision, effective_precision
 from pipeline.shard_plan import compute_fingerprint
 from tests.pipeline.test_proposals import _images
-from trainer.config import with_later_defaults
+from trainer.config_compat import with_later_defaults
 from trainer.feature_cache import FeatureStore
 from trainer.resume import meaning_changes
 

@@ -33,7 +33,8 @@ from typing import Any
 
 from pipeline.cli import UserError
 from pipeline.config import dump_toml
-from trainer.config import Config, comparable, load_config
+from trainer.config import Config, load_config
+from trainer.config_compat import comparable
 from trainer.finetune import NO_INIT, check_init, finetune, init_record, resolve
 from trainer.results import write_report
 

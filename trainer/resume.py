@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.cli import UserError
 from trainer.checkpoint import load_latest, load_matching, model_state
-from trainer.config import comparable
+from trainer.config_compat import comparable
 
 # Dotted config keys (or section prefixes) that change what a run is, per stage.
 MEANING_KEYS = {

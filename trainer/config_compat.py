@@ -1,0 +1,67 @@
+"""How configs of runs made at different times are compared (``compare``/``study`` reuse and
+``--resume``): keys added after runs existed read as the value those runs were made with, and keys
+one model kind alone reads are left out of another kind's comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import ProposalConfig
+
+# Keys added after run folders existed, at the value that reproduces those runs. A config recorded
+# before a key existed reads as holding this value, so older runs still resume and are reused.
+LATER_DEFAULTS: dict[str, Any] = {
+    "pretrain.precision": "fp32",
+    "pretrain.compile": False,
+    "finetune.precision": "fp32",
+    "finetune.compile": False,
+    "pretrain.partial_shards": False,
+}
+# Stage one's precision and clean-up switches, at their defaults: fp32 and the paper's form, which
+# older shards and runs were made with (the values are ProposalConfig's own, not repeated here).
+LATER_DEFAULTS.update(
+    {
+        f"proposals.{key}": getattr(ProposalConfig(), key)
+        for key in (
+            "precision",
+            "compile",
+            "keep_component",
+            "piece_share",
+            "split_share",
+            "hole_share",
+            "dup_iou",
+        )
+    }
+)
+# Keys (dotted) or whole sections that one model kind alone reads: left out when configs of
+# another kind are compared, so adding one never makes older runs of the other kinds differ.
+KIND_ONLY = {"maskrcnn": ("model.roi_samples", "maskrcnn")}
+
+
+def with_later_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config (nested dict) with every missing :data:`LATER_DEFAULTS` key filled in,
+    in place; returns it."""
+    for dotted, value in LATER_DEFAULTS.items():
+        section, key = dotted.split(".")
+        if isinstance(recorded.get(section), dict):
+            recorded[section].setdefault(key, value)
+    return recorded
+
+
+def comparable(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config (nested dict) as runs are compared: later keys filled in
+    (:func:`with_later_defaults`) and other kinds' own keys (:data:`KIND_ONLY`) removed; in place,
+    returns it."""
+    with_later_defaults(tree)
+    kind = tree.get("model", {}).get("kind", "knet")
+    for owner, names in KIND_ONLY.items():
+        if owner == kind:
+            continue
+        for name in names:
+            section, _, key = name.partition(".")
+            if key:
+                tree.get(section, {}).pop(key, None)
+            else:
+                tree.pop(section, None)
+    return tree
