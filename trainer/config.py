@@ -83,6 +83,8 @@ class ModelConfig:
         "oversample": Range(lo=1),
         "importance": FRACTION,
         "roi_samples": AT_LEAST_ONE,
+        "test_score": OneOf(("auto", "class", "maskness")),
+        "test_nms_iou": FRACTION,
     }
 
     def cross_checks(self) -> list[str]:
@@ -136,6 +138,13 @@ class ModelConfig:
     # Mask R-CNN only (trainer/model/maskrcnn.py): RoIs sampled per image for its box and mask
     # losses, a quarter of them positive at most (torchvision's box_batch_size_per_image).
     roi_samples: int = 512
+    # Inference of the query-based kinds (trainer/model/scoring.py): the detection score "class"
+    # (class probability alone), "maskness" (times the mean foreground probability inside the
+    # query's mask, as stage one ranks pseudo masks), or "auto" = the published choice (K-Net
+    # class, Mask2Former maskness); and greedy mask NMS at this IoU after decoding (0: off, as
+    # both models publish).
+    test_score: str = "auto"
+    test_nms_iou: float = 0.0
 
 
 @dataclass

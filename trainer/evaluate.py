@@ -46,7 +46,7 @@ from trainer.config import Config
 from trainer.datasets import CocoDataset, Collate
 from trainer.instances import Instances, boxes_of, decode
 from trainer.loader import worker_context, worker_init
-from trainer.predictor import Predictor, Settings
+from trainer.predictor import Predictor, Settings, unwrap
 from trainer.transforms import Augment
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # order of COCOeval.stats[0:6]
@@ -178,7 +178,13 @@ def evaluate(
             category_ids = getattr(getattr(loader, "dataset", None), "cat_ids", None)
             if category_ids is None:
                 raise ValueError("category_ids not given and the loader's dataset has no cat_ids")
-        settings = Settings(0, 0, mask_threshold=mask_threshold, max_detections=max_detections)
+        settings = Settings(
+            0,
+            0,
+            mask_threshold=mask_threshold,
+            max_detections=max_detections,
+            nms_iou=getattr(unwrap(knet), "test_nms_iou", 0.0),  # the model's inference rule
+        )
         cats = [(int(c), str(c)) for c in category_ids]
         predictor = Predictor(
             knet, cats, settings, device=device, inputs=inputs, precision=precision

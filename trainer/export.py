@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from pipeline.cli import UserError
 from trainer.datasets import Collate
-from trainer.predictor import Predictor, detection_scores
+from trainer.model.scoring import detection_scores
+from trainer.predictor import Predictor
 from trainer.transforms import pad_to
 
 OPSET = 17

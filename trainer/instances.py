@@ -74,7 +74,7 @@ def mask_nms(rles: list[dict], scores: np.ndarray, labels: np.ndarray, iou: floa
     for i in order:
         same = [j for j in kept if labels[j] == labels[i]]
         if same:
-            overlap = mask_util.iou([rles[j] for j in same], [rles[i]], [0] * len(same))
+            overlap = mask_util.iou([rles[j] for j in same], [rles[i]], [0])  # one gt: iscrowd (1,)
             if float(np.max(overlap)) > iou:
                 continue
         kept.append(int(i))

@@ -57,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-detections", type=int, default=None, help="default: finetune.max_detections"
     )
     parser.add_argument(
-        "--mask-nms", type=float, default=0.0, metavar="IOU", help="per-class mask NMS (0: off)"
+        "--mask-nms",
+        type=float,
+        default=None,
+        metavar="IOU",
+        help="per-class mask NMS (0: off; default: the checkpoint's model.test_nms_iou)",
     )
     parser.add_argument("--short-side", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--max-side", type=int, default=None, help="default: the checkpoint's")
@@ -98,7 +102,7 @@ def _check_settings(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0.0 <= args.score_threshold <= 1.0 or not 0.0 <= args.mask_nms <= 1.0:
+    if not 0.0 <= args.score_threshold <= 1.0 or not 0.0 <= (args.mask_nms or 0.0) <= 1.0:
         raise UserError("--score-threshold and --mask-nms must lie in [0, 1]")
 
 

@@ -32,6 +32,7 @@ from trainer.checkpoint import load_checkpoint, load_matching, model_state, trai
 from trainer.config import Config
 from trainer.datasets import Batch, Collate, make_sample
 from trainer.instances import Instances, boxes_of, decode, select
+from trainer.model.scoring import detection_scores
 from trainer.transforms import Augment
 
 AGNOSTIC_NAME = "object"
@@ -52,14 +53,6 @@ class Settings:
     max_detections: int = 100
     score_threshold: float = 0.0
     nms_iou: float = 0.0
-
-
-def detection_scores(model: nn.Module, stage: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, N, C) detection scores of a prediction: the model's own ``detection_scores`` where
-    it has one (Mask2Former: softmax without no-object, times the mask score), else the sigmoid
-    class probabilities (K-Net, whose score is the class probability alone)."""
-    own = getattr(model, "detection_scores", None)
-    return own(stage) if own is not None else stage["logits"].float().sigmoid()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -169,6 +162,7 @@ class Predictor:
             "max_side": section.max_side,
             "mask_threshold": cfg.finetune.test_mask_threshold,
             "max_detections": cfg.finetune.max_detections,
+            "nms_iou": cfg.model.test_nms_iou,
         }
         chosen.update({k: v for k, v in settings.items() if v is not None})
         predictor = cls(

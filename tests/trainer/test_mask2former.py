@@ -17,6 +17,7 @@ from trainer.model.mask2former.masked_attention import CrossAttentionLayer, atte
 from trainer.model.mask2former.model import Mask2Former
 from trainer.model.mask2former.pixel_decoder import DeformablePixelDecoder, FPNPixelDecoder
 from trainer.model.objective import build_objective
+from trainer.model.scoring import detection_scores
 
 # A Mask2Former small enough for CPU tests: 6 queries of width 16, 4 decoder layers (so the
 # layers wrap around the three scales), one deformable encoder layer, 64 points.
@@ -61,7 +62,7 @@ def test_output_contract(backbone_cls, size, strides, pixel_decoder):
     assert [tuple(p.shape[1:]) for p in out["pyramid"]] == [
         (16, int(size / s), int(size / s)) for s in strides
     ]
-    scores = model.detection_scores(out["stages"][-1])
+    scores = detection_scores(model, out["stages"][-1])
     assert scores.shape == (2, 6, 3) and bool(((scores >= 0) & (scores <= 1)).all())
 
 
@@ -207,7 +208,7 @@ def test_detection_scores_multiply_class_and_mask_scores():
     logits = torch.log(torch.tensor([[[0.6, 0.3, 0.1]]]))  # 2 classes + no-object
     masks = torch.full((1, 1, 2, 2), -20.0)
     masks[0, 0, 0, :] = torch.logit(torch.tensor(0.8))  # two cells at 0.8, two at ~0
-    scores = model.detection_scores({"logits": logits, "masks": masks})
+    scores = detection_scores(model, {"logits": logits, "masks": masks})
     torch.testing.assert_close(scores[0, 0], torch.tensor([0.6 * 0.8, 0.3 * 0.8]))
 
 

@@ -48,13 +48,14 @@ def build_model(cfg: ModelConfig, backbone: Backbone, num_classes: int) -> nn.Mo
         from trainer.model.maskrcnn import MaskRCNNReference
 
         return MaskRCNNReference(backbone, cfg, num_classes)
-    if cfg.kind == "mask2former":
-        from trainer.model.mask2former.model import Mask2Former
-
-        return Mask2Former(backbone, cfg, num_classes)
     from trainer.model.knet import KNet
+    from trainer.model.mask2former.model import Mask2Former
+    from trainer.model.scoring import set_inference
 
-    return KNet(backbone, cfg, num_classes)
+    model_class = Mask2Former if cfg.kind == "mask2former" else KNet
+    model = model_class(backbone, cfg, num_classes)
+    set_inference(model, cfg.kind, cfg.test_score, cfg.test_nms_iou)
+    return model
 
 
 def point_sampling(cfg: ModelConfig) -> PointSampling | None:

@@ -131,13 +131,8 @@ class Mask2Former(nn.Module):
         init, stages = self.decoder(mask_features, scales, hook)
         return {"init": init, "stages": stages, "pyramid": pyramid}
 
-    @torch.no_grad()
-    def detection_scores(self, stage: dict[str, Tensor]) -> Tensor:
-        """A prediction's (B, N, C) detection scores, as Mask2Former's instance inference: the
-        class probability (softmax without the no-object column) times the mask score, the mean
-        probability inside the predicted mask (sigmoid > 0.5) on the mask grid."""
-        probs = stage["logits"].float().softmax(-1)[..., :-1]
-        masks = stage["masks"].float().sigmoid().flatten(2)
-        inside = (masks > 0.5).to(masks.dtype)
-        mask_score = (masks * inside).sum(-1) / (inside.sum(-1) + 1e-6)
-        return probs * mask_score[..., None]
+    def class_probabilities(self, stage: dict[str, Tensor]) -> Tensor:
+        """(B, N, C) class probabilities of a prediction, as Mask2Former's instance inference reads
+        them: the softmax without the no-object column. The detection score multiplies them by
+        the mask score (trainer/model/scoring.py, ``model.test_score`` "auto" = "maskness")."""
+        return stage["logits"].float().softmax(-1)[..., :-1]
