@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEPS := "ray[data]" h5py "opencv-python-headless<5" pycocotools tqdm scipy timm tensorboard \
         scikit-image onnx onnxruntime matplotlib pillow pytest ruff
 
-.PHONY: install data proposals inspect pretrain finetune predict compare study demo test bench lint format clean
+.PHONY: install data proposals inspect teacher pretrain finetune predict compare study demo test bench lint format clean
 
 install: $(STAMP)
 
@@ -53,6 +53,15 @@ IMAGES ?= data/demo/val
 predict: $(STAMP)
 	$(PY) -m trainer predict --checkpoint $(CKPT) --images $(IMAGES) --render $(ARGS)
 
+# The teacher on the val images: stage one over them (runs/<name>/proposals-val), scored against their
+# ground truth. Pre-training reads it to draw its learner-vs-teacher curve (pretext.png).
+VAL_JSON ?= data/demo/annotations/instances_val.json
+VAL_IMAGES ?= data/demo/val
+teacher: $(STAMP)
+	$(PY) -m pipeline proposals --config $(CONFIG) --images $(VAL_JSON) --image-root $(VAL_IMAGES) \
+		--out $(RUN)/proposals-val $(ARGS)
+	$(PY) -m pipeline inspect --config $(CONFIG) $(RUN)/proposals-val --gt $(VAL_JSON)
+
 compare: $(STAMP)
 	$(PY) -m trainer compare --config $(CONFIG) --frac $(FRAC) $(ARGS)
 
@@ -75,6 +84,7 @@ demo: $(STAMP)
 	$(PY) -m pipeline proposals --config $(CONFIG)
 	$(PY) -m pipeline inspect --config $(CONFIG) $(RUN)/proposals --gt data/demo/annotations/instances_train.json \
 		--render $(RUN)/proposals/render --max-render 32
+	$(MAKE) --no-print-directory teacher CONFIG=$(CONFIG)
 	$(PY) -m trainer pretrain --config $(CONFIG) --resume
 	$(PY) -m trainer compare --config $(CONFIG) --frac $(FRAC) --seeds 0
 	@echo "demo: one fine-tuning seed per init. The multi-seed result with the paper's ablations: make study FRAC=$(FRAC) (about 100 min on 2 cores)"

@@ -156,6 +156,12 @@ class PretrainConfig:
         "prompt_slots": AT_LEAST_ONE,
         "prompt_keep": FRACTION,
         "ks_decorrelation": NON_NEGATIVE,
+        "holdout": Range(lo=0, hi=0.5),
+        "holdout_seed": SEED,
+        "eval_every": NON_NEGATIVE,
+        "pseudo_min_score": FRACTION,
+        "pseudo_max_masks": NON_NEGATIVE,
+        "pseudo_min_area": FRACTION,
     }
 
     shards: str = ""  # empty = runs/<name>/proposals
@@ -198,6 +204,21 @@ class PretrainConfig:
     # only kernels move) or "frozen_orthogonal" (a fixed random orthogonal projection).
     ks_target: str = "linear"
     ks_decorrelation: float = 0.0  # weight of the mean squared pairwise cosine of the t_l
+    # Pretext fit during pre-training (trainer/pretext.py): a seeded share of the unlabelled pool
+    # (by a hash of each file name, so the same on resume and across shard layouts) is held out
+    # of training; every eval_every iterations the model is scored class-agnostically against
+    # those images' pseudo masks, against the val ground truth when data.val_json is set, and
+    # the teacher (the pseudo masks of teacher_val, stage one over the val images; default
+    # runs/<name>/proposals-val when it exists) against the same ground truth.
+    holdout: float = 0.05
+    holdout_seed: int = 0
+    eval_every: int = 1000
+    teacher_val: str = ""
+    # Which pseudo masks are targets (trainer/datasets.py): at least this score, at most this many
+    # per image (best first, 0: all) and at least this share of the image's area.
+    pseudo_min_score: float = 0.0
+    pseudo_max_masks: int = 0
+    pseudo_min_area: float = 0.0
 
 
 @dataclass

@@ -19,6 +19,14 @@ LATER_DEFAULTS: dict[str, Any] = {
     "pretrain.partial_shards": False,
     "model.test_score": "auto",
     "model.test_nms_iou": 0.0,
+    # Pre-training before the held-out pretext fit and the pseudo-mask selection existed.
+    "pretrain.holdout": 0.0,
+    "pretrain.holdout_seed": 0,
+    "pretrain.eval_every": 0,
+    "pretrain.teacher_val": "",
+    "pretrain.pseudo_min_score": 0.0,
+    "pretrain.pseudo_max_masks": 0,
+    "pretrain.pseudo_min_area": 0.0,
 }
 # Stage one's precision and clean-up switches, at their defaults: fp32 and the paper's form, which
 # older shards and runs were made with (the values are ProposalConfig's own, not repeated here).

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,12 +190,43 @@ def proposals_image_root(folder: str | Path) -> Path | None:
     return Path(train_images).expanduser() if train_images else None
 
 
+def _text(name: Any) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@dataclass(frozen=True)
+class PseudoMaskSelection:
+    """Which of an image's pseudo masks are targets: score >= ``min_score``, the best
+    ``max_masks`` (0: all) and area >= ``min_area`` of the image. The default keeps all."""
+
+    min_score: float = 0.0
+    max_masks: int = 0
+    min_area: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.min_score > 0 or self.max_masks > 0 or self.min_area > 0
+
+    def keep(self, record: Any) -> np.ndarray:
+        """Indices of ``record``'s masks (sorted by score, best first) that are targets."""
+        keep = np.flatnonzero(np.asarray(record.scores) >= self.min_score)
+        if self.min_area > 0 and keep.size:
+            size = [record.height, record.width]
+            areas = mask_utils.area([{"size": size, "counts": record.rles[k]} for k in keep])
+            keep = keep[np.asarray(areas) >= self.min_area * record.height * record.width]
+        return keep[: self.max_masks] if self.max_masks > 0 else keep
+
+
 class ShardDataset(Dataset):
     """Pseudo-mask samples from a proposals folder (pipeline/shards.py), one per usable image.
 
     Images whose status is not OK (no mask survived, unreadable) are skipped when the index is
     built; ``skipped`` counts them by status. Each shard is read through its own
     :class:`ShardReader`, closed after indexing so each DataLoader worker opens its own handle.
+
+    ``keep_image(file_name) -> bool`` restricts the images (the pretext hold-out,
+    trainer/pretext.py); ``selection`` picks the target masks, and an image left with none is
+    skipped too (counted under ``no_selected_mask``).
 
     A sample's target: masks (L,h,w) uint8, boxes (L,4), labels (L,) all 0, seeds (L,C) float32.
     """
@@ -206,6 +237,9 @@ class ShardDataset(Dataset):
         augment: Augment,
         image_root: str | Path | None = None,
         limits: ImageLimits | None = None,
+        *,
+        keep_image: Callable[[str], bool] | None = None,
+        selection: PseudoMaskSelection = PseudoMaskSelection(),
     ):
         self.folder = Path(folder)
         self.limits = limits  # [data] max_image_pixels / max_image_mb; None: the defaults
@@ -226,19 +260,38 @@ class ShardDataset(Dataset):
         self.file_bytes: dict[str, int] = inputs.get("file_bytes", {})
         self.recorded_root = Path(inputs.get("image_root") or root)
         self.augment = augment
+        self.selection = selection
         self.metas = [read_meta(p) for p in paths]
         self.readers = [ShardReader(p) for p in paths]
         self.index: list[tuple[int, int]] = []  # (shard, record) of every usable image
-        self.skipped: dict[int, int] = {}
+        self.names: list[str] = []  # their file names, in the same order
+        self.skipped: dict[int | str, int] = {}
         for s, reader in enumerate(self.readers):
-            table = reader.image_table()  # status and mask counts only, no mask is read
+            self.index += self._usable(s, reader, keep_image)
             reader.close()  # no handle may cross a fork into the workers
-            usable = (table["status"] == STATUS_OK) & (table["mask_count"] > 0)
-            self.index += [(s, int(r)) for r in np.flatnonzero(usable)]
-            for status in table["status"][~usable].tolist():
-                self.skipped[int(status)] = self.skipped.get(int(status), 0) + 1
         if not self.index:
             raise UserError(f"{self.folder}: no image has a proposal mask (all empty/unreadable)")
+
+    def _usable(
+        self, s: int, reader: ShardReader, keep_image: Callable[[str], bool] | None
+    ) -> list[tuple[int, int]]:
+        """(shard, record) of shard ``s``'s images that have targets, counting the others."""
+        table = reader.image_table()  # status and mask counts only, no mask is read
+        usable = (table["status"] == STATUS_OK) & (table["mask_count"] > 0)
+        for status in table["status"][~usable].tolist():
+            self.skipped[int(status)] = self.skipped.get(int(status), 0) + 1
+        rows = [int(r) for r in np.flatnonzero(usable)]
+        names = [_text(n) for n in table["file_name"]]
+        if keep_image is not None:
+            rows = [r for r in rows if keep_image(names[r])]
+        if self.selection.active:
+            chosen = [r for r in rows if self.selection.keep(reader.record(r)).size]
+            lost = len(rows) - len(chosen)
+            if lost:
+                self.skipped["no_selected_mask"] = self.skipped.get("no_selected_mask", 0) + lost
+            rows = chosen
+        self.names += [names[r] for r in rows]
+        return [(s, r) for r in rows]
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -255,10 +308,13 @@ class ShardDataset(Dataset):
         path = self.image_root / record.file_name
         check_image_file(path, record.file_name, self.file_bytes, self.recorded_root)
         image = _load_image(path, record.height, record.width, self.limits)
-        masks = record.decode_masks()
+        masks, seeds = record.decode_masks(), record.seeds
+        if self.selection.active:
+            keep = self.selection.keep(record)
+            masks, seeds = masks[keep], seeds[keep]
         labels = np.zeros(masks.shape[0], np.int64)  # class-agnostic pre-training
         info = {"image_id": record.image_id, "file_name": record.file_name}
-        return make_sample(image, masks, labels, record.seeds, self.augment, rng, info)
+        return make_sample(image, masks, labels, seeds, self.augment, rng, info)
 
 
 # --------------------------------------------------------------------------------------------

@@ -284,14 +284,23 @@ def build_eval_loader(
         allow_outside_root=cfg.data.allow_outside_root,
         unlabelled_ok=True,  # images only: detections are written, nothing is scored
     )
+    workers = ft.num_workers if num_workers is None else num_workers
+    return ordered_loader(dataset, size_divisor, ft.batch_size, num_workers=workers, store=store)
+
+
+def ordered_loader(
+    dataset: Any, size_divisor: int, batch_size: int, *, num_workers: int, store: Any | None
+) -> DataLoader:
+    """One ordered pass over an evaluation dataset (read through the frozen-feature cache
+    ``store`` when given), batched into trainer Batches."""
     if store is not None:
         from trainer.feature_cache import CachedDataset
 
         dataset = CachedDataset(dataset, store)
-    workers = ft.num_workers if num_workers is None else num_workers
+    workers = num_workers
     return DataLoader(
         dataset,
-        batch_size=ft.batch_size,
+        batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=Collate(size_divisor),

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 from pipeline.config import apply_override, from_dict
 from trainer.checkpoint import load_checkpoint, load_matching, model_state, training_config
@@ -107,6 +108,35 @@ def kernel_statistics(
         "mean": (total / images).cpu().numpy(),
         "centres": torch.cat(centres).numpy(),
         "images": images,
+    }
+
+
+def collapse_summary(stats: dict[str, Any], active_share: float = 0.05) -> dict[str, float]:
+    """How many kernels do distinct work: ``active`` kernels give a confident mask on at least
+    ``active_share`` of the images; ``centre_spread`` is the standard deviation of all confident
+    centres (x and y averaged, in image fractions: near 0 when every kernel predicts one central
+    blob); ``mean_map_cosine`` the mean pairwise cosine of the active kernels' mean maps (near 1
+    when they are copies of each other)."""
+    mean, centres, images = stats["mean"], stats["centres"], max(int(stats["images"]), 1)
+    counts = (
+        np.bincount(centres[:, 0].astype(np.int64), minlength=mean.shape[0])
+        if len(centres)
+        else np.zeros(mean.shape[0], np.int64)
+    )
+    active = np.flatnonzero(counts >= active_share * images)
+    spread = float(centres[:, 1:].std(axis=0).mean()) if len(centres) > 1 else 0.0
+    cosine = float("nan")
+    if len(active) > 1:
+        flat = mean[active].reshape(len(active), -1)
+        flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+        sim = flat @ flat.T
+        cosine = float(sim[~np.eye(len(active), dtype=bool)].mean())
+    return {
+        "kernels": int(mean.shape[0]),
+        "active": int(len(active)),
+        "confident_masks_per_image": float(len(centres) / images),
+        "centre_spread": spread,
+        "mean_map_cosine": cosine,
     }
 
 
@@ -230,10 +260,14 @@ def run(args: argparse.Namespace) -> int:
         s = kernel_statistics(model, loader, device, canvas=args.canvas, threshold=args.threshold)
         np.savez(out / f"kernels-{label}.npz", **s)
         draw_grids({label: s}, out / f"kernels-{label}.png")
+        summary = collapse_summary(s)
+        write_json(out / f"kernels-{label}.json", summary)
         stats[label] = s
         print(
             f"kernels: {label}: {s['mean'].shape[0]} kernels over {s['images']} images, "
-            f"{len(s['centres'])} confident masks -> {out / f'kernels-{label}.png'}"
+            f"{len(s['centres'])} confident masks, {summary['active']} kernels active on >= 5% "
+            f"of the images, centre spread {summary['centre_spread']:.3f}, mean-map cosine "
+            f"{summary['mean_map_cosine']:.2f} -> {out / f'kernels-{label}.png'}"
         )
     if len(stats) > 1:
         png = draw_grids(stats, out / "kernels-side-by-side.png")

@@ -34,12 +34,13 @@ from pipeline.run_folder import claim_run_folder
 from pipeline.shards import list_shards
 from trainer.checkpoint import load_latest
 from trainer.config import Config, load_config
-from trainer.datasets import ShardDataset
+from trainer.datasets import PseudoMaskSelection, ShardDataset
 from trainer.distributed import dist_info, init_distributed, shutdown_distributed
 from trainer.engine import Schedule, latest_checkpoint, train
 from trainer.feature_cache import cache_dir, describe, frozen_inputs
 from trainer.loader import build_loader
 from trainer.optim import fit_schedule, optimizer_from_section
+from trainer.pretext import Pretext, held_out
 from trainer.resume import check_resume
 from trainer.transforms import Augment
 
@@ -129,6 +130,7 @@ class Pretraining:
     """Everything stage two trains with, built from a config (the command and bench/train.py)."""
 
     dataset: Any  # ShardDataset, wrapped by the feature cache when it is on
+    heldout: Any  # ShardDataset of the held-out images (resize only), or None (trainer/pretext.py)
     objective: Any
     loader: Any
     optimizer: torch.optim.Optimizer
@@ -151,7 +153,29 @@ def build_pretraining(
     torch.manual_seed(p.seed)
 
     augment = Augment(p.short_side, p.max_side, flip=p.flip)
-    dataset = ShardDataset(shards, augment, image_root, ImageLimits.from_data(cfg.data))
+    limits = ImageLimits.from_data(cfg.data)
+    selection = PseudoMaskSelection(p.pseudo_min_score, p.pseudo_max_masks, p.pseudo_min_area)
+
+    def in_holdout(name: str) -> bool:
+        return held_out(name, p.holdout, p.holdout_seed)
+
+    dataset = ShardDataset(
+        shards,
+        augment,
+        image_root,
+        limits,
+        keep_image=lambda name: not in_holdout(name),
+        selection=selection,
+    )
+    heldout = None
+    if p.holdout > 0:
+        resize_only = Augment(p.short_side, p.max_side)
+        try:
+            heldout = ShardDataset(
+                shards, resize_only, image_root, limits, keep_image=in_holdout, selection=selection
+            )
+        except UserError:  # no held-out image has a pseudo mask (a tiny pool): no fit to score
+            heldout = None
     backbone = build_backbone(cfg.backbone)
     notes = check_shards(dataset, backbone, cfg)
     try:
@@ -186,7 +210,9 @@ def build_pretraining(
         setting="pretrain.batch_size",
     )
     optimizer, scheduler = optimizer_from_section(objective, p)
-    return Pretraining(dataset, objective, loader, optimizer, scheduler, frozen, store, notes)
+    return Pretraining(
+        dataset, heldout, objective, loader, optimizer, scheduler, frozen, store, notes
+    )
 
 
 def run_pretrain(
@@ -245,7 +271,9 @@ def _pretrain(
         check_pinned_shards(out, shards, pins["shards_digest"])
     if rank == 0:
         record_run(out, resolved, argv)
-        skipped = ", ".join(f"{n} with status {s}" for s, n in sorted(dataset.skipped.items()))
+        skipped = ", ".join(
+            f"{n} with status {s}" for s, n in sorted(dataset.skipped.items(), key=str)
+        )
         print(
             f"pretrain: {len(dataset)} images from {len(dataset.metas)} shards in {shards}, "
             f"pixels from {dataset.image_root}"
@@ -256,6 +284,7 @@ def _pretrain(
         for note in built.notes:
             print(f"pretrain: note: {note}", file=sys.stderr)
         print(f"pretrain: {describe(store)}", file=sys.stderr)
+    pretext = Pretext.start(cfg, built, device, out, rank)
     try:
         result = train(
             objective,
@@ -270,11 +299,14 @@ def _pretrain(
             desc="pretrain",
             inputs=built.frozen,
             pins=pins,
+            eval_fn=pretext.eval_fn,
         )
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
     shutdown_distributed()
+    if rank == 0:
+        result["pretext"] = pretext.finish(result)
     return {**result, "rank": rank}
 
 

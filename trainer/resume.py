@@ -44,6 +44,8 @@ MEANING_KEYS = {
         "pretrain.prompt_slots",
         "pretrain.ks_target",
         "pretrain.precision",
+        "pretrain.holdout",
+        "pretrain.pseudo_",
     ),
 }
 

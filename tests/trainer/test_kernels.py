@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -131,3 +132,23 @@ def test_a_huge_canvas_is_refused_before_any_work(tmp_path):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--canvas must be in [2, 1024]" in lines[0]
     assert not (tmp_path / "k").exists()
+
+
+def test_collapse_summary_tells_copies_from_distinct_kernels():
+    from trainer.kernels import collapse_summary
+
+    blob = np.zeros((4, 8, 8), np.float32)
+    blob[:, 3:5, 3:5] = 1  # four copies of one central blob
+    centres = np.array([[k, 0.5, 0.5] for k in range(4) for _ in range(5)], np.float32)
+    copies = collapse_summary({"mean": blob, "centres": centres, "images": 10})
+    assert copies["active"] == 4 and copies["centre_spread"] == 0.0
+    assert copies["mean_map_cosine"] == pytest.approx(1.0)
+    corners = np.zeros((4, 8, 8), np.float32)
+    for k, (y, x) in enumerate([(0, 0), (0, 6), (6, 0), (6, 6)]):
+        corners[k, y : y + 2, x : x + 2] = 1
+    spots = np.array([[k, 0.1 + 0.8 * (k % 2), 0.1 + 0.8 * (k // 2)] for k in range(4)])
+    distinct = collapse_summary({"mean": corners, "centres": spots, "images": 10})
+    assert distinct["mean_map_cosine"] == pytest.approx(0.0)
+    assert distinct["centre_spread"] > 0.3
+    rare = collapse_summary({"mean": corners, "centres": spots[:1], "images": 100})
+    assert rare["active"] == 0  # one confident mask in 100 images is below 5%
