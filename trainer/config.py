@@ -83,6 +83,7 @@ class ModelConfig:
         "oversample": Range(lo=1),
         "importance": FRACTION,
         "roi_samples": AT_LEAST_ONE,
+        "criterion_form": OneOf(("mask2former", "knet")),
     }
 
     def cross_checks(self) -> list[str]:
@@ -136,6 +137,11 @@ class ModelConfig:
     # Mask R-CNN only (trainer/model/maskrcnn.py): RoIs sampled per image for its box and mask
     # losses, a quarter of them positive at most (torchvision's box_batch_size_per_image).
     roi_samples: int = 512
+    # The set criterion's mask-cost and Dice forms (trainer/matcher.py, docs/method.md) for
+    # either model: "mask2former" (mean-BCE mask cost, +1-smoothed Dice; what both models used
+    # before the switch existed) or "knet" (K-Net's published linear mask cost and V-Net Dice with
+    # squared terms, for the matching cost and the Dice loss). The mask loss stays BCE in both.
+    criterion_form: str = "mask2former"
 
 
 @dataclass
@@ -147,6 +153,7 @@ class PretrainConfig:
         "prompt_slots": AT_LEAST_ONE,
         "prompt_keep": FRACTION,
         "ks_decorrelation": NON_NEGATIVE,
+        "drop_loss_iou": FRACTION,
     }
 
     shards: str = ""  # empty = runs/<name>/proposals
@@ -189,6 +196,10 @@ class PretrainConfig:
     # only kernels move) or "frozen_orthogonal" (a fixed random orthogonal projection).
     ks_target: str = "linear"
     ks_decorrelation: float = 0.0  # weight of the mean squared pairwise cosine of the t_l
+    # CutLER's DropLoss (trainer/drop_loss.py): an unmatched kernel whose predicted mask has IoU
+    # below this with every pseudo mask gets no background class loss, at every stage with a
+    # class loss; 0 = off (the paper's behaviour), CutLER uses 0.01.
+    drop_loss_iou: float = 0.0
 
 
 @dataclass

@@ -17,6 +17,8 @@ LATER_DEFAULTS: dict[str, Any] = {
     "finetune.precision": "fp32",
     "finetune.compile": False,
     "pretrain.partial_shards": False,
+    "model.criterion_form": "mask2former",
+    "pretrain.drop_loss_iou": 0.0,
 }
 # Stage one's precision and clean-up switches, at their defaults: fp32 and the paper's form, which
 # older shards and runs were made with (the values are ProposalConfig's own, not repeated here).
