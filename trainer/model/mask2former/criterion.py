@@ -48,7 +48,7 @@ def no_object_class_loss(
     for b, (rows, cols) in enumerate(assignments):
         classes[b, rows] = labels[b][cols]
     logits = class_logits.float().transpose(1, 2)
-    if dropped is None:
+    if dropped is None or not bool(dropped.any()):  # nothing dropped: exactly the plain loss
         return F.cross_entropy(logits, classes, weight=class_weight)
     terms = F.cross_entropy(logits, classes, weight=class_weight, reduction="none")  # (B, N)
     return terms.masked_fill(dropped, 0.0).sum() / class_weight[classes].sum()
