@@ -85,6 +85,7 @@ class ModelConfig:
         "roi_samples": AT_LEAST_ONE,
         "test_score": OneOf(("auto", "class", "maskness")),
         "test_nms_iou": FRACTION,
+        "criterion_form": OneOf(("mask2former", "knet")),
     }
 
     def cross_checks(self) -> list[str]:
@@ -145,6 +146,11 @@ class ModelConfig:
     # both models publish).
     test_score: str = "auto"
     test_nms_iou: float = 0.0
+    # The set criterion's mask-cost and Dice forms (trainer/matcher.py, docs/method.md) for
+    # either model: "mask2former" (mean-BCE mask cost, +1-smoothed Dice; what both models used
+    # before the switch existed) or "knet" (K-Net's published linear mask cost and V-Net Dice with
+    # squared terms, for the matching cost and the Dice loss). The mask loss stays BCE in both.
+    criterion_form: str = "mask2former"
 
 
 @dataclass
@@ -162,6 +168,7 @@ class PretrainConfig:
         "pseudo_min_score": FRACTION,
         "pseudo_max_masks": NON_NEGATIVE,
         "pseudo_min_area": FRACTION,
+        "drop_loss_iou": FRACTION,
     }
 
     shards: str = ""  # empty = runs/<name>/proposals
@@ -219,6 +226,10 @@ class PretrainConfig:
     pseudo_min_score: float = 0.0
     pseudo_max_masks: int = 0
     pseudo_min_area: float = 0.0
+    # CutLER's DropLoss (trainer/drop_loss.py): an unmatched kernel whose predicted mask has IoU
+    # below this with every pseudo mask gets no background class loss, at every stage with a
+    # class loss; 0 = off (the paper's behaviour), CutLER uses 0.01.
+    drop_loss_iou: float = 0.0
 
 
 @dataclass

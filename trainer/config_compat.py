@@ -27,6 +27,8 @@ LATER_DEFAULTS: dict[str, Any] = {
     "pretrain.pseudo_min_score": 0.0,
     "pretrain.pseudo_max_masks": 0,
     "pretrain.pseudo_min_area": 0.0,
+    "model.criterion_form": "mask2former",
+    "pretrain.drop_loss_iou": 0.0,
 }
 # Stage one's precision and clean-up switches, at their defaults: fp32 and the paper's form, which
 # older shards and runs were made with (the values are ProposalConfig's own, not repeated here).

@@ -11,6 +11,11 @@ Losses (weights in ``LOSS_WEIGHTS``, the one place they live):
   and divided by the number of positives), mask BCE x1 and Dice x4 on matched kernels.
 Targets: each mask area-downsampled from the padded input frame to the mask grid, used as a soft
 target. Normalisers are per process (not all-reduced across DDP ranks).
+
+``form`` "knet" (``model.criterion_form``) gives the matcher K-Net's linear mask cost and V-Net
+Dice cost, and the Dice loss the V-Net form (trainer/matcher.py); the mask loss is BCE in both.
+``drop_loss_iou`` > 0 applies CutLER's DropLoss to the update stages' class losses
+(trainer/drop_loss.py).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from trainer.matcher import FOCAL_ALPHA, FOCAL_GAMMA, Assignment, HungarianMatcher
+from trainer.drop_loss import dropped_kernels, dropped_share
+from trainer.matcher import FOCAL_ALPHA, FOCAL_GAMMA, KNET_DICE_EPS, Assignment, HungarianMatcher
 from trainer.point_sampling import PointSampling, importance_pairs
 
 # Every loss weight of stage two and three (kernel supervision's too, read by trainer.prompts).
@@ -59,9 +65,13 @@ def semantic_targets(masks: list[Tensor], labels: list[Tensor], num_classes: int
     return out
 
 
-def dice_loss(pred_logits: Tensor, targets: Tensor) -> Tensor:
-    """pred_logits, targets: (M, P) -> (M,) 1 - (2 sum(p t) + 1) / (sum p + sum t + 1)."""
+def dice_loss(pred_logits: Tensor, targets: Tensor, form: str = "mask2former") -> Tensor:
+    """pred_logits, targets: (M, P) -> (M,): form "mask2former" 1 - (2 sum(p t) + 1) / (sum p +
+    sum t + 1); "knet" (V-Net) 1 - 2 sum(p t) / (sum p^2 + sum t^2 + eps)."""
     p = pred_logits.sigmoid()
+    if form == "knet":
+        denominator = p.square().sum(-1) + targets.square().sum(-1) + KNET_DICE_EPS
+        return 1 - 2 * (p * targets).sum(-1) / denominator
     return 1 - (2 * (p * targets).sum(-1) + 1) / (p.sum(-1) + targets.sum(-1) + 1)
 
 
@@ -79,11 +89,13 @@ def matched_mask_losses(
     targets: list[Tensor],
     assignments: list[Assignment],
     points: PointSampling | None = None,
+    form: str = "mask2former",
 ) -> tuple[Tensor, Tensor]:
-    """Mean per-pixel BCE and mean Dice over the M matched pairs; (0, 0) with the graph kept
-    when M == 0 (so every parameter still receives a (zero) gradient). With ``points`` both are
-    read at each prediction's importance-sampled points instead of at every cell (then the
-    targets may have another resolution than the predictions, e.g. the input's)."""
+    """Mean per-pixel BCE and mean Dice (``dice_loss``'s ``form``) over the M matched pairs;
+    (0, 0) with the graph kept when M == 0 (so every parameter still receives a (zero)
+    gradient). With ``points`` both are read at each prediction's importance-sampled points
+    instead of at every cell (then the targets may have another resolution than the
+    predictions, e.g. the input's)."""
     preds, tgts = _gather_pairs(pred_masks, targets, assignments)
     if preds.shape[0] == 0:
         zero = pred_masks.float().sum() * 0.0
@@ -93,19 +105,29 @@ def matched_mask_losses(
             preds.view(-1, *pred_masks.shape[-2:]), tgts.view(-1, *targets[0].shape[-2:]), points
         )
     bce = F.binary_cross_entropy_with_logits(preds, tgts)
-    return bce, dice_loss(preds, tgts).mean()
+    return bce, dice_loss(preds, tgts, form).mean()
 
 
-def class_loss(class_logits: Tensor, labels: list[Tensor], assignments: list[Assignment]) -> Tensor:
+def class_loss(
+    class_logits: Tensor,
+    labels: list[Tensor],
+    assignments: list[Assignment],
+    dropped: Tensor | None = None,
+) -> Tensor:
     """class_logits (B, N, C); matched kernel n of image b gets the one-hot of its target's label,
-    every other kernel all zeros (background). Focal loss summed, divided by max(#positives, 1)."""
+    every other kernel all zeros (background). Focal loss summed, divided by max(#positives, 1).
+    dropped: (B, N) bool, kernels whose (background) terms are left out (DropLoss), or None."""
     logits = class_logits.float()
     onehot = torch.zeros_like(logits)
     num_pos = 0
     for b, (rows, cols) in enumerate(assignments):
         onehot[b, rows, labels[b][cols]] = 1.0
         num_pos += len(rows)
-    loss = sigmoid_focal_loss(logits, onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="sum")
+    if dropped is None:
+        loss = sigmoid_focal_loss(logits, onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="sum")
+    else:
+        terms = sigmoid_focal_loss(logits, onehot, FOCAL_ALPHA, FOCAL_GAMMA, reduction="none")
+        loss = terms.masked_fill(dropped[..., None], 0.0).sum()
     return loss / max(num_pos, 1)
 
 
@@ -128,6 +150,9 @@ class SetCriterion(nn.Module):
         points: Mask2Former's point sampling (trainer/point_sampling.py) for the matcher's mask
             costs (uniform points) and the BCE and Dice losses (importance-sampled points), or
             None for K-Net's dense costs and losses on every cell of the mask grid.
+        form: the matcher's mask and Dice costs and the Dice loss, "mask2former" or "knet"
+            (used when ``matcher`` is None; the Dice loss always).
+        drop_loss_iou: DropLoss's IoU threshold for the class losses (0: off).
     """
 
     def __init__(
@@ -136,14 +161,18 @@ class SetCriterion(nn.Module):
         matcher: HungarianMatcher | None = None,
         weights: dict[str, float] | None = None,
         points: PointSampling | None = None,
+        form: str = "mask2former",
+        drop_loss_iou: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         if matcher is None:
-            matcher = HungarianMatcher(num_points=points.num_points if points else 0)
+            matcher = HungarianMatcher(num_points=points.num_points if points else 0, form=form)
         self.matcher = matcher
         self.weights = dict(LOSS_WEIGHTS if weights is None else weights)
         self.points = points
+        self.form = form
+        self.drop_loss_iou = drop_loss_iou
 
     def forward(
         self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]
@@ -154,7 +183,7 @@ class SetCriterion(nn.Module):
         Returns:
           losses: {"loss_init_mask", "loss_init_dice", "loss_init_semantic",
                    "loss_s{i}_cls", "loss_s{i}_mask", "loss_s{i}_dice" for i = 1..S}, weighted
-                   scalars;
+                   scalars, and with DropLoss "stat_dropped" (detached, ``dropped_share``);
           assignments: S + 1 lists (index 0 the initial stage, i the update stage i) of B pairs
                    (kernel_idx, target_idx), the pairs each stage's losses used.
         """
@@ -166,7 +195,7 @@ class SetCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
 
         init_assign = self.matcher(init["masks"], masks)
-        bce, dice = matched_mask_losses(init["masks"], masks, init_assign, self.points)
+        bce, dice = matched_mask_losses(init["masks"], masks, init_assign, self.points, self.form)
         losses["loss_init_mask"] = w["init_mask"] * bce
         losses["loss_init_dice"] = w["init_dice"] * dice
         sem_targets = semantic_targets(masks, labels, self.num_classes)
@@ -175,16 +204,21 @@ class SetCriterion(nn.Module):
         )
 
         assignments = [init_assign]
+        drops = []
         prev_masks, prev_logits = init["masks"], None
         for i, stage in enumerate(outputs["stages"], start=1):
             if prev_logits is None:  # matched on the initial masks: same as the initial stage
                 assign = init_assign
             else:
                 assign = self.matcher(prev_masks, masks, prev_logits, labels)
-            losses[f"loss_s{i}_cls"] = w["cls"] * class_loss(stage["logits"], labels, assign)
-            bce, dice = matched_mask_losses(stage["masks"], masks, assign, self.points)
+            # DropLoss reads the stage's own masks: the prediction its class logits score.
+            drops.append(dropped_kernels(stage["masks"], masks, assign, self.drop_loss_iou))
+            cls = class_loss(stage["logits"], labels, assign, drops[-1])
+            losses[f"loss_s{i}_cls"] = w["cls"] * cls
+            bce, dice = matched_mask_losses(stage["masks"], masks, assign, self.points, self.form)
             losses[f"loss_s{i}_mask"] = w["mask"] * bce
             losses[f"loss_s{i}_dice"] = w["dice"] * dice
             assignments.append(assign)
             prev_masks, prev_logits = stage["masks"], stage["logits"]
+        losses.update(dropped_share(drops))
         return losses, assignments

@@ -9,6 +9,11 @@ scipy's ``linear_sum_assignment``. Unmatched kernels are background.
 
 Mask2Former's matcher is the same solver with its own costs: 2 x softmax class cost (-p(class)),
 5 x mask BCE and 5 x Dice, both read at 12,544 uniform points per image instead of every cell.
+
+Two forms of the mask and Dice costs (``model.criterion_form``, docs/method.md): "mask2former"
+(the default) scores masks by mean BCE and the +1-smoothed Dice; "knet" by K-Net's published
+costs, the linear mask cost (minus the mean per-pixel agreement of p and t) and the V-Net Dice
+with squared terms in the denominator.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from trainer.point_sampling import matching_points
 COST_WEIGHTS: dict[str, float] = {"cls": 2.0, "dice": 4.0, "mask": 1.0}
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
+# K-Net's Dice adds 1e-3 to each of sum p^2 and sum t^2 (cost and loss alike).
+KNET_DICE_EPS = 2e-3
 
 Assignment = tuple[Tensor, Tensor]  # (kernel indices (M,), target indices (M,)) int64
 
@@ -35,6 +42,20 @@ def dice_cost(pred_logits: Tensor, targets: Tensor) -> Tensor:
     numerator = 2 * p @ targets.T
     denominator = p.sum(-1, keepdim=True) + targets.sum(-1)
     return 1 - (numerator + 1) / (denominator + 1)
+
+
+def knet_dice_cost(pred_logits: Tensor, targets: Tensor) -> Tensor:
+    """As ``dice_cost``, K-Net's V-Net form: 1 - 2 sum(p t) / (sum p^2 + sum t^2 + eps)."""
+    p = pred_logits.sigmoid()
+    denominator = p.square().sum(-1, keepdim=True) + targets.square().sum(-1) + KNET_DICE_EPS
+    return 1 - 2 * (p @ targets.T) / denominator
+
+
+def linear_mask_cost(pred_logits: Tensor, targets: Tensor) -> Tensor:
+    """As ``mask_bce_cost``, K-Net's form: -(p t^T + (1 - p)(1 - t)^T) / P, minus the mean
+    per-pixel agreement of p = sigmoid(logits) and the target (linear in p, no log)."""
+    p = pred_logits.sigmoid()
+    return -(p @ targets.T + (1 - p) @ (1 - targets).T) / pred_logits.shape[-1]
 
 
 def mask_bce_cost(pred_logits: Tensor, targets: Tensor) -> Tensor:
@@ -61,6 +82,8 @@ def softmax_class_cost(class_logits: Tensor, labels: Tensor) -> Tensor:
 
 
 CLASS_COSTS = {"focal": focal_class_cost, "softmax": softmax_class_cost}
+# (Dice cost, mask cost) of each criterion form.
+MASK_COSTS = {"mask2former": (dice_cost, mask_bce_cost), "knet": (knet_dice_cost, linear_mask_cost)}
 
 
 class HungarianMatcher:
@@ -72,16 +95,23 @@ class HungarianMatcher:
         *,
         class_cost: str = "focal",
         num_points: int = 0,
+        form: str = "mask2former",
     ) -> None:
         """weights: "cls", "dice", "mask" cost weights; class_cost: "focal" (K-Net, sigmoid
         logits) or "softmax" (Mask2Former: -p(class), logits with a last no-object column);
         num_points: > 0 scores masks at that many uniform points per image (Mask2Former)
-        instead of every cell (trainer/point_sampling.py)."""
+        instead of every cell (trainer/point_sampling.py); form: the mask and Dice costs,
+        "mask2former" (BCE, +1-smoothed Dice) or "knet" (linear, V-Net Dice)."""
         if class_cost not in CLASS_COSTS:
             raise ValueError(f"unknown class cost '{class_cost}' (expected focal or softmax)")
+        if form not in MASK_COSTS:
+            raise ValueError(
+                f"unknown criterion form '{form}' (expected one of {tuple(MASK_COSTS)})"
+            )
         self.weights = dict(COST_WEIGHTS if weights is None else weights)
         self.class_cost = CLASS_COSTS[class_cost]
         self.num_points = num_points
+        self.dice_cost, self.mask_cost = MASK_COSTS[form]
 
     @torch.no_grad()
     def cost(
@@ -96,8 +126,8 @@ class HungarianMatcher:
         Returns the weighted cost (B, N, T), float32."""
         preds = mask_logits.detach().float().flatten(2)  # (B, N, P)
         targets = target_masks.detach().float().flatten(1)  # (T, P)
-        total = self.weights["dice"] * dice_cost(preds, targets)
-        total = total + self.weights["mask"] * mask_bce_cost(preds, targets)
+        total = self.weights["dice"] * self.dice_cost(preds, targets)
+        total = total + self.weights["mask"] * self.mask_cost(preds, targets)
         if class_logits is not None:
             if labels is None:
                 raise ValueError("class_logits given without labels")

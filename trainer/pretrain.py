@@ -189,6 +189,7 @@ def build_pretraining(
             prompt_keep=p.prompt_keep,
             ks_target=p.ks_target,
             ks_decorrelation=p.ks_decorrelation,
+            drop_loss_iou=p.drop_loss_iou,
         )
     except ValueError as e:  # a bad prompt or kernel-supervision setting: one line, not a trace
         raise UserError(f"pretrain: {e}") from None

@@ -70,16 +70,19 @@ def point_sampling(cfg: ModelConfig) -> PointSampling | None:
     return PointSampling(cfg.num_points, cfg.oversample, cfg.importance)
 
 
-def build_criterion(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_criterion(cfg: ModelConfig, num_classes: int, drop_loss_iou: float = 0.0) -> nn.Module:
     """The ``cfg.kind`` model's set criterion: outputs, targets -> (losses, assignments), where
-    assignments[0] belongs to the initial prediction and assignments[i] to stage / layer i."""
+    assignments[0] belongs to the initial prediction and assignments[i] to stage / layer i.
+    ``cfg.criterion_form`` picks the mask and Dice forms; drop_loss_iou > 0 switches on DropLoss
+    (trainer/drop_loss.py; pre-training's ``drop_loss_iou``)."""
     _check_kind(cfg)
     check_query_based(cfg, "a set criterion (Mask R-CNN computes its own losses)")
     points = point_sampling(cfg)
+    form = cfg.criterion_form
     if cfg.kind == "mask2former":
         from trainer.model.mask2former.criterion import Mask2FormerCriterion
 
-        return Mask2FormerCriterion(num_classes, points)
+        return Mask2FormerCriterion(num_classes, points, form=form, drop_loss_iou=drop_loss_iou)
     from trainer.losses import SetCriterion
 
-    return SetCriterion(num_classes, points=points)
+    return SetCriterion(num_classes, points=points, form=form, drop_loss_iou=drop_loss_iou)

@@ -55,7 +55,8 @@ class Objective(nn.Module):
 
         Returns "loss_*" weighted scalars and "stat_*" detached scalars: stat_num_targets (mean
         masks per image), and when enabled stat_prompt_cos, stat_prompt_drop,
-        stat_prompt_distinct (prompts) and stat_target_spread (kernel supervision).
+        stat_prompt_distinct (prompts), stat_target_spread (kernel supervision) and the
+        criterion's own (stat_dropped with DropLoss).
         """
         stats: dict[str, Tensor] = {}
         inject = None
@@ -71,6 +72,8 @@ class Objective(nn.Module):
 
         outputs = self.knet(images, inject)
         losses, assignments = self.criterion(outputs, targets)
+        for name in [k for k in losses if k.startswith("stat_")]:
+            stats[name[len("stat_") :]] = losses.pop(name)
         if self.kernel_supervision is not None:
             if any("seeds" not in t for t in targets):
                 raise ValueError("kernel supervision needs targets with 'seeds'")
@@ -116,16 +119,18 @@ def build_objective(
     prompt_keep: float = 0.9,
     ks_target: str = "linear",
     ks_decorrelation: float = 0.0,
+    drop_loss_iou: float = 0.0,
 ) -> Objective:
     """The ``model_cfg.kind`` model over ``backbone`` with its criterion; prompt matching and
-    kernel supervision as switched (pre-training: both on by default; fine-tuning: both off).
+    kernel supervision as switched (pre-training: both on by default; fine-tuning: both off),
+    DropLoss at ``drop_loss_iou`` (0: off; pre-training's switch).
     A model without a set criterion (Mask R-CNN) trains on its own losses, with neither."""
     knet = build_model(model_cfg, backbone, num_classes)
     if model_cfg.kind not in QUERY_KINDS:
         if prompts or kernel_supervision:
             check_query_based(model_cfg, "Saliency Prompt (prompts, kernel supervision)")
         return DetectorObjective(knet)
-    criterion = build_criterion(model_cfg, num_classes)
+    criterion = build_criterion(model_cfg, num_classes, drop_loss_iou)
     matching = PromptKernelMatching(prompt_slots, prompt_keep) if prompts else None
     supervision = (
         KernelSupervision(
