@@ -46,9 +46,9 @@ REFERENCE_LABELS = {
     "mask2former": "Mask2Former reference (backbone only)",
     "knet": "K-Net reference (backbone only)",
 }
-# Sections that say what a compare or study repeats, not what one run does: a run folder made
-# under other seeds lists (or another study's variants) is still the same run.
-IGNORED_SECTIONS = ("compare",)
+# Sections that say what a compare, study or efficiency repeats, not what one run does: a run
+# folder made under other seeds lists (or another study's variants or fractions) is the same run.
+IGNORED_SECTIONS = ("compare", "efficiency")
 # Keys that say where things live, not what a run computes: the folder itself, the init checkpoint
 # (pinned by its sha256 instead, so a copied or moved checkpoint is the same init) and the
 # pre-training's folders. A run folder copied from a compare into a study is reused, not refused.
