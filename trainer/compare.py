@@ -27,7 +27,7 @@ import dataclasses
 import json
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +55,22 @@ IGNORED_SECTIONS = ("compare", "efficiency")
 LOCATION_KEYS = ("finetune.out", "finetune.init", "pretrain.out", "pretrain.shards")
 
 
+def comma_list(
+    text: str | None, default: Sequence[Any], convert: Callable[[str], Any], what: str
+) -> list[Any]:
+    """ "a,b" -> [convert("a"), convert("b")] (None -> ``default`` converted); a value that does
+    not convert is a UserError starting with ``what`` ("seeds must be integers")."""
+    if text is None:
+        return [convert(v) for v in default]
+    try:
+        return [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} separated by commas, got '{text}'") from None
+
+
 def parse_seeds(text: str | None, default: Sequence[int]) -> list[int]:
     """ "0,1,2" -> [0, 1, 2] (None -> ``default``); refuses an empty, repeated or bad list."""
-    if text is None:
-        seeds = [int(s) for s in default]
-    else:
-        try:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"seeds must be integers separated by commas, got '{text}'") from None
+    seeds = comma_list(text, default, int, "seeds must be integers")
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"seeds must be a non-empty list without repeats, got {seeds}")
     return seeds
