@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEPS := "ray[data]" h5py "opencv-python-headless<5" pycocotools tqdm scipy timm tensorboard \
         scikit-image onnx onnxruntime matplotlib pillow pytest ruff
 
-.PHONY: install data proposals inspect teacher pretrain finetune predict compare study demo test bench lint format clean
+.PHONY: install data proposals inspect teacher pretrain finetune predict compare study efficiency demo test bench lint format clean
 
 install: $(STAMP)
 
@@ -70,6 +70,12 @@ compare: $(STAMP)
 # Every finished run is reused, so a killed study resumes.
 study: $(STAMP)
 	$(PY) -m trainer study --config $(CONFIG) --frac $(FRAC) $(ARGS)
+
+# The paper's Figure 1 (label efficiency): compare's protocol at every labelled fraction
+# (efficiency.fracs, budgets efficiency.iters; ARGS="--fracs ... --seeds ... --reference maskrcnn").
+# Every finished run is reused, so a killed run resumes.
+efficiency: $(STAMP)
+	$(PY) -m trainer efficiency --config $(CONFIG) $(ARGS)
 
 # The whole method on the embedded dataset. Every stage resumes, so a re-run only does what is missing.
 # Demo data of another version (or other settings) is rebuilt; a run folder made from other data

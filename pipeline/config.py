@@ -326,7 +326,7 @@ class PipelineConfig:
 
 
 # Sections owned by trainer/config.py: tolerated (not validated) by stage-one commands.
-TRAINER_SECTIONS = ("model", "pretrain", "finetune", "maskrcnn", "compare")
+TRAINER_SECTIONS = ("model", "pretrain", "finetune", "maskrcnn", "compare", "efficiency")
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):

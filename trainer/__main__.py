@@ -1,4 +1,4 @@
-"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels,predict,export}"""
+"""python -m trainer {pretrain,finetune,evaluate,compare,study,efficiency,kernels,predict,export}"""
 
 import sys
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "evaluate": "trainer.evaluate",
     "compare": "trainer.compare",
     "study": "trainer.study",
+    "efficiency": "trainer.efficiency",
     "kernels": "trainer.kernels",
     "predict": "trainer.predict",
     "export": "trainer.export",

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +46,31 @@ REFERENCE_LABELS = {
     "mask2former": "Mask2Former reference (backbone only)",
     "knet": "K-Net reference (backbone only)",
 }
-# Sections that say what a compare or study repeats, not what one run does: a run folder made
-# under other seeds lists (or another study's variants) is still the same run.
-IGNORED_SECTIONS = ("compare",)
+# Sections that say what a compare, study or efficiency repeats, not what one run does: a run
+# folder made under other seeds lists (or another study's variants or fractions) is the same run.
+IGNORED_SECTIONS = ("compare", "efficiency")
 # Keys that say where things live, not what a run computes: the folder itself, the init checkpoint
 # (pinned by its sha256 instead, so a copied or moved checkpoint is the same init) and the
 # pre-training's folders. A run folder copied from a compare into a study is reused, not refused.
 LOCATION_KEYS = ("finetune.out", "finetune.init", "pretrain.out", "pretrain.shards")
 
 
+def comma_list(
+    text: str | None, default: Sequence[Any], convert: Callable[[str], Any], what: str
+) -> list[Any]:
+    """ "a,b" -> [convert("a"), convert("b")] (None -> ``default`` converted); a value that does
+    not convert is a UserError starting with ``what`` ("seeds must be integers")."""
+    if text is None:
+        return [convert(v) for v in default]
+    try:
+        return [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} separated by commas, got '{text}'") from None
+
+
 def parse_seeds(text: str | None, default: Sequence[int]) -> list[int]:
     """ "0,1,2" -> [0, 1, 2] (None -> ``default``); refuses an empty, repeated or bad list."""
-    if text is None:
-        seeds = [int(s) for s in default]
-    else:
-        try:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"seeds must be integers separated by commas, got '{text}'") from None
+    seeds = comma_list(text, default, int, "seeds must be integers")
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"seeds must be a non-empty list without repeats, got {seeds}")
     return seeds

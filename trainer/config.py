@@ -341,6 +341,28 @@ class CompareConfig:
 
 
 @dataclass
+class EfficiencyConfig:
+    """``efficiency`` (trainer/efficiency.py): the labelled fractions of the label-efficiency
+    curve and each one's fine-tuning budget (the same for every init at a fraction)."""
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {"fracs": POSITIVE_FRACTION, "iters": AT_LEAST_ONE}
+
+    def cross_checks(self) -> list[str]:
+        problems = []
+        if not self.fracs or any(a >= b for a, b in zip(self.fracs, self.fracs[1:])):
+            problems.append(f"fracs must be increasing and not empty, got {self.fracs}")
+        if self.iters and len(self.iters) != len(self.fracs):
+            problems.append(
+                f"iters must hold one budget per fraction ({len(self.fracs)}) or be empty, "
+                f"got {self.iters}"
+            )
+        return problems
+
+    fracs: list[float] = field(default_factory=lambda: [0.025, 0.05, 0.1, 0.2])
+    iters: list[int] = field(default_factory=list)  # per fraction; empty = finetune.iters for all
+
+
+@dataclass
 class Config:
     """A whole experiment: every section of the TOML file."""
 
@@ -353,6 +375,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     maskrcnn: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
 
     def cross_checks(self) -> list[str]:
         return name_problems(self.name)

@@ -5,9 +5,11 @@ one model kind alone reads are left out of another kind's comparison.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from pipeline.config import ProposalConfig
+from trainer.config import EfficiencyConfig
 
 # Keys added after run folders existed, at the value that reproduces those runs. A config recorded
 # before a key existed reads as holding this value, so older runs still resume and are reused.
@@ -30,6 +32,8 @@ LATER_DEFAULTS: dict[str, Any] = {
     "model.criterion_form": "mask2former",
     "pretrain.drop_loss_iou": 0.0,
 }
+# What the efficiency command repeats, not what a run does (left out of compare's reuse check).
+LATER_DEFAULTS.update({f"efficiency.{k}": v for k, v in asdict(EfficiencyConfig()).items()})
 # Stage one's precision and clean-up switches, at their defaults: fp32 and the paper's form, which
 # older shards and runs were made with (the values are ProposalConfig's own, not repeated here).
 LATER_DEFAULTS.update(

@@ -101,6 +101,14 @@ def optimizer_from_section(
     return optimizer, scheduler
 
 
+def scaled_schedule(section: Any, factor: float, iters: int) -> tuple[list[int], int]:
+    """(lr_steps, warmup_iters) of ``section`` scaled by ``factor`` for a run of ``iters``
+    iterations: every step kept inside [1, iters - 1], so it still happens, and the warm-up ends
+    before the run does."""
+    steps = [max(1, min(iters - 1, round(s * factor))) for s in section.lr_steps]
+    return steps, min(iters - 1, round(section.warmup_iters * factor))
+
+
 def fit_schedule(section: Any, stage: str, iters: int | None) -> str:
     """Apply a command's ``--iters`` to a config section so its lr schedule never runs flat.
 
@@ -118,8 +126,7 @@ def fit_schedule(section: Any, stage: str, iters: int | None) -> str:
         beyond = any(s > iters for s in section.lr_steps) or section.warmup_iters > iters
         if iters < configured and beyond:
             factor = iters / configured
-            steps = [max(1, min(iters - 1, round(s * factor))) for s in section.lr_steps]
-            warmup = min(iters - 1, round(section.warmup_iters * factor))
+            steps, warmup = scaled_schedule(section, factor, iters)
             note = (
                 f"{stage}: --iters {iters} is shorter than {stage}.iters = {configured}, so the "
                 f"lr schedule is scaled by {factor:.3g}: lr_steps {list(section.lr_steps)} -> "

@@ -113,7 +113,8 @@ def summarise(rows: dict[str, list[Run]], baseline: str) -> dict[str, dict[str, 
 # Rendering
 
 
-def _pct(stat: dict[str, Any], signed: bool = False) -> str:
+def percent_text(stat: dict[str, Any], signed: bool = False) -> str:
+    """A mean_sd of fractions as "12.3 ± 0.4" percent ("+1.2 ± 0.4" signed; "n/a" empty)."""
     if stat["mean"] is None:
         return "n/a"
     mean = f"{100 * stat['mean']:+.1f}" if signed else f"{100 * stat['mean']:.1f}"
@@ -130,7 +131,11 @@ def metrics_table(summary: dict[str, dict[str, Any]], labels: dict[str, str]) ->
     head = ["run", "n", *METRIC_NAMES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, entry in summary.items():
-        cells = [labels[key], str(entry["n"]), *(_pct(entry["metrics"][m]) for m in METRIC_NAMES)]
+        cells = [
+            labels[key],
+            str(entry["n"]),
+            *(percent_text(entry["metrics"][m]) for m in METRIC_NAMES),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,7 +154,7 @@ def difference_table(summary: dict[str, dict[str, Any]], labels: dict[str, str])
             cells += ["n/a" if pair[m] is None else f"{100 * pair[m]:+.1f}" for m in shown]
             lines.append("| " + " | ".join(cells) + " |")
         cells = [f"**{labels[key]}**", "**mean ± sd**"]
-        cells += [f"**{_pct(diff[m], signed=True)}**" for m in shown]
+        cells += [f"**{percent_text(diff[m], signed=True)}**" for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

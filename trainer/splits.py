@@ -146,6 +146,26 @@ def subset_coco(coco: dict[str, Any], image_ids: list[int]) -> dict[str, Any]:
     return out
 
 
+def chosen_image_ids(
+    coco: dict[str, Any],
+    *,
+    frac: float,
+    seed: int = 0,
+    split_file: str | Path = "",
+    split_fold: int = 1,
+) -> tuple[list[int], dict[str, Any]]:
+    """(sorted image ids, how they were chosen) of the low-data subset of ``coco``: the
+    Unbiased-Teacher file when ``split_file`` is given, else the seeded split."""
+    if split_file:
+        ids = unbiased_teacher_image_ids(coco, split_file, frac, split_fold)
+        return ids, {
+            "method": "unbiased_teacher",
+            "split_file": str(split_file),
+            "fold": split_fold,
+        }
+    return seeded_image_ids(coco, frac, seed), {"method": "seeded", "seed": seed}
+
+
 def write_split(
     train_json: str | Path,
     out_path: str | Path,
@@ -166,16 +186,9 @@ def write_split(
         raise UserError(f"training annotations not found: {train_json}")
     # Validated like every COCO reader; file names are checked by the dataset that opens them.
     coco = load_coco_file(train_json, allow_outside_root=True).data
-    if split_file:
-        ids = unbiased_teacher_image_ids(coco, split_file, frac, split_fold)
-        how: dict[str, Any] = {
-            "method": "unbiased_teacher",
-            "split_file": str(split_file),
-            "fold": split_fold,
-        }
-    else:
-        ids = seeded_image_ids(coco, frac, seed)
-        how = {"method": "seeded", "seed": seed}
+    ids, how = chosen_image_ids(
+        coco, frac=frac, seed=seed, split_file=split_file, split_fold=split_fold
+    )
     subset = subset_coco(coco, ids)
     summary = {
         "frac": frac,

@@ -43,10 +43,13 @@ def sets(*extra: str) -> list[str]:
     return [arg for s in (*SETTINGS, *extra) for arg in ("--set", s)]
 
 
-def write_project(root: Path) -> Path:
-    """Data, shards and ``root/tiny.toml`` (pretrain.shards set); returns the config path."""
+def write_project(root: Path, num_train: int = 8) -> Path:
+    """Data (``num_train`` training images), shards and ``root/tiny.toml`` (pretrain.shards set);
+    returns the config path."""
     data = root / "data"
-    write_tiny_coco(data, "train", num_images=8, seed=0, size=SIZE, category_ids=CATEGORY_IDS)
+    write_tiny_coco(
+        data, "train", num_images=num_train, seed=0, size=SIZE, category_ids=CATEGORY_IDS
+    )
     write_tiny_coco(data, "val", num_images=2, seed=1, size=SIZE, category_ids=CATEGORY_IDS)
     shards = make_shards(root / "unlabelled", backbone="resnet50", dim=2048)
     toml = root / "tiny.toml"
