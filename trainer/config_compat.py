@@ -52,7 +52,12 @@ LATER_DEFAULTS.update(
 )
 # Keys (dotted) or whole sections that one model kind alone reads: left out when configs of
 # another kind are compared, so adding one never makes older runs of the other kinds differ.
-KIND_ONLY = {"maskrcnn": ("model.roi_samples", "maskrcnn")}
+KIND_ONLY: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("maskrcnn",): ("model.roi_samples", "maskrcnn"),
+    # The query-based kinds' score form and set-criterion form (Mask R-CNN scores and matches
+    # its own way), so choosing them never makes Mask R-CNN's runs differ.
+    ("knet", "mask2former"): ("model.test_score", "model.criterion_form"),
+}
 
 
 def with_later_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -71,8 +76,8 @@ def comparable(tree: dict[str, Any]) -> dict[str, Any]:
     returns it."""
     with_later_defaults(tree)
     kind = tree.get("model", {}).get("kind", "knet")
-    for owner, names in KIND_ONLY.items():
-        if owner == kind:
+    for owners, names in KIND_ONLY.items():
+        if kind in owners:
             continue
         for name in names:
             section, _, key = name.partition(".")
