@@ -57,3 +57,15 @@ def test_mask_nms_drops_only_the_lower_scored_duplicates():
     np.testing.assert_array_equal(kept_labels, [0, 0, 1])
     _, no_nms, _, _ = select(masks, scores, labels, nms_iou=0.0)
     assert len(no_nms) == 5
+
+
+def test_query_only_keys_never_make_mask_rcnn_runs_differ():
+    from trainer.config_compat import comparable
+
+    def tree(kind, score):
+        return {"model": {"kind": kind, "test_score": score, "roi_samples": 128}, "maskrcnn": {}}
+
+    assert comparable(tree("maskrcnn", "auto")) == comparable(tree("maskrcnn", "maskness"))
+    assert comparable(tree("knet", "auto")) != comparable(tree("knet", "maskness"))
+    assert comparable(tree("mask2former", "auto")) != comparable(tree("mask2former", "class"))
+    assert "roi_samples" not in comparable(tree("knet", "auto"))["model"]
