@@ -1,4 +1,5 @@
-"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels,predict,export}"""
+"""python -m trainer {pretrain,finetune,evaluate,compare,study,kernels,predict,export,
+pseudo-label}"""
 
 import sys
 
@@ -13,6 +14,7 @@ COMMANDS = {
     "kernels": "trainer.kernels",
     "predict": "trainer.predict",
     "export": "trainer.export",
+    "pseudo-label": "trainer.pseudo_label",
 }
 
 if __name__ == "__main__":
