@@ -74,7 +74,8 @@ def mask_nms(rles: list[dict], scores: np.ndarray, labels: np.ndarray, iou: floa
     for i in order:
         same = [j for j in kept if labels[j] == labels[i]]
         if same:
-            overlap = mask_util.iou([rles[j] for j in same], [rles[i]], [0] * len(same))
+            # (kept, 1) IoUs; the crowd flags belong to the second list (one mask here)
+            overlap = mask_util.iou([rles[j] for j in same], [rles[i]], [0])
             if float(np.max(overlap)) > iou:
                 continue
         kept.append(int(i))

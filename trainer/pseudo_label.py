@@ -225,11 +225,14 @@ def load_model(args: argparse.Namespace, device: torch.device) -> Predictor:
 
 def build_worker(source: Source, predictor: Predictor, out: Path, device) -> ProposalWorker:
     """Stage one's frozen backbone and input settings (from SRC's shards), verified as
-    ``trainer pretrain`` verifies shards: kind, width and weights (through a round's chain)."""
+    ``trainer pretrain`` verifies shards: kind, width and weights (through a round's chain).
+    Pre-training keeps its backbone frozen, so the model's own serves (the check proves it)."""
     from trainer.pretrain import check_shards
 
     cfg = predictor.config
-    backbone = build_backbone(cfg.backbone)
+    backbone = getattr(predictor.model, "backbone", None)
+    if backbone is None:
+        backbone = build_backbone(cfg.backbone)
     for note in check_shards(source, backbone, cfg):
         print(f"pseudo-label: note: {note}", file=sys.stderr)
     try:

@@ -4,8 +4,6 @@ stage-one proposals (random ResNet-50), read back by the shard reader, ``inspect
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -16,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.__main__ import COMMANDS as PIPELINE_COMMANDS
 from pipeline.backbones import build_backbone
-from pipeline.cli import UserError, main
+from pipeline.cli import UserError
 from pipeline.proposals_folder import folder_problems
 from pipeline.shards import STATUS_EMPTY, STATUS_OK, ShardReader, list_shards, read_meta
-from tests.trainer.helpers import run_cli
+from tests.trainer.helpers import run_cli, run_pipeline
 from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config
 from trainer.mask_seeds import mask_seeds
@@ -37,13 +34,6 @@ STAGE_ONE = [
 ]
 
 
-def _pipeline(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main("pipeline", PIPELINE_COMMANDS, list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """(root, config, pre-training checkpoint, stage-one proposals of the 8 train images)."""
@@ -52,7 +42,7 @@ def project(tmp_path_factory):
     ckpt = pretrain(toml, root / "pretrain", 1)
     proposals = root / "proposals"
     stage_one = [a for s in STAGE_ONE for a in ("--set", s)]
-    code, _, err = _pipeline(
+    code, _, err = run_pipeline(
         "proposals", "--config", str(toml), *stage_one, "--executor", "local",
         "--images", str(root / "data" / "train"), "--out", str(proposals),
     )  # fmt: skip
@@ -103,7 +93,7 @@ def test_a_round_is_a_finished_proposals_folder_that_inspect_and_pretrain_read(p
             assert pos[0] == 0
             rows, cols = _cell_footprint(pos, rec, 32, resized)
             assert mask[rows, cols].any()  # the seed's cell lies inside its mask
-    code, stdout, err = _pipeline("inspect", str(out))
+    code, stdout, err = run_pipeline("inspect", str(out))
     assert code == 0, err
     assert "images: 8  ok 8" in stdout and '"round": 2' in stdout
 
@@ -113,6 +103,13 @@ def test_a_round_is_a_finished_proposals_folder_that_inspect_and_pretrain_read(p
     )  # fmt: skip
     assert code == 0, err
     assert "self-training round 2" in err and "8 images from 2 shards" in err
+    # A round-2 pre-training checkpoint fine-tunes as any other.
+    code, _, err = run_cli(
+        "finetune", "--config", str(toml), *sets(), "--frac", "0.5", "--iters", "1",
+        "--init", str(tmp_path / "pretrain2" / "checkpoints" / "last.pt"),
+        "--out", str(tmp_path / "finetune2"),
+    )  # fmt: skip
+    assert code == 0, err
 
     # A third round reads the second: round 3, the same stage-one origin.
     code, _, err = _label(ckpt, out, tmp_path / "round3", "--score-threshold", "0")
@@ -134,7 +131,7 @@ def test_a_threshold_above_every_score_records_empty_images(project, tmp_path):
         assert set(table["status"].tolist()) == {STATUS_EMPTY}
         assert set(table["mask_count"].tolist()) == {0}
         assert all(e.startswith("score: ") for e in table["error"])
-    code, stdout, err = _pipeline("inspect", str(out))
+    code, stdout, err = run_pipeline("inspect", str(out))
     assert code == 0, err
     assert "empty 8" in stdout and "empty x8: score" in stdout
     code, _, err = run_cli(
