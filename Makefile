@@ -17,7 +17,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEPS := "ray[data]" h5py "opencv-python-headless<5" pycocotools tqdm scipy timm tensorboard \
         scikit-image onnx onnxruntime matplotlib pillow pytest ruff
 
-.PHONY: install data proposals inspect teacher pretrain finetune predict compare study efficiency demo test bench lint format clean
+.PHONY: install data proposals inspect teacher pretrain pseudo-label finetune predict compare study \
+	efficiency demo test bench lint format clean
 
 install: $(STAMP)
 
@@ -61,6 +62,13 @@ teacher: $(STAMP)
 	$(PY) -m pipeline proposals --config $(CONFIG) --images $(VAL_JSON) --image-root $(VAL_IMAGES) \
 		--out $(RUN)/proposals-val $(ARGS)
 	$(PY) -m pipeline inspect --config $(CONFIG) $(RUN)/proposals-val --gt $(VAL_JSON)
+
+# A self-training round (as in CutLER): CKPT's confident masks on the images of SHARDS become the
+# next round's pseudo masks in OUT; then: make pretrain ARGS="--shards OUT --out $(RUN)/pretrain-round2"
+SHARDS ?= $(RUN)/proposals
+OUT ?= $(RUN)/proposals-round2
+pseudo-label: $(STAMP)
+	$(PY) -m trainer pseudo-label --checkpoint $(CKPT) --shards $(SHARDS) --out $(OUT) $(ARGS)
 
 compare: $(STAMP)
 	$(PY) -m trainer compare --config $(CONFIG) --frac $(FRAC) $(ARGS)

@@ -75,6 +75,13 @@ def _quantiles(values: Sequence[float]) -> dict[str, float] | None:
     return out
 
 
+def _json_attr(value: Any) -> Any:
+    try:
+        return json.loads(value) if value is not None else None
+    except (TypeError, json.JSONDecodeError):
+        return value
+
+
 def summarise(shard_dir: str | Path) -> dict[str, Any]:
     """Counts, distributions and attributes of every shard in ``shard_dir`` as a plain dict."""
     folder = Path(shard_dir)
@@ -87,10 +94,7 @@ def summarise(shard_dir: str | Path) -> dict[str, Any]:
         if len(values) > 1:
             conflicts[key] = [json.loads(v) for v in values]
     first = metas[paths[0].name]
-    try:
-        settings = json.loads(first.get("settings", "null"))
-    except (TypeError, json.JSONDecodeError):
-        settings = first.get("settings")
+    settings = _json_attr(first.get("settings"))
 
     planned = None
     plan_file = folder / PLAN_FILE
@@ -153,6 +157,8 @@ def summarise(shard_dir: str | Path) -> dict[str, Any]:
             "embed_dim": first.get("embed_dim"),
             "created_with": first.get("created_with"),
             "settings": settings,
+            # a self-training round's record (trainer/self_training.py); None for stage one
+            "self_training": _json_attr(first.get("self_training")),
         },
         "meta_conflicts": conflicts,
     }
@@ -215,6 +221,8 @@ def format_summary(s: dict[str, Any]) -> str:
     )
     lines.append(f"fingerprint {m['fingerprint']}")
     lines.append(f"settings {json.dumps(m['settings'], sort_keys=True)}")
+    if m.get("self_training"):
+        lines.append(f"self-training {json.dumps(m['self_training'], sort_keys=True)}")
     for key, values in s["meta_conflicts"].items():
         lines.append(f"  WARNING: shards disagree on {key}: {values}")
     st = s["status"]

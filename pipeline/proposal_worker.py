@@ -151,6 +151,11 @@ class ProposalWorker:
             return _Loaded(item, error=str(e) or "unreadable")
         except Exception as e:  # anything else about one file must not sink the whole shard
             return _Loaded(item, error=f"{type(e).__name__}: {e}")
+        return self.prepare(item, img)
+
+    def prepare(self, item: ImageItem, img: np.ndarray) -> _Loaded:
+        """A decoded (H, W, 3) uint8 image resized and normalised for :meth:`features` (the
+        self-training round reuses it on images it decoded for its model as well)."""
         resized, _ = resize_keep_ratio(img, self.cfg.short_side, self.cfg.max_side)
         return _Loaded(
             item,

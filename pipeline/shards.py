@@ -6,7 +6,8 @@ This module owns every name in the format. The proposals driver writes through
 backbone width C::
 
     attrs   schema_version, fingerprint, backbone, feature_stride, embed_dim, created_with,
-            num_images, num_masks, settings (JSON of the proposal settings; additive)
+            num_images, num_masks, settings (JSON of the proposal settings; additive),
+            self_training (JSON; only in the shards of a self-training round; additive)
     /images/file_name (N,) str      /images/image_id (N,) int64
     /images/height, /images/width (N,) int32
     /images/mask_start (N,) int64   /images/mask_count (N,) int32
@@ -49,6 +50,9 @@ _STR = h5py.string_dtype("utf-8")
 _BYTES = h5py.string_dtype("ascii")
 # Attributes every writer must be given (the rest are derived from the records).
 META_KEYS = ("fingerprint", "backbone", "feature_stride", "embed_dim", "settings")
+# Attributes a writer may be given (JSON strings, written only when present): a self-training
+# round's record of where its pseudo masks came from (trainer/self_training.py).
+OPTIONAL_KEYS = ("self_training",)
 
 
 class ShardError(UserError):
@@ -180,6 +184,9 @@ def write_shard(path: str | Path, records: list[ImageRecord], meta: dict[str, An
             f.attrs["num_images"] = np.int64(len(records))
             f.attrs["num_masks"] = np.int64(counts.sum())
             f.attrs["settings"] = settings
+            for key in OPTIONAL_KEYS:
+                if key in meta:
+                    f.attrs[key] = str(meta[key])
 
             def put(name: str, data: np.ndarray, dtype: Any = None) -> None:
                 ds = f.create_dataset(name, data=data, dtype=dtype, track_times=False)

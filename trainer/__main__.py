@@ -1,4 +1,5 @@
-"""python -m trainer {pretrain,finetune,evaluate,compare,study,efficiency,kernels,predict,export}"""
+"""python -m trainer {pretrain,finetune,evaluate,compare,study,efficiency,kernels,predict,export,
+pseudo-label}"""
 
 import sys
 
@@ -14,6 +15,7 @@ COMMANDS = {
     "kernels": "trainer.kernels",
     "predict": "trainer.predict",
     "export": "trainer.export",
+    "pseudo-label": "trainer.pseudo_label",
 }
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from trainer.loader import build_loader
 from trainer.optim import fit_schedule, optimizer_from_section
 from trainer.pretext import Pretext, held_out
 from trainer.resume import check_resume
+from trainer.self_training import claimed_stage_one
 from trainer.transforms import Augment
 
 
@@ -80,7 +81,10 @@ def check_shards(dataset: ShardDataset, backbone: Backbone, cfg: Config) -> list
     All shards must share one fingerprint; their backbone kind and seed width must be the
     configured backbone's; and the fingerprint recomputed from *these* backbone weights and the
     shards' own recorded settings must equal theirs (so the seeds S_l live in this backbone's
-    feature space). Proposal settings that differ from the current config only give a note.
+    feature space). A self-training round's shards (trainer/self_training.py) are checked by
+    their chain: their record must match their fingerprint, and the stage-one fingerprint it
+    names must be the recomputed one. Proposal settings that differ from the current config
+    only give a note.
     """
     folder = dataset.folder
     fingerprints = {m.get("fingerprint") for m in dataset.metas}
@@ -100,16 +104,16 @@ def check_shards(dataset: ShardDataset, backbone: Backbone, cfg: Config) -> list
             f"{folder} holds {meta.get('embed_dim')}-d seeds but the "
             f"{cfg.backbone.kind} backbone gives {backbone.embed_dim}-d features"
         )
-    notes = []
+    claimed, notes = claimed_stage_one(meta, folder)
     try:
         from pipeline.shard_plan import compute_fingerprint, result_settings
 
         stored = json.loads(meta.get("settings", "{}"))
         made_with = from_dict(ProposalConfig, stored)
     except (ImportError, ValueError, ConfigError, TypeError) as e:
-        return [f"cannot verify the shards' backbone weights ({e}); checked kind and width only"]
+        return [*notes, f"cannot verify the shards' backbone weights ({e}); checked kind and width"]
     expected = compute_fingerprint(cfg.backbone.kind, weights_fingerprint(backbone), made_with)
-    if expected != meta.get("fingerprint"):
+    if expected != claimed:
         raise UserError(
             f"{folder} was made with other {cfg.backbone.kind} weights than "
             f"backbone.weights='{cfg.backbone.weights}' (fingerprint mismatch); "

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
+from pipeline.__main__ import COMMANDS as PIPELINE_COMMANDS
 from pipeline.cli import main
 from trainer.__main__ import COMMANDS
 from trainer.config import ModelConfig
@@ -28,12 +29,21 @@ TINY_MODEL_SETTINGS = [
 ]
 
 
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """``python -m trainer ARGV`` in this process: (exit code, stdout, stderr)."""
+def _captured(prog: str, commands: dict[str, str], argv: Sequence[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main("trainer", COMMANDS, list(argv))
+        code = main(prog, commands, list(argv))
     return code, out.getvalue(), err.getvalue()
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``python -m trainer ARGV`` in this process: (exit code, stdout, stderr)."""
+    return _captured("trainer", COMMANDS, argv)
+
+
+def run_pipeline(*argv: str) -> tuple[int, str, str]:
+    """``python -m pipeline ARGV`` in this process: (exit code, stdout, stderr)."""
+    return _captured("pipeline", PIPELINE_COMMANDS, argv)
 
 
 def train_records(out_dir: Path) -> list[dict[str, Any]]:
