@@ -274,18 +274,24 @@ def build_eval_loader(
     whole set.
     """
     ft = cfg.finetune
-    dataset = CocoDataset(
+    dataset = val_images(cfg, ft)
+    workers = ft.num_workers if num_workers is None else num_workers
+    return ordered_loader(dataset, size_divisor, ft.batch_size, num_workers=workers, store=store)
+
+
+def val_images(cfg: Config, section: Any) -> CocoDataset:
+    """The val images (``cfg.data.val_json``), resized to ``section``'s short_side / max_side,
+    images only (no flip, no rotation, every image kept)."""
+    return CocoDataset(
         cfg.data.val_json,
         cfg.data.val_images,
-        Augment(ft.short_side, ft.max_side),
+        Augment(section.short_side, section.max_side),
         train=False,
         with_masks=False,
         limits=ImageLimits.from_data(cfg.data),
         allow_outside_root=cfg.data.allow_outside_root,
         unlabelled_ok=True,  # images only: detections are written, nothing is scored
     )
-    workers = ft.num_workers if num_workers is None else num_workers
-    return ordered_loader(dataset, size_divisor, ft.batch_size, num_workers=workers, store=store)
 
 
 def ordered_loader(

@@ -31,7 +31,7 @@ from pycocotools.coco import COCO
 
 from pipeline.cli import UserError
 from trainer.config import Config
-from trainer.evaluate import evaluate, load_coco, ordered_loader
+from trainer.evaluate import evaluate, load_coco, ordered_loader, val_images
 
 AGNOSTIC_CATEGORY = {"id": 1, "name": "object"}
 # The scores written to metrics.jsonl at each evaluation, per source.
@@ -169,22 +169,7 @@ def _loader(dataset: Any, knet: Any, p: Any, store: Any | None) -> Any:
 
 def _val_loader(cfg: Config, knet: Any, store: Any | None) -> Any:
     """The val images, resized as pre-training resizes (no flip), images only."""
-    from pipeline.image_files import ImageLimits
-    from trainer.datasets import CocoDataset
-    from trainer.transforms import Augment
-
-    p = cfg.pretrain
-    dataset = CocoDataset(
-        cfg.data.val_json,
-        cfg.data.val_images,
-        Augment(p.short_side, p.max_side),
-        train=False,
-        with_masks=False,
-        limits=ImageLimits.from_data(cfg.data),
-        allow_outside_root=cfg.data.allow_outside_root,
-        unlabelled_ok=True,
-    )
-    return _loader(dataset, knet, p, store)
+    return _loader(val_images(cfg, cfg.pretrain), knet, cfg.pretrain, store)
 
 
 def learner_and_teacher(curve: list[dict[str, Any]], teacher: dict[str, float] | None) -> dict:
