@@ -146,16 +146,16 @@ def test_warmup_then_step_schedule():
 
 
 def test_schedule_and_optimizer_from_config_sections():
-    pre = PretrainConfig(iters=7, clip_grad=0.5, amp=True, log_every=3, ckpt_every=4)
+    pre = PretrainConfig(iters=7, clip_grad=0.5, amp=True, log_every=3, ckpt_every=4, eval_every=5)
     assert Schedule.from_section(pre) == Schedule(
         iters=7,
         clip_grad=0.5,
         amp=True,
         log_every=3,
         ckpt_every=4,
-        eval_every=0,
+        eval_every=5,  # the pretext fit's interval (trainer/pretext.py)
         keep_checkpoints=2,
-    )  # PretrainConfig has no eval_every: the default, never
+    )
     assert Schedule.from_section(FinetuneConfig(eval_every=9)).eval_every == 9
     ft = FinetuneConfig(eval_every=0)
     assert Schedule.from_section(ft, eval_every=ft.iters).eval_every == ft.iters
