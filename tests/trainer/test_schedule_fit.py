@@ -49,9 +49,9 @@ def test_the_commands_scale_or_refuse(tmp_path):
     # Pre-training on the demo config: the note comes before any data is read (no shards here).
     args = ("pretrain", "--config", str(DEMO), *QUICK, "--shards", str(tmp_path / "none"))
     code, _, err = run_cli(*args, "--out", str(tmp_path / "p"), "--iters", "120")
-    assert "lr_steps [220, 280] -> [88, 112]" in err
+    assert "lr_steps [800, 950] -> [96, 114]" in err
     code, _, err = run_cli(*args, "--out", str(tmp_path / "q"), "--set", "pretrain.iters=120")
-    assert code == 2 and "pretrain.lr_steps [220, 280] lie past pretrain.iters = 120" in err
+    assert code == 2 and "pretrain.lr_steps [800, 950] lie past pretrain.iters = 120" in err
     assert len(err.strip().splitlines()) == 1
     # Fine-tuning: the same, through its own --iters.
     base = (

@@ -22,6 +22,7 @@ SETTINGS = [
     "pretrain.warmup_iters=1",
     "pretrain.lr_steps=[]",
     "pretrain.log_every=1",
+    "pretrain.eval_every=0",  # no pretext evaluation: these tests check the training records
     "pretrain.ckpt_every=2",
     "pretrain.num_workers=0",
     "finetune.batch_size=2",
