@@ -1,0 +1,65 @@
+"""Run folders and checkpoints written before the packages were regrouped still resume and
+evaluate. ``tests/fixtures/legacy_run`` was written by main at 344cb4e (flat ``trainer/`` and
+``pipeline/``): a tiny project, a pre-training stopped at iteration 2 of 4 and a 2-iteration
+fine-tuning; every path in it is relative to that folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.helpers import run_cli, train_records
+from tests.trainer.tiny_project import sets
+
+FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"
+
+
+@pytest.fixture
+def legacy(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "legacy_run"
+    shutil.copytree(FIXTURE, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_an_old_pretraining_run_resumes_to_its_end(legacy):
+    before = train_records(legacy / "pretrain")
+    assert [r["iter"] for r in before] == [1, 2]
+    code, _, err = run_cli(
+        "pretrain", "--config", "tiny.toml", *sets(), "--out", "pretrain", "--iters", "4",
+        "--resume",
+    )  # fmt: skip
+    assert code == 0, err
+    after = train_records(legacy / "pretrain")
+    assert [r["iter"] for r in after] == [1, 2, 3, 4]
+    assert after[:2] == before  # the old records are kept as they were
+    assert (legacy / "pretrain" / "checkpoints" / "iter_0000004.pt").exists()
+
+
+def test_an_old_finetuned_checkpoint_evaluates_to_its_recorded_metrics(legacy):
+    out = legacy / "eval.json"
+    code, _, err = run_cli(
+        "evaluate", "--config", "tiny.toml", *sets(), "--checkpoint",
+        "finetune/checkpoints/last.pt", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    recorded = json.loads((legacy / "finetune" / "metrics.json").read_text())["final"]
+    got = json.loads(out.read_text())["metrics"]
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert got[key] == pytest.approx(recorded[key], abs=1e-9), key
+    # the same masks, classes and scores as the fine-tuning's own final evaluation
+    assert _detections(legacy / "eval-segm.json") == _detections(
+        legacy / "finetune" / "detections-val.json"
+    )
+
+
+def _detections(path: Path) -> list[tuple]:
+    found = json.loads(path.read_text())
+    assert found, path
+    return sorted(
+        (d["image_id"], d["category_id"], round(d["score"], 5), d["segmentation"]["counts"])
+        for d in found
+    )
