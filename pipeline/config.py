@@ -271,7 +271,7 @@ class ProposalConfig:
     dup_iou: float = 1.0  # <1: drop a mask overlapping a higher-scored one above this IoU
     batch_size: int = 8  # images per backbone forward
     shard_size: int = 256  # images per HDF5 shard
-    workers: int = 0  # CPU actors when no GPU is present; 0: from the machine (README)
+    workers: int = 0  # CPU actors when no GPU is present; 0: from the machine (docs/usage.md)
     executor: str = "ray"  # "ray" or "local"
     prefetch: int = 2  # batches decoded ahead of the backbone
     # "bf16": the backbone's products in bf16 autocast (CPU with native bf16, or CUDA); the

@@ -11,7 +11,7 @@ is downloaded. Two roles:
   (the astronaut, the cat, the coffee cup, the motorcycle): stage one found those subjects first,
   and the labels called them background. :data:`BACKGROUNDS` lists the approved (photograph,
   treatment) pairs; the choice was made by measuring stage one on background-only images
-  (``bench/backgrounds.py``, README "The embedded demo: data and weights"), never by any
+  (``bench/backgrounds.py``, docs/usage.md "The embedded demo: data and weights"), never by any
   trained model's AP.
 
 Treatments: ``texture`` (a random crop of a texture photograph, as v1 cropped photographs),

@@ -13,7 +13,7 @@ Private local cluster (``RAY_ADDRESS`` unset). What is exposed, and what guards 
 
 Existing cluster (``RAY_ADDRESS`` set): the address is probed with a timeout first, so an
 unreachable one fails in one line instead of Ray's minutes of retries. That cluster's safety is
-its operator's: run it with ``RAY_AUTH_MODE=token`` on every node and the same token (README).
+its operator's: run it with ``RAY_AUTH_MODE=token`` on every node and the same token (docs/security.md).
 
 Only this module and ``pipeline.executors`` import Ray, and only when ``--executor ray`` is used.
 """
