@@ -39,7 +39,7 @@ from bench.flops import cpu_peak_gflops, step_flops  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.precision import autocast  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.engine import _compile  # noqa: E402
+from trainer.engine.loop import compile_network  # noqa: E402
 from trainer.pretrain import build_pretraining  # noqa: E402
 
 PHASES = ("data", "backbone", "forward", "losses", "backward", "optimiser")
@@ -106,7 +106,7 @@ def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
 
         optimizer, _ = optimizer_from_section(built.objective, cfg.maskrcnn)
     if mode["compile"]:
-        _compile(built.objective)
+        compile_network(built.objective)
     return built.objective.to(device), built.loader, built.frozen, built.store, optimizer
 
 

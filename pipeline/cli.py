@@ -110,7 +110,7 @@ def main(prog: str, commands: dict[str, str], argv: list[str] | None = None) -> 
         print(f"{prog} {args.command}: error: {where}{DISK_ERRORS[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        # A training loop says what it kept and how to continue (trainer/engine.py).
+        # A training loop says what it kept and how to continue (trainer/engine/loop.py).
         detail = f": {e}" if str(e) else ""
         print(f"{prog} {args.command}: interrupted{detail}", file=sys.stderr)
         return 130

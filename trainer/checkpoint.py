@@ -1,6 +1,6 @@
 """Checkpoints: atomic save, safe load, partial loading by name and shape, RNG state capture.
 
-A training checkpoint (written by trainer/engine.py) is a dict::
+A training checkpoint (written by trainer/engine/run_state.py) is a dict::
 
     {"model": objective.knet.state_dict(), "extras": pre-training-only modules (kernel
      supervision Linear), "optimizer", "scheduler", "scaler" (None without fp16 scaling),

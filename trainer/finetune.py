@@ -195,7 +195,8 @@ def _finetune(
 ) -> dict[str, Any]:
     from pipeline.backbones import build_backbone
     from trainer.distributed import dist_info
-    from trainer.engine import Schedule, train
+    from trainer.engine.loop import train
+    from trainer.engine.schedule import Schedule
     from trainer.loader import build_loader
     from trainer.optim import optimizer_from_section
 

@@ -36,7 +36,9 @@ from trainer.checkpoint import load_latest
 from trainer.config import Config, load_config
 from trainer.datasets import PseudoMaskSelection, ShardDataset
 from trainer.distributed import dist_info, init_distributed, shutdown_distributed
-from trainer.engine import Schedule, latest_checkpoint, train
+from trainer.engine.loop import train
+from trainer.engine.run_state import latest_checkpoint
+from trainer.engine.schedule import Schedule
 from trainer.feature_cache import cache_dir, describe, frozen_inputs
 from trainer.loader import build_loader
 from trainer.optim import fit_schedule, optimizer_from_section

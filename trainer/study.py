@@ -124,7 +124,7 @@ def variant_config(cfg: Config, sets: Sequence[str], *, seed: int, out: Path) ->
 def _check_pretrain_settings(cfg: Config, out: Path) -> None:
     """Refuse to reuse a pre-training folder made with other backbone, model or pretrain
     settings (``iters`` aside: a longer run may extend a shorter one)."""
-    from trainer.engine import config_changes
+    from trainer.engine.run_state import config_changes
 
     recorded = out / "config.toml"
     if not recorded.is_file():
@@ -151,7 +151,7 @@ def _check_pretrain_settings(cfg: Config, out: Path) -> None:
 def pretrain_or_reuse(cfg: Config) -> Path:
     """The last checkpoint of the pre-training ``cfg`` describes (pretrain.out), trained,
     resumed or reused."""
-    from trainer.engine import latest_checkpoint
+    from trainer.engine.run_state import latest_checkpoint
     from trainer.pretrain import run_pretrain, shards_folder
 
     p = cfg.pretrain

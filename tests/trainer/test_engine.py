@@ -19,7 +19,8 @@ from trainer.checkpoint import load_checkpoint, load_matching, save_checkpoint
 from trainer.config import FinetuneConfig, PretrainConfig
 from trainer.datasets import make_sample
 from trainer.distributed import shutdown_distributed
-from trainer.engine import Schedule, train
+from trainer.engine.loop import train
+from trainer.engine.schedule import Schedule
 from trainer.loader import build_loader
 from trainer.metrics_log import LogWindow, loss_groups, read_metrics
 from trainer.optim import build_optimizer, build_scheduler, optimizer_from_section

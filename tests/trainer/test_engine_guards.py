@@ -13,7 +13,8 @@ from pipeline.cli import UserError
 from tests.trainer.helpers import train_records
 from tests.trainer.test_engine import _setup
 from trainer.checkpoint import numbered_checkpoints
-from trainer.engine import Schedule, train
+from trainer.engine.loop import train
+from trainer.engine.schedule import Schedule
 from trainer.metrics_log import read_metrics
 
 

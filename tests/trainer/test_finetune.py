@@ -89,7 +89,8 @@ def test_resolve_names_and_defaults(tmp_path):
 def _write_pretrain_checkpoint(cfg, out_dir: Path) -> Path:
     """A real stage-two checkpoint: class-agnostic objective with prompts and kernel supervision,
     one engine iteration on a hand-made batch with seeds."""
-    from trainer.engine import Schedule, train
+    from trainer.engine.loop import train
+    from trainer.engine.schedule import Schedule
     from trainer.model.objective import build_objective
     from trainer.optim import build_optimizer, build_scheduler
 
