@@ -193,7 +193,6 @@ def _finetune(
     argv: list[str] | None,
     scratch: Path,
 ) -> dict[str, Any]:
-    from pipeline.backbones import build_backbone
     from trainer.distributed import dist_info
     from trainer.engine.loop import train
     from trainer.engine.schedule import Schedule
@@ -212,11 +211,8 @@ def _finetune(
         refuse_existing(out)
     _seed_everything(ft.seed)
     split, dataset = _training_set(cfg, scratch, resume, say)
-    objective = _objective(cfg, build_backbone(cfg.backbone), dataset.num_classes)
+    objective, skipped, init_note = _model(cfg, dataset)
     knet = objective.knet
-    knet.categories = [list(c) for c in dataset.categories]  # saved in every checkpoint
-    skipped, init_note = _initialise(cfg, knet)
-    knet.backbone.freeze(ft.frozen_stages)
     (dataset,), frozen, store = frozen_inputs(
         knet.backbone,
         enabled=ft.feature_cache,
@@ -252,16 +248,7 @@ def _finetune(
         write_text(out / "split.json", (scratch / "split.json").read_text())
         record_run(out, resolved, argv)
         write_json(out / "init.json", init)
-        say(
-            f"finetune: {split['num_images']} of the {split['total_images']} images of "
-            f"{cfg.data.train_json} ({split['method']}; frac {ft.frac:g} = --frac or "
-            f"finetune.frac, 1.0 for all), {len(dataset)} with objects, "
-            f"{dataset.num_classes} classes; batch {ft.batch_size} x {world} process(es) on "
-            f"{device}; {ft.iters} iterations -> {out}",
-            file=sys.stderr,
-        )
-        say(f"finetune: {init_note}", file=sys.stderr)
-        say(f"finetune: {describe(store)}", file=sys.stderr)
+        _announce(cfg, split, dataset, world, device, [init_note, describe(store)])
     result = train(
         objective,
         loader,
@@ -295,6 +282,34 @@ def _finetune(
     )
     write_json(out / "metrics.json", summary)
     return summary
+
+
+def _model(cfg: Config, dataset: Any) -> tuple[Any, list[str], str]:
+    """The objective over a fresh backbone, initialised from ``finetune.init`` (skipped keys and a
+    note saying what was loaded), with the dataset's categories and the frozen stages set."""
+    from pipeline.backbones import build_backbone
+
+    objective = _objective(cfg, build_backbone(cfg.backbone), dataset.num_classes)
+    knet = objective.knet
+    knet.categories = [list(c) for c in dataset.categories]  # saved in every checkpoint
+    skipped, init_note = _initialise(cfg, knet)
+    knet.backbone.freeze(cfg.finetune.frozen_stages)
+    return objective, skipped, init_note
+
+
+def _announce(cfg: Config, split, dataset, world: int, device, notes: list[str]) -> None:
+    """The run's first lines on stderr: which images, how many, where it goes, and ``notes``."""
+    ft = cfg.finetune
+    print(
+        f"finetune: {split['num_images']} of the {split['total_images']} images of "
+        f"{cfg.data.train_json} ({split['method']}; frac {ft.frac:g} = --frac or "
+        f"finetune.frac, 1.0 for all), {len(dataset)} with objects, "
+        f"{dataset.num_classes} classes; batch {ft.batch_size} x {world} process(es) on "
+        f"{device}; {ft.iters} iterations -> {Path(ft.out)}",
+        file=sys.stderr,
+    )
+    for note in notes:
+        print(f"finetune: {note}", file=sys.stderr)
 
 
 def optimiser_section(cfg: Config) -> Any:

@@ -166,6 +166,55 @@ def pretrain_or_reuse(cfg: Config) -> Path:
     return out / "checkpoints" / "last.pt"
 
 
+class _StudyRuns:
+    """The study's fine-tuning rows as they finish: per row its run records and label, and per
+    pre-training its summary. ``main`` turns False on a non-zero distributed rank."""
+
+    def __init__(self, folder: Path, frac: float | None, iters: int | None) -> None:
+        self.folder, self.frac, self.iters = folder, frac, iters
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.labels: dict[str, str] = {}
+        self.pretraining: dict[str, dict[str, Any]] = {}
+        self.main = True
+
+    def fine_tune(self, cfg: Config, row: str, name: str, seed: int, pseed: int | None, init: str):
+        run_cfg = run_config(
+            cfg, frac=self.frac, init=init, iters=self.iters,
+            out=self.folder / "finetune" / f"{name}-seed{seed}", seed=seed,
+        )  # fmt: skip
+        summary = run_or_reuse(run_cfg)
+        if not summary:
+            self.main = False  # a non-zero rank: it trains along, rank 0 reports
+            return run_cfg
+        self.rows.setdefault(row, []).append(run_record(run_cfg, summary, row, pseed))
+        return run_cfg
+
+    def variant(self, cfg: Config, name: str, label: str, sets, pseeds, seeds) -> None:
+        """Pre-train variant ``name`` once per pre-training seed, fine-tune each over the seeds;
+        with several pre-training seeds also a row pooled over them."""
+        for p in pseeds:
+            vcfg = variant_config(cfg, sets, seed=p, out=self.folder / f"pretrain-{name}-p{p}")
+            ckpt = pretrain_or_reuse(vcfg)
+            self.pretraining[f"{name}-p{p}"] = pretrain_summary(Path(vcfg.pretrain.out), ckpt)
+            row = name if len(pseeds) == 1 else f"{name}@p{p}"
+            self.labels[row] = label if len(pseeds) == 1 else f"{label}, pre-training seed {p}"
+            for s in seeds:
+                self.fine_tune(vcfg, row, f"{name}-p{p}", s, p, str(ckpt))
+        if len(pseeds) > 1 and self.main:
+            self.rows[name] = [r for p in pseeds for r in self.rows[f"{name}@p{p}"]]
+            self.labels[name] = f"{label}, pooled over pre-training seeds"
+
+    def baselines(self, cfg: Config, seeds, references: Sequence[str]) -> Config:
+        """The baseline and each reference kind over the seeds; returns a baseline run's config."""
+        for s in seeds:
+            base_cfg = self.fine_tune(cfg, BASELINE, BASELINE, s, None, NO_INIT)
+            for kind in references:
+                self.fine_tune(reference_config(cfg, kind), kind, kind, s, None, NO_INIT)
+        self.labels[BASELINE] = "baseline (backbone only)"
+        self.labels.update({k: REFERENCE_LABELS[k] for k in references})
+        return base_cfg
+
+
 def study(
     cfg: Config,
     *,
@@ -190,61 +239,13 @@ def study(
         if note:
             print(note, file=sys.stderr)
     folder = Path(out) if out else default_folder(cfg, frac, "study")
-    tuned = folder / "finetune"
-    rows: dict[str, list[dict[str, Any]]] = {}
-    labels: dict[str, str] = {}
-    pretraining: dict[str, dict[str, Any]] = {}
-    main = True
-
-    def fine_tune(run_cfg: Config, row: str, pseed: int | None) -> None:
-        nonlocal main
-        summary = run_or_reuse(run_cfg)
-        if not summary:
-            main = False  # a non-zero rank: it trains along, rank 0 reports
-            return
-        rows.setdefault(row, []).append(run_record(run_cfg, summary, row, pseed))
-
+    runs = _StudyRuns(folder, frac, iters)
     for name, (label, sets) in chosen.items():
-        for p in pseeds:
-            vcfg = variant_config(cfg, sets, seed=p, out=folder / f"pretrain-{name}-p{p}")
-            ckpt = pretrain_or_reuse(vcfg)
-            pretraining[f"{name}-p{p}"] = pretrain_summary(Path(vcfg.pretrain.out), ckpt)
-            row = name if len(pseeds) == 1 else f"{name}@p{p}"
-            labels[row] = label if len(pseeds) == 1 else f"{label}, pre-training seed {p}"
-            for s in seeds:
-                run_cfg = run_config(
-                    vcfg,
-                    frac=frac,
-                    init=str(ckpt),
-                    iters=iters,
-                    out=tuned / f"{name}-p{p}-seed{s}",
-                    seed=s,
-                )
-                fine_tune(run_cfg, row, p)
-        if len(pseeds) > 1 and main:
-            pooled = [r for p in pseeds for r in rows[f"{name}@p{p}"]]
-            rows[name] = pooled
-            labels[name] = f"{label}, pooled over pre-training seeds"
-    for s in seeds:
-        base_cfg = run_config(
-            cfg, frac=frac, init=NO_INIT, iters=iters, out=tuned / f"{BASELINE}-seed{s}", seed=s
-        )
-        fine_tune(base_cfg, BASELINE, None)
-        for kind in references:
-            ref_cfg = run_config(
-                reference_config(cfg, kind),
-                frac=frac,
-                init=NO_INIT,
-                iters=iters,
-                out=tuned / f"{kind}-seed{s}",
-                seed=s,
-            )
-            fine_tune(ref_cfg, kind, None)
-    if not main:
+        runs.variant(cfg, name, label, sets, pseeds, seeds)
+    base_cfg = runs.baselines(cfg, seeds, references)
+    if not runs.main:
         return {}
-    labels[BASELINE] = "baseline (backbone only)"
-    labels.update({k: REFERENCE_LABELS[k] for k in references})
-    split = check_same_split([r for runs in rows.values() for r in runs])
+    split = check_same_split([r for rows in runs.rows.values() for r in rows])
     settings = settings_record(
         base_cfg,
         split,
@@ -254,9 +255,8 @@ def study(
         pretrain_iters=cfg.pretrain.iters,
         variants={name: sets for name, (_, sets) in chosen.items()},
         references=list(references),
-        pretraining=pretraining,
+        pretraining=runs.pretraining,
     )
-    plotted = [k for k in rows if len(pseeds) == 1 or "@p" not in k]
     return write_report(
         folder,
         title=f"Saliency Prompt ablations: {cfg.name}, {base_cfg.finetune.frac:g} of the images",
@@ -267,15 +267,15 @@ def study(
             f"{', '.join(map(str, pseeds))} (pretrain.seed).",
             *reference_lines(cfg, references),
         ],
-        rows=rows,
-        labels=labels,
+        rows=runs.rows,
+        labels=runs.labels,
         baseline=BASELINE,
         settings=settings,
-        plot_rows=plotted,
+        plot_rows=[k for k in runs.rows if len(pseeds) == 1 or "@p" not in k],
         extra=[
             "Pre-training runs (train records of metrics.jsonl, first and last):",
             "",
-            pretrain_table(pretraining),
+            pretrain_table(runs.pretraining),
             "",
         ],
     )
