@@ -1,8 +1,9 @@
 """Which background material has no salient subject? Stage one's own answer, measured.
 
-For every candidate (photograph, treatment) of ``pipeline.demo_sources``, renders N background-only
+For every candidate (photograph, treatment) of ``pipeline.demo.sources``, renders N background-only
 images exactly as the demo generator draws backgrounds (same sizes, same colour jitter), runs the
-demo config's stage one on them (frozen backbone + ``pipeline.saliency.propose``) and counts the
+demo config's stage one on them (frozen backbone + ``pipeline.saliency.propose.propose``) and
+counts the
 pseudo masks that survive. On a background with no subject every one of them is a false object:
 pre-training would learn it as an object while the labels call it background. The demo's approved
 list (``demo_sources.BACKGROUNDS``) is the candidates whose count is at most the plain texture
@@ -28,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic_files import write_json  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
+from pipeline.backbones.backbone import build_backbone  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.demo_sources import PHOTOS, TREATMENTS, render_background  # noqa: E402
-from pipeline.images import normalise, pad_batch, resize_keep_ratio  # noqa: E402
-from pipeline.saliency import propose  # noqa: E402
+from pipeline.demo.sources import PHOTOS, TREATMENTS, render_background  # noqa: E402
+from pipeline.inputs.images import normalise, pad_batch, resize_keep_ratio  # noqa: E402
+from pipeline.saliency.propose import propose  # noqa: E402
 
 TEXTURES = ("brick.png", "grass.png", "gravel.png", "moon.png", "hubble_deep_field.jpg", "ihc.png")
 

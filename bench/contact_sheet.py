@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.images import decode_image  # noqa: E402
-from pipeline.render import render_tile  # noqa: E402
-from pipeline.shard_reader import iter_records, shard_paths  # noqa: E402
-from pipeline.shards import STATUS_EMPTY  # noqa: E402
+from pipeline.inputs.images import decode_image  # noqa: E402
+from pipeline.inspect.render import render_tile  # noqa: E402
+from pipeline.shards.reader import iter_records, shard_paths  # noqa: E402
+from pipeline.shards.schema import STATUS_EMPTY  # noqa: E402
 
 
 def records(folder: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.flops import cpu_peak_gflops
-from pipeline.proposal_worker import ProposalWorker
+from pipeline.executors.worker import ProposalWorker
 
 
 def precision_runs(

@@ -47,8 +47,10 @@ from bench.precisions import batch_size_runs, precision_runs, thread_runs  # noq
 from pipeline import cli  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.executors import run_local, run_ray  # noqa: E402
-from pipeline.images import (  # noqa: E402
+from pipeline.executors.dispatch import run_local, run_ray  # noqa: E402
+from pipeline.executors.ray_cluster import machine_cpus, ray_init  # noqa: E402
+from pipeline.executors.worker import ProposalWorker, masks_to_rles  # noqa: E402
+from pipeline.inputs.images import (  # noqa: E402
     decode_image,
     list_images,
     normalise,
@@ -56,11 +58,9 @@ from pipeline.images import (  # noqa: E402
     resize_keep_ratio,
 )
 from pipeline.precision import autocast  # noqa: E402
-from pipeline.proposal_worker import ProposalWorker, masks_to_rles  # noqa: E402
-from pipeline.ray_cluster import machine_cpus, ray_init  # noqa: E402
-from pipeline.saliency import propose  # noqa: E402
-from pipeline.shard_plan import make_plan  # noqa: E402
-from pipeline.shards import ImageRecord, write_shard  # noqa: E402
+from pipeline.saliency.propose import propose  # noqa: E402
+from pipeline.shards.plan import make_plan  # noqa: E402
+from pipeline.shards.schema import ImageRecord, write_shard  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -234,7 +234,7 @@ def rss_child(args: argparse.Namespace) -> None:
     ]
     for o in args.overrides:
         argv += ["--set", o]
-    rc = cli.main("pipeline", {"proposals": "pipeline.proposals"}, argv)
+    rc = cli.main("pipeline", {"proposals": "pipeline.executors.proposals"}, argv)
     if rc:
         sys.exit(rc)
     mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes

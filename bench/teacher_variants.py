@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic_files import write_json  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
+from pipeline.backbones.backbone import build_backbone  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.images import list_images  # noqa: E402
-from pipeline.proposal_worker import ProposalWorker, to_records  # noqa: E402
-from pipeline.saliency import propose  # noqa: E402
-from pipeline.shard_plan import PLAN_FILE, make_plan, plan_hash, plan_inputs  # noqa: E402
-from pipeline.shards import shard_name, write_shard  # noqa: E402
+from pipeline.executors.worker import ProposalWorker, to_records  # noqa: E402
+from pipeline.inputs.images import list_images  # noqa: E402
+from pipeline.saliency.propose import propose  # noqa: E402
+from pipeline.shards.plan import PLAN_FILE, make_plan, plan_hash, plan_inputs  # noqa: E402
+from pipeline.shards.schema import shard_name, write_shard  # noqa: E402
 
 
 def main() -> int:

@@ -40,7 +40,7 @@ from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.precision import autocast  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine.loop import compile_network  # noqa: E402
-from trainer.pretrain import build_pretraining  # noqa: E402
+from trainer.stages.pretrain import build_pretraining  # noqa: E402
 
 PHASES = ("data", "backbone", "forward", "losses", "backward", "optimiser")
 
@@ -87,7 +87,7 @@ def parse_mode(text: str) -> dict:
 
 
 def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
-    """The pretrain command's own set-up (trainer.pretrain.build_pretraining), mode as asked.
+    """The pretrain command's own set-up (trainer.stages.pretrain.build_pretraining), mode as asked.
 
     A model that Saliency Prompt does not pre-train (``model.kind = "maskrcnn"``) trains here on
     the same images, batch and input size with the pseudo masks as class-agnostic labels and no
@@ -102,7 +102,7 @@ def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
     built = build_pretraining(cfg, shards, None, device)
     optimizer = built.optimizer
     if cfg.model.kind not in QUERY_KINDS:  # its own optimiser ([maskrcnn]), as fine-tuning uses
-        from trainer.optim import optimizer_from_section
+        from trainer.engine.optim import optimizer_from_section
 
         optimizer, _ = optimizer_from_section(built.objective, cfg.maskrcnn)
     if mode["compile"]:

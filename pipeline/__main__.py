@@ -5,9 +5,9 @@ import sys
 from pipeline.cli import main
 
 COMMANDS = {
-    "data": "pipeline.demo_data",
-    "proposals": "pipeline.proposals",
-    "inspect": "pipeline.inspector",
+    "data": "pipeline.demo.data",
+    "proposals": "pipeline.executors.proposals",
+    "inspect": "pipeline.inspect.command",
 }
 
 if __name__ == "__main__":

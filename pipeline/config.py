@@ -263,7 +263,7 @@ class ProposalConfig:
     score_threshold: float = 0.7  # decayed maskness to keep a mask
     min_center_y: float = 0.2  # mask's vertical centre must lie below this fraction of the height
     max_box_width: float = 0.95  # box must be narrower than this fraction of the width
-    # Clean-up of the kept masks (pipeline/mask_cleanup.py); the defaults are the paper's form.
+    # Clean-up of the kept masks (pipeline/saliency/cleanup.py); the defaults are the paper's form.
     keep_component: bool = False  # keep the peak's connected piece (and pieces >= piece_share)
     piece_share: float = 0.5  # other pieces kept: at least this share of the peak's piece
     split_share: float = 0.0  # >0: pieces >= this share of the largest become instances

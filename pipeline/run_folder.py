@@ -23,7 +23,8 @@ from pathlib import Path
 from pipeline.cli import UserError
 
 LOCK_FILE = ".run.lock"
-# Temporary names of pipeline/atomic_files.py, trainer/checkpoint.py and pipeline/shards.py.
+# Temporary names of pipeline/atomic_files.py, trainer/engine/checkpoint.py and
+# pipeline/shards/schema.py.
 _TEMP_RE = re.compile(r"^(\..+\.\d+\.tmp|shard-\d{5,}\.h5\.[^.]+\.tmp)$")
 
 

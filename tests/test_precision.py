@@ -15,17 +15,17 @@ from pipeline import precision as precision_mod
 from pipeline.cli import UserError
 from pipeline.config import ProposalConfig
 from pipeline.precision import check_precision, effective_precision
-from pipeline.shard_plan import compute_fingerprint
+from pipeline.shards.plan import compute_fingerprint
 from tests.pipeline.test_proposals import _images
 from trainer.config_compat import with_later_defaults
-from trainer.feature_cache import FeatureStore
-from trainer.resume import meaning_changes
+from trainer.data.feature_cache import FeatureStore
+from trainer.engine.resume import meaning_changes
 
 NATIVE_BF16 = precision_mod.cpu_has_native_bf16()
 
 
 def _masks(worker, items):
-    from pipeline.images import ImageItem
+    from pipeline.inputs.images import ImageItem
 
     records = worker._infer([worker.load(ImageItem(p.name, i, p)) for i, p in enumerate(items)])
     worker.scores = np.concatenate([r.scores for r in records if r.scores is not None])
@@ -49,8 +49,8 @@ def _best_iou(a: np.ndarray, masks: np.ndarray) -> float:
 def test_bf16_stage_one_masks_match_fp32(tmp_path):
     """Two images through a tiny ViT: every fp32 mask has a bf16 mask at IoU >= 0.9 (the stated
     tolerance: bf16 keeps 8 bits of mantissa, so a few cells at a threshold may flip)."""
-    from pipeline.backbones import DinoV2ViTS14
-    from pipeline.proposal_worker import ProposalWorker
+    from pipeline.backbones.backbone import DinoV2ViTS14
+    from pipeline.executors.worker import ProposalWorker
 
     torch.manual_seed(0)
     net = DinoV2ViTS14(pos_grid=4)

@@ -6,16 +6,16 @@ import sys
 from pipeline.cli import main
 
 COMMANDS = {
-    "pretrain": "trainer.pretrain",
-    "finetune": "trainer.finetune",
-    "evaluate": "trainer.evaluate",
-    "compare": "trainer.compare",
-    "study": "trainer.study",
-    "efficiency": "trainer.efficiency",
-    "kernels": "trainer.kernels",
-    "predict": "trainer.predict",
-    "export": "trainer.export",
-    "pseudo-label": "trainer.pseudo_label",
+    "pretrain": "trainer.stages.pretrain",
+    "finetune": "trainer.stages.finetune",
+    "evaluate": "trainer.stages.evaluate",
+    "compare": "trainer.experiments.compare",
+    "study": "trainer.experiments.study",
+    "efficiency": "trainer.experiments.efficiency",
+    "kernels": "trainer.experiments.kernels",
+    "predict": "trainer.inference.predict",
+    "export": "trainer.inference.export",
+    "pseudo-label": "trainer.stages.pseudo_label",
 }
 
 if __name__ == "__main__":

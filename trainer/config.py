@@ -130,7 +130,8 @@ class ModelConfig:
     encoder_layers: int = 6  # deformable encoder layers of the pixel decoder
     encoder_ffn_dim: int = 1024
     encoder_points: int = 4  # sampling points per head and level
-    # Mask costs and losses (trainer/point_sampling.py): "auto" = each model's published choice
+    # Mask costs and losses (trainer/criterion/point_sampling.py): "auto" = each model's published
+    # choice
     # (K-Net every cell, Mask2Former points), "dense" or "points" for either model.
     mask_loss: str = "auto"
     num_points: int = 12544  # 112 x 112: uniform for matching, importance-sampled for the losses
@@ -146,7 +147,8 @@ class ModelConfig:
     # both models publish).
     test_score: str = "auto"
     test_nms_iou: float = 0.0
-    # The set criterion's mask-cost and Dice forms (trainer/matcher.py, docs/method.md) for
+    # The set criterion's mask-cost and Dice forms (trainer/criterion/matcher.py, docs/method.md)
+    # for
     # either model: "mask2former" (mean-BCE mask cost, +1-smoothed Dice; what both models used
     # before the switch existed) or "knet" (K-Net's published linear mask cost and V-Net Dice with
     # squared terms, for the matching cost and the Dice loss). The mask loss stays BCE in both.
@@ -202,16 +204,19 @@ class PretrainConfig:
     kernel_supervision: bool = True  # 1 - cos(K_n, t_l) (ablation switch)
     prompt_slots: int = 20
     prompt_keep: float = 0.9  # Bernoulli keep probability per kernel
-    # Frozen-feature cache (trainer/feature_cache.py): the frozen backbone's levels computed once
+    # Frozen-feature cache (trainer/data/feature_cache.py): the frozen backbone's levels computed
+    # once
     # per (image, size, flip) and read back; exact. Directory empty = runs/<name>/feature-cache.
     feature_cache: bool = False
     feature_cache_dir: str = ""
-    # Kernel-supervision target t_l (a remedy switch for the targets' collapse, trainer/prompts.py):
+    # Kernel-supervision target t_l (a remedy switch for the targets' collapse,
+    # trainer/criterion/prompts.py):
     # "linear" (the paper: trainable Linear(S_l)), "detached" (that Linear, gradient stopped, so
     # only kernels move) or "frozen_orthogonal" (a fixed random orthogonal projection).
     ks_target: str = "linear"
     ks_decorrelation: float = 0.0  # weight of the mean squared pairwise cosine of the t_l
-    # Pretext fit during pre-training (trainer/pretext.py): a seeded share of the unlabelled pool
+    # Pretext fit during pre-training (trainer/stages/pretext.py): a seeded share of the unlabelled
+    # pool
     # (by a hash of each file name, so the same on resume and across shard layouts) is held out
     # of training; every eval_every iterations the model is scored class-agnostically against
     # those images' pseudo masks, against the val ground truth when data.val_json is set, and
@@ -221,12 +226,14 @@ class PretrainConfig:
     holdout_seed: int = 0
     eval_every: int = 1000
     teacher_val: str = ""
-    # Which pseudo masks are targets (trainer/datasets.py): at least this score, at most this many
+    # Which pseudo masks are targets (trainer/data/datasets.py): at least this score, at most this
+    # many
     # per image (best first, 0: all) and at least this share of the image's area.
     pseudo_min_score: float = 0.0
     pseudo_max_masks: int = 0
     pseudo_min_area: float = 0.0
-    # CutLER's DropLoss (trainer/drop_loss.py): an unmatched kernel whose predicted mask has IoU
+    # CutLER's DropLoss (trainer/criterion/drop_loss.py): an unmatched kernel whose predicted mask
+    # has IoU
     # below this with every pseudo mask gets no background class loss, at every stage with a
     # class loss; 0 = off (the paper's behaviour), CutLER uses 0.01.
     drop_loss_iou: float = 0.0
@@ -329,20 +336,24 @@ class MaskRCNNConfig:
 
 @dataclass
 class CompareConfig:
-    """``compare`` and ``study`` (trainer/compare.py, trainer/study.py): what is repeated."""
+    """``compare`` and ``study`` (trainer/experiments/compare.py, trainer/experiments/study.py):
+    what is repeated."""
 
     RANGES: ClassVar[dict[str, Range | OneOf]] = {"seeds": SEED, "pretrain_seeds": SEED}
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds (finetune.seed)
     pretrain_seeds: list[int] = field(default_factory=lambda: [0])  # study: pretrain.seed values
-    variants: list[str] = field(  # study: pre-training variants (trainer/study.py VARIANTS)
-        default_factory=lambda: ["full", "no_prompts", "no_ks", "neither"]
+    variants: list[str] = (
+        field(  # study: pre-training variants (trainer/experiments/study.py VARIANTS)
+            default_factory=lambda: ["full", "no_prompts", "no_ks", "neither"]
+        )
     )
 
 
 @dataclass
 class EfficiencyConfig:
-    """``efficiency`` (trainer/efficiency.py): the labelled fractions of the label-efficiency
+    """``efficiency`` (trainer/experiments/efficiency.py): the labelled fractions of the
+    label-efficiency
     curve and each one's fine-tuning budget (the same for every init at a fraction)."""
 
     RANGES: ClassVar[dict[str, Range | OneOf]] = {"fracs": POSITIVE_FRACTION, "iters": AT_LEAST_ONE}

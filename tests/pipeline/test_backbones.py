@@ -1,15 +1,15 @@
 """Backbones: level and saliency shapes, freezing semantics, weights fingerprints, config errors,
-and the loader names that stay importable from ``pipeline.backbones``."""
+and the loader names that stay importable from ``pipeline.backbones.backbone``."""
 
 import pytest
 import torch
 
-import pipeline.backbones as backbones
-from pipeline import resnet_weights, vit_weights, weight_files
-from pipeline.backbones import ResNet50, build_backbone, weights_fingerprint
+import pipeline.backbones.backbone as backbones
+from pipeline.backbones import resnet_weights, vit_weights, weight_files
+from pipeline.backbones.backbone import ResNet50, build_backbone, weights_fingerprint
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from pipeline.images import pad_batch
+from pipeline.inputs.images import pad_batch
 
 torch.set_num_threads(1)
 
@@ -113,7 +113,7 @@ def test_weights_fingerprint(resnet):
 
 
 def test_moved_loader_names_stay_importable_from_backbones():
-    # Callers import these from pipeline.backbones; they must be the loaders' own objects.
+    # Callers import these from pipeline.backbones.backbone; they must be the loaders' own objects.
     assert backbones.LoadReport is weight_files.LoadReport
     assert backbones.CONTAINER_KEYS is weight_files.CONTAINER_KEYS
     assert backbones.load_resnet50_checkpoint is resnet_weights.load_resnet50_checkpoint
@@ -203,9 +203,10 @@ def test_random_weights_are_seeded(kind):
 
 
 def test_batch_size_is_fingerprinted_only_for_batch_dependent_backbones():
-    # pipeline.proposals reads batch_invariant: batch_size changes a ResNet's border cells only.
+    # pipeline.executors.proposals reads batch_invariant: batch_size changes a ResNet's border
+    # cells only.
     from pipeline.config import ProposalConfig
-    from pipeline.shard_plan import compute_fingerprint, result_settings
+    from pipeline.shards.plan import compute_fingerprint, result_settings
 
     base, other = ProposalConfig(batch_size=2), ProposalConfig(batch_size=3)
     for kind, invariant in (("dinov2_vits14", True), ("resnet50", False)):

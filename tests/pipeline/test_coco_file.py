@@ -1,4 +1,5 @@
-"""COCO file validation (pipeline/coco_file.py): every malformed case of issue 15 is refused or
+"""COCO file validation (pipeline/inputs/coco_file.py): every malformed case of issue 15 is refused
+or
 skipped with a line naming the file, the image or annotation and the field."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.cli import UserError
-from pipeline.coco_file import load_coco_file
-from pipeline.coco_segmentation import rle_string_counts
+from pipeline.inputs.coco_file import load_coco_file
+from pipeline.inputs.coco_segmentation import rle_string_counts
 
 
 def _rle(h: int, w: int) -> dict:

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 
 from pipeline.cli import main
 from pipeline.config import DataConfig
-from pipeline.demo_data import CATEGORIES, area_bucket, build_demo_dataset, render_sample
+from pipeline.demo.data import CATEGORIES, area_bucket, build_demo_dataset, render_sample
 
 TINY = DataConfig(seed=3, num_train=6, num_val=3, min_size=96, max_size=160)
 
@@ -160,14 +160,14 @@ def test_cli_writes_dataset_config_and_preview(tmp_path):
     )
     out, png = tmp_path / "data", tmp_path / "preview.png"
     argv = ["data", "--config", str(config), "--out", str(out), "--preview", str(png)]
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 0
     assert len(list((out / "train").glob("*.jpg"))) == 4
     assert (out / "annotations" / "instances_val.json").is_file()
     assert "num_train = 4" in (out / "config.toml").read_text()
     assert cv2.imread(str(png)) is not None
     # A smaller rebuild into the same folder leaves no stale images behind.
     argv = ["data", "--config", str(config), "--out", str(out), "--set", "data.num_train=2"]
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 0
     assert sorted(p.name for p in (out / "train").glob("*.jpg")) == [
         "train_000000.jpg",
         "train_000001.jpg",
@@ -186,7 +186,7 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys):
         "--set",
         "data.min_size=500",
     ]
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 2
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 2
     assert "min_size" in capsys.readouterr().err
 
 
@@ -194,8 +194,8 @@ def test_backgrounds_come_only_from_the_measured_subject_free_list(monkeypatch):
     """The property "no salient unlabelled subject": every background is drawn from BACKGROUNDS,
     and every entry there was measured (bench/backgrounds.py) to give stage one no more pseudo
     masks on a background-only image than the plain texture photographs do."""
-    import pipeline.demo_data as demo_data
-    from pipeline.demo_sources import BACKGROUNDS, PHOTOS
+    import pipeline.demo.data as demo_data
+    from pipeline.demo.sources import BACKGROUNDS, PHOTOS
 
     drawn = []
     real = demo_data.render_background
@@ -229,15 +229,15 @@ def test_if_stale_skips_a_current_folder_and_rebuilds_another_version(tmp_path, 
     )
     out = tmp_path / "data"
     argv = ["data", "--config", str(config), "--out", str(out), "--if-stale"]
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data_version"] == 2 and len(summary["digest"]) == 64
     capsys.readouterr()
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 0
     assert "up to date" in capsys.readouterr().out
     # A folder of another data version (or whose labels changed) is rebuilt whole.
     (out / "summary.json").write_text(json.dumps({**summary, "data_version": 1}))
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 0
     assert "up to date" not in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["data_version"] == 2
 
@@ -254,11 +254,11 @@ def test_a_folder_of_the_users_own_data_is_left_alone(tmp_path, capsys):
     mine.write_text('{"images": []}')
     (out / "train" / "train_000123.jpg").write_bytes(b"my photo")
     argv = ["data", "--config", str(config), "--out", str(out)]
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 2
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(out) in err[0] and "--overwrite" in err[0]
     assert mine.read_text() == '{"images": []}'
     assert (out / "train" / "train_000123.jpg").read_bytes() == b"my photo"
-    assert main("pipeline", {"data": "pipeline.demo_data"}, [*argv, "--overwrite"]) == 0
+    assert main("pipeline", {"data": "pipeline.demo.data"}, [*argv, "--overwrite"]) == 0
     assert not (out / "train" / "train_000123.jpg").exists()
-    assert main("pipeline", {"data": "pipeline.demo_data"}, argv) == 0  # now ours: rebuilt
+    assert main("pipeline", {"data": "pipeline.demo.data"}, argv) == 0  # now ours: rebuilt

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import shards as shards_module
 from pipeline.atomic_files import write_json
 from pipeline.cli import main
-from pipeline.shards import STATUS_EMPTY, ImageRecord, list_temp_files, write_shard
-from trainer.checkpoint import save_checkpoint
+from pipeline.shards import schema as shards_module
+from pipeline.shards.schema import STATUS_EMPTY, ImageRecord, list_temp_files, write_shard
+from trainer.engine.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.backbones.backbone import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.cli import UserError
-from pipeline.image_files import ImageLimits
-from pipeline.images import (
+from pipeline.inputs.image_files import ImageLimits
+from pipeline.inputs.images import (
     ImageItem,
     UnreadableImage,
     _to_rgb8,
@@ -96,7 +96,7 @@ def test_too_small(tmp_path):
 def test_over_opencv_pixel_limit_is_reported(tmp_path):
     p = _write_cv(tmp_path / "big.png", _blocks(40, 40))
     code = (
-        "import sys; from pipeline.images import decode_image, UnreadableImage\n"
+        "import sys; from pipeline.inputs.images import decode_image, UnreadableImage\n"
         "try:\n    decode_image(sys.argv[1])\nexcept UnreadableImage as e:\n    print(e)\n"
     )
     env = dict(os.environ, OPENCV_IO_MAX_IMAGE_PIXELS="1000", OMP_NUM_THREADS="1")

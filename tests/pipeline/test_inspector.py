@@ -18,11 +18,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.cli import UserError, main
-from pipeline.coco_export import to_coco
-from pipeline.inspector import find_image, summarise
-from pipeline.recall import recall_against_gt
-from pipeline.render import PALETTE, render
-from pipeline.shards import (
+from pipeline.inspect.coco_export import to_coco
+from pipeline.inspect.command import find_image, summarise
+from pipeline.inspect.recall import recall_against_gt
+from pipeline.inspect.render import PALETTE, render
+from pipeline.shards.schema import (
     STATUS_EMPTY,
     STATUS_OK,
     STATUS_UNREADABLE,
@@ -32,7 +32,7 @@ from pipeline.shards import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = {"inspect": "pipeline.inspector"}
+COMMANDS = {"inspect": "pipeline.inspect.command"}
 C = 4
 META = {
     "fingerprint": "a" * 64,

@@ -7,8 +7,7 @@ import dataclasses
 import torch
 
 from pipeline.config import ProposalConfig
-from pipeline.empty_reasons import before_filters
-from pipeline.mask_cleanup import (
+from pipeline.saliency.cleanup import (
     clean_kept,
     component_labels,
     duplicates,
@@ -16,8 +15,9 @@ from pipeline.mask_cleanup import (
     keep_peak_component,
     split_pieces,
 )
-from pipeline.saliency import propose
-from pipeline.shard_plan import compute_fingerprint, result_settings
+from pipeline.saliency.empty_reasons import before_filters
+from pipeline.saliency.propose import propose
+from pipeline.shards.plan import compute_fingerprint, result_settings
 
 
 def disc(h: int, w: int, cy: float, cx: float, r: float) -> torch.Tensor:

@@ -1,12 +1,13 @@
-"""Ground-truth-free mask statistics (pipeline/mask_stats.py) and how inspect reports them."""
+"""Ground-truth-free mask statistics (pipeline/saliency/mask_stats.py) and how inspect reports
+them."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.mask_stats import StatsCollector, format_stats, image_stats
-from pipeline.render import best_masks
-from pipeline.shards import STATUS_EMPTY, ImageRecord, shard_name, write_shard
+from pipeline.inspect.render import best_masks
+from pipeline.saliency.mask_stats import StatsCollector, format_stats, image_stats
+from pipeline.shards.schema import STATUS_EMPTY, ImageRecord, shard_name, write_shard
 from tests.pipeline.test_inspector import META, ok_record, rle, run_cli
 
 H, W = 40, 48

@@ -14,14 +14,14 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.cli import UserError
-from pipeline.images import list_images
-from pipeline.inspector import image_root
-from pipeline.proposals import prepare_out
-from pipeline.render import render
-from pipeline.shard_plan import make_plan, plan_inputs
-from pipeline.shards import STATUS_OK, ImageRecord, shard_name, write_shard
-from trainer.datasets import ShardDataset
-from trainer.transforms import Augment
+from pipeline.executors.proposals import prepare_out
+from pipeline.inputs.images import list_images
+from pipeline.inspect.command import image_root
+from pipeline.inspect.render import render
+from pipeline.shards.plan import make_plan, plan_inputs
+from pipeline.shards.schema import STATUS_OK, ImageRecord, shard_name, write_shard
+from trainer.data.datasets import ShardDataset
+from trainer.data.transforms import Augment
 
 H, W = 24, 32
 META = {

@@ -24,10 +24,10 @@ from PIL import Image
 
 from pipeline.cli import main as cli_main
 from pipeline.config import ProposalConfig
-from pipeline.images import ImageItem, list_images
-from pipeline.proposal_worker import ProposalWorker
-from pipeline.shard_plan import compute_fingerprint, make_plan, plan_hash, result_settings
-from pipeline.shards import (
+from pipeline.executors.worker import ProposalWorker
+from pipeline.inputs.images import ImageItem, list_images
+from pipeline.shards.plan import compute_fingerprint, make_plan, plan_hash, result_settings
+from pipeline.shards.schema import (
     STATUS_EMPTY,
     STATUS_OK,
     STATUS_UNREADABLE,
@@ -39,12 +39,12 @@ from pipeline.shards import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = {"proposals": "pipeline.proposals"}
+COMMANDS = {"proposals": "pipeline.executors.proposals"}
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    from pipeline.backbones import DinoV2ViTS14
+    from pipeline.backbones.backbone import DinoV2ViTS14
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "vits14.pth"
@@ -353,7 +353,7 @@ def test_coco_json_input_keeps_ids(tmp_path, weights):
 
 
 def test_failed_shard_is_reported_not_dropped(tmp_path, weights, monkeypatch, capsys):
-    from pipeline import executors
+    from pipeline.executors import dispatch as executors
 
     real = ProposalWorker.process_shard
     calls = []
@@ -405,15 +405,16 @@ class DiesOnce(ProposalWorker):
 @pytest.mark.ray
 def test_ray_matches_local_and_survives_a_dead_actor(tmp_path, weights, monkeypatch):
     pytest.importorskip("ray")
-    from pipeline import executors, proposals
-    from pipeline.ray_cluster import ray_init
+    from pipeline.executors import dispatch as executors
+    from pipeline.executors import proposals
+    from pipeline.executors.ray_cluster import ray_init
 
     images = _images(tmp_path / "imgs", 8)
     config = _config(tmp_path, weights)
     assert _run(config, images, tmp_path / "local", "--executor", "local") == 0
     # The CLI's Ray path, with actors whose process exits on their first try at shard 1: the
     # dead actor is replaced and the batch retried on a live one. The command looks run_ray up
-    # in pipeline.proposals, so that is where it is swapped.
+    # in pipeline.executors.proposals, so that is where it is swapped.
     real = executors.run_ray
     monkeypatch.setattr(proposals, "run_ray", lambda *a, **k: real(*a, worker_cls=DiesOnce, **k))
     ray, started = ray_init(num_cpus=2)  # 2 actors x 1 thread, like this process

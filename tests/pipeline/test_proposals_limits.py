@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from pipeline.executors import run_local
-from pipeline.shards import STATUS_OK, STATUS_UNREADABLE, ShardReader, list_shards
+from pipeline.executors.dispatch import run_local
+from pipeline.shards.schema import STATUS_OK, STATUS_UNREADABLE, ShardReader, list_shards
 from tests.pipeline.test_proposals import _config, _images, _run, one_thread, weights  # noqa: F401
 
 

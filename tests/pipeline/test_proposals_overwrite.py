@@ -10,9 +10,9 @@ import shutil
 import h5py
 import numpy as np
 
-from pipeline.overwrite_staging import COMMIT, STAGING
-from pipeline.proposal_worker import ProposalWorker
-from pipeline.shards import list_shards, read_meta, shard_name
+from pipeline.executors.worker import ProposalWorker
+from pipeline.shards.schema import list_shards, read_meta, shard_name
+from pipeline.shards.staging import COMMIT, STAGING
 from tests.pipeline.test_proposals import _config, _images, _run, one_thread, weights  # noqa: F401
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import UserError
-from pipeline.ray_cluster import probe_address, ray_init, secure_token_file
+from pipeline.executors.ray_cluster import probe_address, ray_init, secure_token_file
 
 
 def _closed_port() -> int:

@@ -9,10 +9,10 @@ import os
 import pytest
 
 from pipeline.config import load_pipeline_config
-from pipeline.images import list_images
-from pipeline.proposal_worker import ProposalWorker
-from pipeline.shard_plan import make_plan
-from pipeline.shards import list_shards
+from pipeline.executors.worker import ProposalWorker
+from pipeline.inputs.images import list_images
+from pipeline.shards.plan import make_plan
+from pipeline.shards.schema import list_shards
 from tests.pipeline import test_proposals
 from tests.pipeline.test_proposals import _assert_same_shards, _config, _images, _run
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def cluster():
     pytest.importorskip("ray")
-    from pipeline.ray_cluster import ray_init
+    from pipeline.executors.ray_cluster import ray_init
 
     ray, started = ray_init(num_cpus=2)  # every test's run_ray reuses it
     yield ray
@@ -56,7 +56,7 @@ def test_ray_writes_the_same_bytes_as_local(tmp_path, weights, cluster, workers)
 
 
 def test_one_shard_still_uses_every_actor(tmp_path, weights, cluster):
-    from pipeline.executors import run_ray
+    from pipeline.executors.dispatch import run_ray
 
     images = _images(tmp_path / "imgs", 6)
     config = _config(tmp_path, weights, shard_size=6, batch_size=2)  # 1 shard, 3 batches

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.backbones import DinoV2ViTS14, ResNet50, build_backbone
+from pipeline.backbones.backbone import DinoV2ViTS14, ResNet50, build_backbone
+from pipeline.backbones.resnet_weights import load_resnet50_checkpoint
+from pipeline.backbones.weight_files import LoadReport
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from pipeline.resnet_weights import load_resnet50_checkpoint
-from pipeline.weight_files import LoadReport
 
 torch.set_num_threads(1)
 
@@ -120,7 +120,7 @@ def test_resnet_checkpoint_layouts_load_exactly(layout, resnet_state, tmp_path):
 def test_resnet_reports_missing_tensors(resnet_state, tmp_path, caplog):
     partial = {k: v for k, v in resnet_state.items() if not k.startswith("layer4.2.")}
     torch.save({"state_dict": partial}, tmp_path / "partial.pth")
-    with caplog.at_level(logging.WARNING, logger="pipeline.resnet_weights"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.backbones.resnet_weights"):
         backbone = build_backbone(
             BackboneConfig(kind="resnet50", weights=str(tmp_path / "partial.pth"))
         )

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import saliency
 from pipeline.config import ProposalConfig
-from pipeline.saliency import (
+from pipeline.saliency import propose as saliency
+from pipeline.saliency.propose import (
     hard_masks,
     make_seeds,
     mask_boxes,

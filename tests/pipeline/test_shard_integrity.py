@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.images import ImageItem
-from pipeline.proposals import prepare_out
-from pipeline.shard_integrity import CHECKSUM_ATTR, DATASETS
-from pipeline.shard_plan import make_plan
-from pipeline.shards import (
+from pipeline.executors.proposals import prepare_out
+from pipeline.inputs.images import ImageItem
+from pipeline.shards.integrity import CHECKSUM_ATTR, DATASETS
+from pipeline.shards.plan import make_plan
+from pipeline.shards.schema import (
     STATUS_OK,
     ImageRecord,
     ShardError,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.shards import (
+from pipeline.shards.schema import (
     SCHEMA_VERSION,
     STATUS_EMPTY,
     STATUS_OK,

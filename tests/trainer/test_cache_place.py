@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from trainer.feature_cache import cache_dir
+from trainer.data.feature_cache import cache_dir
 
 CFG = SimpleNamespace(name="demo")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.backbones import weights_fingerprint
+from pipeline.backbones.backbone import weights_fingerprint
 from pipeline.cli import UserError
-from trainer.checkpoint import (
+from trainer.engine.checkpoint import (
     load_checkpoint,
     load_latest,
     model_state,

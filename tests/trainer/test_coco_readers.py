@@ -1,5 +1,6 @@
 """The trainer's COCO readers (split, dataset, evaluate's ground truth) go through
-pipeline/coco_file.py: a malformed file is one UserError, a bad annotation is skipped and listed."""
+pipeline/inputs/coco_file.py: a malformed file is one UserError, a bad annotation is skipped and
+listed."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import json
 import pytest
 
 from pipeline.cli import UserError
-from trainer.datasets import CocoDataset
-from trainer.evaluate import load_coco
-from trainer.splits import write_split
-from trainer.transforms import Augment
+from trainer.data.datasets import CocoDataset
+from trainer.data.splits import write_split
+from trainer.data.transforms import Augment
+from trainer.stages.evaluate import load_coco
 
 
 def _coco(tmp_path, **changes) -> str:

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.weight_files import file_sha256
+from pipeline.backbones.weight_files import file_sha256
 from tests.trainer.helpers import run_cli
 from tests.trainer.tiny_project import pretrain, sets, write_project
-from trainer.checkpoint import load_checkpoint
 from trainer.config import load_config
-from trainer.evaluate import METRIC_NAMES
-from trainer.results import first_reach, mean_sd, paired_differences
+from trainer.engine.checkpoint import load_checkpoint
+from trainer.experiments.results import first_reach, mean_sd, paired_differences
+from trainer.stages.evaluate import METRIC_NAMES
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import torch
 
 from trainer.config import ModelConfig
 from trainer.config_compat import with_later_defaults
-from trainer.losses import dice_loss
-from trainer.matcher import HungarianMatcher, dice_cost, knet_dice_cost, linear_mask_cost
+from trainer.criterion.losses import dice_loss
+from trainer.criterion.matcher import HungarianMatcher, dice_cost, knet_dice_cost, linear_mask_cost
 from trainer.model.factory import build_criterion
 
 # p = sigmoid(logits) = [[0.75, 0.25], [0.5, 0.5]] on a 2x2 grid, flattened.

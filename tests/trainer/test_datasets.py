@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.cli import UserError
-from pipeline.shards import (
+from pipeline.shards.schema import (
     STATUS_EMPTY,
     STATUS_OK,
     STATUS_UNREADABLE,
@@ -19,15 +19,15 @@ from pipeline.shards import (
     write_shard,
 )
 from tests.trainer.helpers import coco_rle, shard_rles
-from trainer.datasets import (
+from trainer.data.datasets import (
     Batch,
     CocoDataset,
     ShardDataset,
     collate,
     proposals_image_root,
 )
-from trainer.loader import InfiniteSampler, build_loader
-from trainer.transforms import Augment, masks_to_boxes, resize, rotate, target_size
+from trainer.data.loader import InfiniteSampler, build_loader
+from trainer.data.transforms import Augment, masks_to_boxes, resize, rotate, target_size
 
 SEED_DIM = 8
 

@@ -15,11 +15,11 @@ from tests.trainer.helpers import run_cli, train_records
 from tests.trainer.test_mask2former_commands import MASK2FORMER
 from tests.trainer.test_pretrain import _args, make_shards
 from trainer.config import load_config
-from trainer.drop_loss import dropped_kernels, max_iou
-from trainer.losses import LOSS_WEIGHTS, SetCriterion
-from trainer.matcher import FOCAL_ALPHA, FOCAL_GAMMA
+from trainer.criterion.drop_loss import dropped_kernels, max_iou
+from trainer.criterion.losses import LOSS_WEIGHTS, SetCriterion
+from trainer.criterion.matcher import FOCAL_ALPHA, FOCAL_GAMMA
+from trainer.criterion.point_sampling import PointSampling
 from trainer.model.mask2former.criterion import Mask2FormerCriterion
-from trainer.point_sampling import PointSampling
 
 BIG = 20.0
 CUTLER_IOU = 0.01

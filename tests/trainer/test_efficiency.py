@@ -15,8 +15,8 @@ from pipeline.cli import UserError
 from tests.trainer.helpers import run_cli
 from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config
-from trainer.efficiency import budgets, parse_fracs
-from trainer.evaluate import METRIC_NAMES
+from trainer.experiments.efficiency import budgets, parse_fracs
+from trainer.stages.evaluate import METRIC_NAMES
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 # finetune.iters 2 with a step at 1; fraction 0.5 gets twice the budget, so its schedule doubles.
@@ -149,7 +149,7 @@ def _records(tmp: Path, frac: float, aps: dict[str, dict[int, float]], count: in
 
 
 def test_fraction_entry_pairs_by_seed_and_plots(tmp_path):
-    from trainer.efficiency_report import fraction_entry, write_efficiency
+    from trainer.experiments.efficiency_report import fraction_entry, write_efficiency
 
     # SP's runs listed in another seed order than the baseline's: pairs still match seeds.
     small = _records(tmp_path, 0.05, {"sp": {1: 0.30, 0: 0.10}, "baseline": {0: 0.05, 1: 0.10}}, 20)

@@ -15,16 +15,16 @@ from torch import nn
 
 from pipeline.cli import UserError
 from tests.trainer.helpers import train_records
-from trainer.checkpoint import load_checkpoint, load_matching, save_checkpoint
 from trainer.config import FinetuneConfig, PretrainConfig
-from trainer.datasets import make_sample
-from trainer.distributed import shutdown_distributed
+from trainer.data.datasets import make_sample
+from trainer.data.loader import build_loader
+from trainer.data.transforms import Augment
+from trainer.engine.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from trainer.engine.distributed import shutdown_distributed
 from trainer.engine.loop import train
+from trainer.engine.metrics_log import LogWindow, loss_groups, read_metrics
+from trainer.engine.optim import build_optimizer, build_scheduler, optimizer_from_section
 from trainer.engine.schedule import Schedule
-from trainer.loader import build_loader
-from trainer.metrics_log import LogWindow, loss_groups, read_metrics
-from trainer.optim import build_optimizer, build_scheduler, optimizer_from_section
-from trainer.transforms import Augment
 
 
 class TinyDataset(torch.utils.data.Dataset):
@@ -154,7 +154,7 @@ def test_schedule_and_optimizer_from_config_sections():
         amp=True,
         log_every=3,
         ckpt_every=4,
-        eval_every=5,  # the pretext fit's interval (trainer/pretext.py)
+        eval_every=5,  # the pretext fit's interval (trainer/stages/pretext.py)
         keep_checkpoints=2,
     )
     assert Schedule.from_section(FinetuneConfig(eval_every=9)).eval_every == 9

@@ -12,10 +12,10 @@ from torch import nn
 from pipeline.cli import UserError
 from tests.trainer.helpers import train_records
 from tests.trainer.test_engine import _setup
-from trainer.checkpoint import numbered_checkpoints
+from trainer.engine.checkpoint import numbered_checkpoints
 from trainer.engine.loop import train
+from trainer.engine.metrics_log import read_metrics
 from trainer.engine.schedule import Schedule
-from trainer.metrics_log import read_metrics
 
 
 def _run(out, iters, *, resume=False, eval_fn=None, keep=0, objective=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import UserError
-from trainer.evaluate import check_categories
+from trainer.stages.evaluate import check_categories
 
 TRAINED = [[1, "horse"], [2, "star"], [5, "ring"]]
 CKPT = Path("runs/x/checkpoints/last.pt")

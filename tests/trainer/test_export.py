@@ -1,17 +1,18 @@
 """ONNX export with the backbone: onnxruntime matches PyTorch on two images of different shapes,
-for K-Net (dynamic input size) and Mask2Former (a fixed padded size, see trainer/export.py)."""
+for K-Net (dynamic input size) and Mask2Former (a fixed padded size, see
+trainer/inference/export.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.backbones import build_backbone
+from pipeline.backbones.backbone import build_backbone
 from pipeline.config import BackboneConfig
 from trainer.config import ModelConfig
-from trainer.export import TOLERANCE, export_checked, synthetic_images
+from trainer.inference.export import TOLERANCE, export_checked, synthetic_images
+from trainer.inference.predictor import Predictor, Settings
 from trainer.model.factory import build_model
-from trainer.predictor import Predictor, Settings
 
 # Stated tolerance of the check (max absolute difference of scores and mask logits).
 assert TOLERANCE == 1e-3

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones import build_backbone
+from pipeline.backbones.backbone import build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import _args, make_shards
-from trainer.feature_cache import CachedDataset, FeatureStore, check_exact, frozen_inputs
-from trainer.frozen_features import FrozenFeatures, per_image_levels
+from trainer.data.feature_cache import CachedDataset, FeatureStore, check_exact, frozen_inputs
+from trainer.data.frozen_features import FrozenFeatures, per_image_levels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +125,7 @@ def test_refuses_what_it_cannot_cache_exactly(vit):
 
 _KILLED_WRITER = """
 import sys, time, numpy as np, torch
-from trainer.feature_cache import FeatureStore
+from trainer.data.feature_cache import FeatureStore
 def stalled(f, **arrays):
     f.write(b"half an entry"); f.flush(); time.sleep(60)
 np.savez = stalled

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.backbones import build_backbone
+from pipeline.backbones.backbone import build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL, TINY_MODEL_SETTINGS, run_cli, write_tiny_coco
-from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ModelConfig, load_config
-from trainer.finetune import load_init, resolve, run_name
+from trainer.engine.checkpoint import load_checkpoint, save_checkpoint
 from trainer.model.knet import KNet
+from trainer.stages.finetune import load_init, resolve, run_name
 
 CATEGORY_IDS = (2, 7)  # write_tiny_coco's default: non-contiguous ids
 SIZE = 64
@@ -90,9 +90,9 @@ def _write_pretrain_checkpoint(cfg, out_dir: Path) -> Path:
     """A real stage-two checkpoint: class-agnostic objective with prompts and kernel supervision,
     one engine iteration on a hand-made batch with seeds."""
     from trainer.engine.loop import train
+    from trainer.engine.optim import build_optimizer, build_scheduler
     from trainer.engine.schedule import Schedule
     from trainer.model.objective import build_objective
-    from trainer.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(1)
     backbone = build_backbone(cfg.backbone)

@@ -79,7 +79,7 @@ def test_checkpoint_saved_before_a_failing_evaluation(tiny_project, monkeypatch)
             "data/val/3.png: truncated"
         )
 
-    monkeypatch.setattr("trainer.finetune_eval.evaluate", broken)
+    monkeypatch.setattr("trainer.stages.finetune_eval.evaluate", broken)
     code, _, err = _finetune(toml, 2)
     assert code == 2
     assert (

@@ -1,11 +1,11 @@
-"""Mask NMS of decoded detections (``trainer.instances.mask_nms``)."""
+"""Mask NMS of decoded detections (``trainer.inference.instances.mask_nms``)."""
 
 from __future__ import annotations
 
 import numpy as np
 from pycocotools import mask as mask_util
 
-from trainer.instances import mask_nms
+from trainer.inference.instances import mask_nms
 
 
 def test_mask_nms_compares_each_detection_with_every_kept_one_of_its_class():

@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbones import build_backbone
+from pipeline.backbones.backbone import build_backbone
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL, coco_annotation, run_cli
-from trainer.checkpoint import save_checkpoint
 from trainer.config import Config, FinetuneConfig
-from trainer.datasets import CocoDataset
-from trainer.kernels import confident_centres
+from trainer.data.datasets import CocoDataset
+from trainer.data.transforms import Augment
+from trainer.engine.checkpoint import save_checkpoint
+from trainer.experiments.kernels import confident_centres
 from trainer.model.knet import KNet
-from trainer.transforms import Augment
 
 SIZES = ((48, 80), (72, 40))  # (height, width): one wide, one tall image
 
@@ -135,7 +135,7 @@ def test_a_huge_canvas_is_refused_before_any_work(tmp_path):
 
 
 def test_collapse_summary_tells_copies_from_distinct_kernels():
-    from trainer.kernels import collapse_summary
+    from trainer.experiments.kernels import collapse_summary
 
     blob = np.zeros((4, 8, 8), np.float32)
     blob[:, 3:5, 3:5] = 1  # four copies of one central blob

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.prompts import KernelSupervision
+from trainer.criterion.prompts import KernelSupervision
 
 
 def _step(sup: KernelSupervision):

@@ -18,7 +18,7 @@ TRAINER = """
 import os, sys, time
 import torch
 from torch.utils.data import Dataset
-from trainer.loader import build_loader
+from trainer.data.loader import build_loader
 
 class Tiny(Dataset):
     def __len__(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.losses import LOSS_WEIGHTS, SetCriterion, mask_targets, semantic_targets
+from trainer.criterion.losses import LOSS_WEIGHTS, SetCriterion, mask_targets, semantic_targets
 
 BIG = 20.0
 

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backbones import build_backbone
+from pipeline.backbones.backbone import build_backbone
 from pipeline.cli import UserError
 from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import TINY, make_shards
-from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import load_config
-from trainer.finetune import load_init
-from trainer.metrics_log import read_metrics
+from trainer.engine.checkpoint import load_checkpoint, load_matching, model_state
+from trainer.engine.metrics_log import read_metrics
 from trainer.model.factory import build_model
 from trainer.model.mask2former.model import Mask2Former
+from trainer.stages.finetune import load_init
 
 ROOT = Path(__file__).resolve().parents[2]
 # On top of test_pretrain's tiny settings (which hold a tiny K-Net's sizes).

@@ -15,7 +15,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.backbones import build_backbone
+from pipeline.backbones.backbone import build_backbone
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import TINY, make_shards
@@ -202,7 +202,7 @@ def test_maskrcnn_section_only_binds_maskrcnn_runs(tmp_path):
 
     from pipeline.cli import UserError
     from pipeline.config import dump_toml
-    from trainer.compare import _check_same_settings, reference_config
+    from trainer.experiments.compare import _check_same_settings, reference_config
 
     cfg = load_config(DEMO)
     cfg.finetune.out = str(tmp_path)

@@ -7,7 +7,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from trainer.matcher import (
+from trainer.criterion.matcher import (
     COST_WEIGHTS,
     HungarianMatcher,
     dice_cost,

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from tests.trainer.test_model import FakeResNet, make_targets, tiny_cfg
 from trainer.config import ModelConfig
-from trainer.losses import SetCriterion, dice_loss
-from trainer.matcher import HungarianMatcher
+from trainer.criterion.losses import SetCriterion, dice_loss
+from trainer.criterion.matcher import HungarianMatcher
+from trainer.criterion.point_sampling import PointSampling, importance_pairs, point_sample
 from trainer.model.factory import build_criterion, point_sampling
 from trainer.model.mask2former.criterion import Mask2FormerCriterion
 from trainer.model.objective import build_objective
-from trainer.point_sampling import PointSampling, importance_pairs, point_sample
 
 
 def test_point_sample_reads_cell_centres_and_borders():

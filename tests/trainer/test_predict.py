@@ -17,8 +17,8 @@ from pycocotools.coco import COCO
 
 from tests.trainer.helpers import run_cli
 from tests.trainer.tiny_project import CATEGORY_IDS, pretrain, sets, write_project
-from trainer.evaluate import coco_mask_metrics, load_coco
-from trainer.predictor import Predictor
+from trainer.inference.predictor import Predictor
+from trainer.stages.evaluate import coco_mask_metrics, load_coco
 
 
 @pytest.fixture(scope="module")

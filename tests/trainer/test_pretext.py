@@ -1,5 +1,5 @@
 """The pretext fit measured during pre-training: the held-out rule, the pseudo-mask ground
-truth and its score, and a short pre-training that records the curve (trainer/pretext.py)."""
+truth and its score, and a short pre-training that records the curve (trainer/stages/pretext.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pycocotools.cocoeval import COCOeval
 
 from tests.trainer.helpers import run_cli
 from tests.trainer.test_pretrain import _args, make_shards
-from trainer.datasets import PseudoMaskSelection, ShardDataset
-from trainer.evaluate import coco_mask_metrics
-from trainer.metrics_log import read_metrics
-from trainer.pretext import held_out, pseudo_ground_truth
-from trainer.transforms import Augment
+from trainer.data.datasets import PseudoMaskSelection, ShardDataset
+from trainer.data.transforms import Augment
+from trainer.engine.metrics_log import read_metrics
+from trainer.stages.evaluate import coco_mask_metrics
+from trainer.stages.pretext import held_out, pseudo_ground_truth
 
 
 def test_held_out_rule_is_a_stable_seeded_share():

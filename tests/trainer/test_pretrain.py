@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.backbones import build_backbone, weights_fingerprint
+from pipeline.backbones.backbone import build_backbone, weights_fingerprint
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from pipeline.shard_plan import compute_fingerprint, result_settings
-from pipeline.shards import STATUS_EMPTY, STATUS_OK, ImageRecord, shard_name, write_shard
+from pipeline.shards.plan import compute_fingerprint, result_settings
+from pipeline.shards.schema import STATUS_EMPTY, STATUS_OK, ImageRecord, shard_name, write_shard
 from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, shard_rles, train_records
-from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import load_config
-from trainer.metrics_log import read_metrics
-from trainer.pretrain import check_shards
+from trainer.engine.checkpoint import load_checkpoint, load_matching, model_state
+from trainer.engine.metrics_log import read_metrics
+from trainer.stages.pretrain import check_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 VIT_DIM = 384
@@ -141,7 +141,7 @@ def test_short_pretrain_run_from_shards_and_resume(tmp_path):
 
     # The checkpoint's "model" is a K-Net state dict without the frozen backbone (recorded by
     # its fingerprint); completed from the config's backbone it loads into a fresh K-Net.
-    from pipeline.backbones import build_backbone
+    from pipeline.backbones.backbone import build_backbone
     from trainer.model.knet import KNet
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")

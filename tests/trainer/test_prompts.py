@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.prompts import (
+from trainer.criterion.prompts import (
     KernelSupervision,
     PromptKernelMatching,
     box_prompts,

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones import build_backbone
+from pipeline.backbones.backbone import build_backbone
 from pipeline.cli import UserError
-from pipeline.proposals_folder import folder_problems
-from pipeline.shards import STATUS_EMPTY, STATUS_OK, ShardReader, list_shards, read_meta
+from pipeline.shards.folder import folder_problems
+from pipeline.shards.schema import STATUS_EMPTY, STATUS_OK, ShardReader, list_shards, read_meta
 from tests.trainer.helpers import run_cli, run_pipeline
 from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config
-from trainer.mask_seeds import mask_seeds
-from trainer.pretrain import check_shards
-from trainer.self_training import file_sha256
+from trainer.stages.mask_seeds import mask_seeds
+from trainer.stages.pretrain import check_shards
+from trainer.stages.self_training import file_sha256
 
 STAGE_ONE = [
     "backbone.kind=resnet50",

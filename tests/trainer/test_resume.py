@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from pipeline.cli import UserError
-from trainer.checkpoint import save_checkpoint
-from trainer.resume import check_resume, meaning_changes, refuse_existing, stage_of
+from trainer.engine.checkpoint import save_checkpoint
+from trainer.engine.resume import check_resume, meaning_changes, refuse_existing, stage_of
 
 
 def _config(out: Path, stage: str, **changes) -> dict:

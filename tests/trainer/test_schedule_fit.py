@@ -11,7 +11,7 @@ import torch
 from pipeline.cli import UserError
 from tests.trainer.helpers import run_cli
 from trainer.config import FinetuneConfig, PretrainConfig
-from trainer.optim import WarmupStepSchedule, fit_schedule
+from trainer.engine.optim import WarmupStepSchedule, fit_schedule
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 # A random ResNet: the commands stop at their missing data without loading the demo's ViT.
@@ -73,7 +73,7 @@ def test_the_commands_scale_or_refuse(tmp_path):
 def test_scaled_steps_reach_the_optimizer():
     ft = FinetuneConfig(iters=500, warmup_iters=50, lr_steps=[400, 475], lr=1.0)
     fit_schedule(ft, "finetune", 100)
-    from trainer.optim import optimizer_from_section
+    from trainer.engine.optim import optimizer_from_section
 
     layer = torch.nn.Linear(2, 2)
     optimizer, scheduler = optimizer_from_section(layer, ft)

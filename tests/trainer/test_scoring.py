@@ -6,7 +6,7 @@ import torch
 
 from tests.trainer.test_model import FakeViT
 from trainer.config import ModelConfig
-from trainer.instances import select
+from trainer.inference.instances import select
 from trainer.model.factory import build_model
 from trainer.model.scoring import detection_scores, mask_scores, resolve_score_form
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from pipeline.cli import UserError
-from trainer.splits import (
+from trainer.data.splits import (
     detectron2_train_order,
     read_unbiased_teacher,
     seeded_image_ids,

@@ -13,7 +13,7 @@ import pytest
 from pipeline.cli import UserError
 from tests.trainer.helpers import run_cli, train_records
 from tests.trainer.tiny_project import sets, write_project
-from trainer.study import parse_variants
+from trainer.experiments.study import parse_variants
 
 
 def test_study_runs_each_variant_with_its_switches(tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_study_runs_each_variant_with_its_switches(tmp_path, monkeypatch):
         assert ("stat_prompt_cos" in r) == prompts
     assert "loss_ks_decorrelation" in decor and "loss_ks_decorrelation" not in full
     # The frozen projection is a buffer, never a parameter; the paper's Linear is a parameter.
-    from trainer.checkpoint import load_checkpoint
+    from trainer.engine.checkpoint import load_checkpoint
 
     extras = {
         v: load_checkpoint(folder / f"pretrain-{v}-p0" / "checkpoints" / "last.pt")["extras"]

@@ -5,7 +5,7 @@ learning-rate schedule it is given. It reads as three parts: set-up (precision, 
 records), the loop of steps (``step.OptimisationStep``), and what happens periodically (a
 metrics record, a checkpoint, an evaluation). Callers read the loop's settings from a config
 section once (``schedule.Schedule.from_section``); the optimiser and its learning-rate schedule
-come from trainer/optim.py. Exact resume is ``run_state``'s.
+come from trainer/engine/optim.py. Exact resume is ``run_state``'s.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.cli import UserError
 from pipeline.precision import stage_precision
-from trainer.checkpoint import capture_rng_state, restore_rng_state
-from trainer.distributed import barrier, dist_info
+from trainer.data.loader import worker_error_line
+from trainer.engine.checkpoint import capture_rng_state, restore_rng_state
+from trainer.engine.distributed import barrier, dist_info
+from trainer.engine.metrics_log import plot_curves
 from trainer.engine.records import Recorder, has_eval
 from trainer.engine.run_state import Checkpointer, TrainingParts, resume_run
 from trainer.engine.schedule import Schedule
 from trainer.engine.step import OptimisationStep, to_device
-from trainer.loader import worker_error_line
-from trainer.metrics_log import plot_curves
 
 __all__ = ["compile_network", "train"]
 
@@ -107,11 +107,11 @@ def train(
 
     Iterations are numbered 1..iters: a record or checkpoint at iteration t is the state after t
     optimiser steps. ``loader`` yields trainer Batches (or (images, targets)); an
-    :class:`trainer.loader.InfiniteLoader` also saves and restores its position. ``resume``
+    :class:`trainer.data.loader.InfiniteLoader` also saves and restores its position. ``resume``
     continues from ``out_dir/checkpoints/last.pt`` (or the newest ``iter_*.pt``) when there is one
     (a fresh start otherwise); without ``resume`` an existing checkpoint is an error.
     ``inputs(images, infos)``, when given, turns each batch's images into what the model takes
-    (``trainer.frozen_features.FrozenFeatures``: a frozen backbone's levels, maybe cached).
+    (``trainer.data.frozen_features.FrozenFeatures``: a frozen backbone's levels, maybe cached).
     ``eval_fn(t)`` runs on rank 0 every ``schedule.eval_every`` iterations and at the end, in eval
     mode without gradients; its metrics go to metrics.jsonl as kind "eval". ``pins`` (such as
     the digest of the shards trained on) is stored in every checkpoint as ``pins``.

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from trainer.metrics_log import LogWindow, append_metrics, read_metrics, truncate_metrics
+from trainer.engine.metrics_log import LogWindow, append_metrics, read_metrics, truncate_metrics
 
 
 def has_eval(metrics_path: Path, iteration: int) -> bool:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.cli import UserError
-from trainer.checkpoint import (
+from trainer.engine.checkpoint import (
     capture_rng_state,
     link_checkpoint,
     load_latest,
@@ -26,7 +26,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     strip_frozen,
 )
-from trainer.metrics_log import plot_curves
+from trainer.engine.metrics_log import plot_curves
 
 
 def checkpoint_path(out_dir: str | Path, iteration: int) -> Path:

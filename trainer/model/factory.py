@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.point_sampling import PointSampling
+from trainer.criterion.point_sampling import PointSampling
 
 if TYPE_CHECKING:
-    from pipeline.backbones import Backbone
+    from pipeline.backbones.backbone import Backbone
 
 MODEL_KINDS = ("knet", "mask2former", "maskrcnn")
 # Kinds with object queries / kernels: the ones Saliency Prompt pre-trains and `kernels` draws.
@@ -74,7 +74,7 @@ def build_criterion(cfg: ModelConfig, num_classes: int, drop_loss_iou: float = 0
     """The ``cfg.kind`` model's set criterion: outputs, targets -> (losses, assignments), where
     assignments[0] belongs to the initial prediction and assignments[i] to stage / layer i.
     ``cfg.criterion_form`` picks the mask and Dice forms; drop_loss_iou > 0 switches on DropLoss
-    (trainer/drop_loss.py; pre-training's ``drop_loss_iou``)."""
+    (trainer/criterion/drop_loss.py; pre-training's ``drop_loss_iou``)."""
     _check_kind(cfg)
     check_query_based(cfg, "a set criterion (Mask R-CNN computes its own losses)")
     points = point_sampling(cfg)
@@ -83,6 +83,6 @@ def build_criterion(cfg: ModelConfig, num_classes: int, drop_loss_iou: float = 0
         from trainer.model.mask2former.criterion import Mask2FormerCriterion
 
         return Mask2FormerCriterion(num_classes, points, form=form, drop_loss_iou=drop_loss_iou)
-    from trainer.losses import SetCriterion
+    from trainer.criterion.losses import SetCriterion
 
     return SetCriterion(num_classes, points=points, form=form, drop_loss_iou=drop_loss_iou)

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
-from trainer.frozen_features import BackboneLevels
+from trainer.data.frozen_features import BackboneLevels
 from trainer.model.kernel_head import KernelHead, prior_bias
 from trainer.model.kernel_update import KernelUpdateStage
 from trainer.model.neck import build_neck
 
 if TYPE_CHECKING:
-    from pipeline.backbones import Backbone
+    from pipeline.backbones.backbone import Backbone
 
 # inject(K^0 (B, N, D), pyramid levels P2..P5) -> K^0' (B, N, D); applied before the update stages.
 Inject = Callable[[Tensor, list[Tensor]], Tensor]
@@ -93,7 +93,7 @@ class KNet(nn.Module):
         self, images: Tensor | BackboneLevels, inject: Inject | None = None
     ) -> dict[str, Any]:
         """images: (B, 3, H, W), ImageNet-normalised, H and W multiples of ``size_divisor``; or
-        the frozen backbone's levels of such a batch (``trainer.frozen_features``: from the
+        the frozen backbone's levels of such a batch (``trainer.data.frozen_features``: from the
         feature cache), in which case the backbone is not run.
 
         Returns, with h = H / mask_stride, w = W / mask_stride:

@@ -44,11 +44,11 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
 from trainer.config import ModelConfig
-from trainer.frozen_features import BackboneLevels
+from trainer.data.frozen_features import BackboneLevels
 from trainer.model.neck import build_neck
 
 if TYPE_CHECKING:
-    from pipeline.backbones import Backbone
+    from pipeline.backbones.backbone import Backbone
 
 # torchvision's anchors are 32..512 px on strides 4..64: eight times the stride. Kept as that
 # ratio so a ViT's levels (3.5..56) get 28..448 px anchors, each level the objects it resolves.

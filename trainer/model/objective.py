@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
+from trainer.criterion.prompts import KernelSupervision, PromptKernelMatching
 from trainer.model.factory import QUERY_KINDS, build_criterion, build_model, check_query_based
-from trainer.prompts import KernelSupervision, PromptKernelMatching
 
 if TYPE_CHECKING:
-    from pipeline.backbones import Backbone
+    from pipeline.backbones.backbone import Backbone
 
 
 class Objective(nn.Module):

@@ -10,7 +10,8 @@ Two score forms:
               class score is as high.
 "auto" is each model's published choice: K-Net "class", Mask2Former "maskness".
 
-``model.test_nms_iou`` > 0 adds greedy per-class mask NMS after decoding (trainer/instances.py).
+``model.test_nms_iou`` > 0 adds greedy per-class mask NMS after decoding
+(trainer/inference/instances.py).
 A set predictor should need none (each object wins one query), but an under-trained one repeats
 an object in many queries; reports say which number is which.
 """

@@ -4,12 +4,14 @@ Each of the 1 + L predictions (the initial one and one per decoder layer) is Hun
 the targets on its own (detached) class and mask outputs: cost 2 x (-p(class)) + 5 x mask BCE +
 5 x Dice, the masks read at 12,544 uniform points per image. Its losses: softmax cross-entropy over
 C + 1 classes (unmatched queries are "no object", whose weight is 0.1), and mask BCE x5 and Dice x5
-on matched queries, read at importance-sampled points (trainer/point_sampling.py). Targets are
+on matched queries, read at importance-sampled points (trainer/criterion/point_sampling.py).
+Targets are
 the masks at input resolution (sampled at the points) or, with dense losses, area-downsampled to
 the mask grid as for K-Net. Normalisers are per process (not all-reduced across DDP ranks).
 
 ``form`` "knet" gives the matcher K-Net's mask and Dice costs and the Dice loss K-Net's form
-(trainer/losses.py). With DropLoss (``drop_loss_iou`` > 0, trainer/drop_loss.py) an unmatched
+(trainer/criterion/losses.py). With DropLoss (``drop_loss_iou`` > 0,
+trainer/criterion/drop_loss.py) an unmatched
 query whose mask overlaps no target loses its no-object cross-entropy term; the other terms keep
 their class weights and the weighted mean keeps its normaliser (the sum of every query's class
 weight, dropped ones included), so dropping changes no other query's share of the loss.
@@ -23,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.drop_loss import dropped_kernels, dropped_share
-from trainer.losses import mask_targets, matched_mask_losses
-from trainer.matcher import Assignment, HungarianMatcher
-from trainer.point_sampling import PointSampling
+from trainer.criterion.drop_loss import dropped_kernels, dropped_share
+from trainer.criterion.losses import mask_targets, matched_mask_losses
+from trainer.criterion.matcher import Assignment, HungarianMatcher
+from trainer.criterion.point_sampling import PointSampling
 
 # The one place Mask2Former's weights live (matching costs and losses share them).
 MASK2FORMER_WEIGHTS: dict[str, float] = {"cls": 2.0, "mask": 5.0, "dice": 5.0}

@@ -28,7 +28,7 @@ from trainer.model.pyramid import SimpleFeaturePyramid
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pipeline.backbones import Backbone
+    from pipeline.backbones.backbone import Backbone
 
 
 def build_pixel_decoder(
@@ -97,7 +97,8 @@ class Mask2Former(nn.Module):
 
     def _backbone_levels(self, images: Any) -> tuple[list[Tensor], tuple[int, int]]:
         """Backbone levels and the padded input size, from images (B, 3, H, W) or from a batch
-        of cached levels (``trainer.frozen_features.BackboneLevels``: "levels", "input_size")."""
+        of cached levels (``trainer.data.frozen_features.BackboneLevels``: "levels",
+        "input_size")."""
         if hasattr(images, "levels"):
             return list(images.levels), tuple(images.input_size)
         size = tuple(images.shape[-2:])

@@ -1,0 +1,2 @@
+"""Looking at shards: the ``inspect`` command, summaries, overlays, COCO export and recall against
+ground truth."""

@@ -1,0 +1,477 @@
+"""Saliency mask proposals (docs/method.md stage one, steps 2-8) as batched tensor functions.
+
+Input is a padded batch of backbone features ``X`` (B, C, h, w): image ``i`` only covers the
+top-left ``valid_sizes[i]`` cells, the rest is padding whose features are garbage. Every step
+below uses valid cells and valid seeds only, so a batch gives the same proposals as running the
+images one at a time. Everything stays on the features' device. Seeds, maps, maskness and NMS
+are batched tensors (no loop over seeds or masks); Python loops remain only over the images for
+the ragged last step (upsampling to each original size), over the distinct valid sizes when a
+batch mixes them (seed resizing), and over chunks of masks bounding memory on huge images.
+
+Steps, with ``N`` seeds per image (all scales, padded) and ``L = h * w`` cells:
+
+2. seeds: every cell of the valid crop of X and of that crop bilinearly resized by each scale
+   (``make_seeds``), L2-normalised;
+3. similarity maps ``Y = S . X_hat`` (cosine similarity, one batched matmul; ``similarity_maps``);
+4. per-seed min-max normalisation over the valid cells (``minmax_normalise``); hard mask =
+   soft >= threshold; seeds whose hard mask has fewer than ``min_cells`` cells are dropped;
+5. maskness = mean soft value inside the hard mask (``maskness``);
+6. sort, matrix NMS (``matrix_nms_decay``), top-k (``suppress``);
+7. upsample the kept soft maps to the original image size and threshold (``upsample_masks``);
+8. boxes (``mask_geometry``); filters: decayed maskness, vertical centre, box width
+   (``shape_filter``).
+
+Matrix NMS is SOLOv2's class-agnostic Gaussian kernel as its public code computes it:
+``decay_j = min_i exp(-sigma * iou_ij^2) / exp(-sigma * comp_i^2)`` over higher-ranked ``i``,
+with ``comp_i = max_{k<i} iou_ki``. Note the code *multiplies* by sigma (sigma = 2), while the
+SOLOv2 paper writes ``exp(-iou^2 / sigma)``; the paper's sigma = 2 setting refers to the code's
+form, which is used here.
+
+Choices where docs/method.md leaves room: a scale-``s`` seed grid has ``floor(n * s)`` (at least 1)
+cells per axis and samples the valid crop like ``F.interpolate(size=...)`` (crop mapped onto the
+whole grid); seeds are resized from the raw features, then L2-normalised. Soft maps are
+upsampled in one bilinear step from the cell grid straight to the original image (no
+intermediate resized-size raster). The vertical-centre filter uses the mask's pixel centroid.
+
+Speed (the work is memory-bound on a CPU): hard masks are {0,1} float32 so areas, maskness and
+IoUs are sums/matrix products; candidates whose raw maskness is below ``score_threshold`` are
+dropped before matrix NMS, which is exact (see :func:`suppress`); only masks that survive the
+score filter are upsampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.config import ProposalConfig
+from pipeline.saliency.cleanup import clean_kept
+from pipeline.saliency.empty_reasons import after_filters, before_filters
+
+# Upsampled masks are produced in chunks of at most this many float32 pixels (bounds the memory
+# a very large original image needs: 2**25 floats = 128 MiB per intermediate).
+_UPSAMPLE_CHUNK_PIXELS = 2**25
+
+
+@dataclass
+class Proposals:
+    """One image's kept masks, sorted by score descending; tensors on the features' device."""
+
+    masks: Tensor  # (K, H, W) bool at the ORIGINAL image size
+    boxes: Tensor  # (K, 4) float32 x0, y0, x1, y1 in original pixels (x1, y1 exclusive)
+    scores: Tensor  # (K,) float32 decayed maskness
+    seeds: Tensor  # (K, C) float32 L2-normalised seed embeddings S_l
+    seed_pos: Tensor  # (K, 3) int64 scale index, row, column on that scale's grid
+    empty_reason: str = ""  # for K = 0: the stage that removed the last candidate (empty_reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers
+
+
+def valid_cell_mask(valid_sizes: list[tuple[int, int]], h: int, w: int, device) -> Tensor:
+    """``(B, h, w)`` bool: True on image i's cells (the top-left ``valid_sizes[i]``)."""
+    sizes = torch.tensor(valid_sizes, dtype=torch.long, device=device).view(-1, 2)
+    rows = torch.arange(h, device=device)[None, :, None] < sizes[:, 0, None, None]
+    cols = torch.arange(w, device=device)[None, None, :] < sizes[:, 1, None, None]
+    return rows & cols
+
+
+def _resized_grid_size(n: int, scale: float) -> int:
+    # floor like F.interpolate(scale_factor=...); the epsilon guards 0.29 * 100 = 28.999...
+    return max(1, math.floor(n * scale + 1e-6))
+
+
+def _linear_weights(n_in: int, n_out: int, device) -> Tensor:
+    """(n_out, n_in) matrix of PyTorch's 1-D linear resampling (``align_corners=False``).
+
+    Made by resampling the identity, so it is PyTorch's own sampling; bilinear resizing is
+    separable, ``resize(X) = W_h @ X @ W_w^T``.
+    """
+    eye = torch.eye(n_in, device=device)[None]  # (1, n_in channels, n_in samples)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
+def resize_valid_crops(
+    x: Tensor, valid_sizes: list[tuple[int, int]], scale: float
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Bilinearly resize each image's valid crop of ``x`` by ``scale``.
+
+    ``x`` (B, C, h, w). Image ``i``'s crop ``valid_sizes[i]`` becomes
+    ``(floor(hv * scale), floor(wv * scale))`` (at least 1), sampled as
+    ``F.interpolate(crop, size=..., mode="bilinear", align_corners=False)`` does (the crop mapped
+    onto the whole smaller grid) but as two small matrix products, which is several times
+    faster on a CPU for these many-channel, few-cell maps. Images with the same valid size are
+    resized together (usually the whole batch); outputs are zero-padded to the largest size.
+    Returns ``(y (B, C, hs, ws), sizes)``.
+    """
+    b, c = x.shape[:2]
+    sizes = [
+        (_resized_grid_size(hv, scale), _resized_grid_size(wv, scale)) for hv, wv in valid_sizes
+    ]
+
+    def resize(crop: Tensor, size_in: tuple[int, int], size_out: tuple[int, int]) -> Tensor:
+        w_h = _linear_weights(size_in[0], size_out[0], x.device)
+        w_w = _linear_weights(size_in[1], size_out[1], x.device)
+        return w_h @ (crop @ w_w.T)  # (G, C, hs, ws)
+
+    if len(set(valid_sizes)) == 1:  # the usual case: one product, no padding
+        (hv, wv) = valid_sizes[0]
+        return resize(x[:, :, :hv, :wv], (hv, wv), sizes[0]), sizes
+    y = x.new_zeros((b, c, max(s[0] for s in sizes), max(s[1] for s in sizes)))
+    for size in sorted(set(valid_sizes)):  # ragged crops: one product per distinct valid size
+        idx = [i for i, v in enumerate(valid_sizes) if v == size]
+        (oh, ow), (hv, wv) = sizes[idx[0]], size
+        crop = x.index_select(0, torch.tensor(idx, device=x.device))[:, :, :hv, :wv]
+        out = resize(crop, size, (oh, ow))
+        for j, i in enumerate(idx):
+            y[i, :, :oh, :ow] = out[j]
+    return y, sizes
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 2-5
+
+
+def make_seeds(
+    features: Tensor, valid_sizes: list[tuple[int, int]], scales: list[float]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 2: seeds from every valid cell of X and of X resized by each scale.
+
+    ``features`` (B, C, h, w), padding cells zeroed (padded seeds then come out zero). Returns
+    ``seeds`` (B, N, C) L2-normalised (zero for padded seeds), ``seed_valid`` (B, N) bool and
+    ``seed_pos`` (N, 3) int64 (scale index, row, column), shared by the batch; N is the sum over
+    scales of the padded grid sizes, in (scale, row, column) order.
+    """
+    b, c, h, w = features.shape
+    dev = features.device
+    grids, valids, positions = [], [], []
+    for k, scale in enumerate(scales):
+        if scale == 1.0:  # the map itself: no resampling needed (and none of its rounding)
+            grid, sizes = features, list(valid_sizes)
+        else:
+            grid, sizes = resize_valid_crops(features, valid_sizes, scale)
+        gh, gw = grid.shape[-2:]
+        grids.append(grid.flatten(2))  # (B, C, gh * gw): channels-first avoids transposed copies
+        valids.append(valid_cell_mask(sizes, gh, gw, dev).flatten(1))
+        rr, cc = torch.meshgrid(
+            torch.arange(gh, device=dev), torch.arange(gw, device=dev), indexing="ij"
+        )
+        positions.append(torch.stack([torch.full_like(rr, k), rr, cc], -1).view(-1, 3))
+    seeds = F.normalize(torch.cat(grids, 2), dim=1).transpose(1, 2)  # (B, N, C) view
+    return seeds, torch.cat(valids, 1), torch.cat(positions, 0)
+
+
+def similarity_maps(features: Tensor, seeds: Tensor) -> Tensor:
+    """Step 3: cosine similarity of every seed with every cell, one batched matmul.
+
+    ``features`` (B, C, h, w) raw (normalised per location here), ``seeds`` (B, N, C)
+    L2-normalised. Returns ``Y`` (B, N, h * w).
+    """
+    x_hat = F.normalize(features.flatten(2), dim=1)  # (B, C, L)
+    return torch.bmm(seeds, x_hat)
+
+
+def minmax_normalise(maps: Tensor, cell_valid: Tensor, inplace: bool = False) -> Tensor:
+    """Step 4: rescale each map to [0, 1] using its min and max over the image's valid cells.
+
+    ``maps`` (B, N, L), ``cell_valid`` (B, L) bool. Invalid cells are 0 in the output; a constant
+    map becomes all zeros (it has no salient part). ``inplace`` overwrites ``maps`` (saves a
+    full-size temporary when the caller owns them).
+    """
+    out = maps if inplace else maps.clone()
+    if bool(cell_valid.all()):  # no padding in this batch: one pass for both extremes
+        lo, hi = torch.aminmax(maps, dim=-1, keepdim=True)
+        return out.sub_(lo).div_((hi - lo).clamp_min_(1e-12))
+    invalid = ~cell_valid[:, None, :]
+    lo = maps.masked_fill(invalid, float("inf")).amin(-1, keepdim=True)
+    hi = maps.masked_fill(invalid, float("-inf")).amax(-1, keepdim=True)
+    return out.sub_(lo).div_((hi - lo).clamp_min_(1e-12)).masked_fill_(invalid, 0.0)
+
+
+def hard_masks(soft: Tensor, threshold: float, cell_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 4: ``hard = soft >= threshold`` on valid cells.
+
+    Returns ``hard`` (B, N, L) float32 in {0, 1} (float, not bool: written straight by the
+    comparison, summed and multiplied by BLAS/vectorised kernels, far faster on a CPU than bool
+    reductions) and ``area`` (B, N) float32 cell counts (exact below 2**24).
+    """
+    hard = torch.ge(soft, threshold, out=torch.empty_like(soft))
+    if not bool(cell_valid.all()):
+        hard.mul_(cell_valid[:, None, :])
+    return hard, hard.sum(-1)
+
+
+def maskness(soft: Tensor, hard: Tensor, area: Tensor) -> Tensor:
+    """Step 5: mean soft value inside the hard mask, (B, N); 0 where the mask is empty.
+
+    ``soft`` (B, N, L), ``hard`` (B, N, L) {0, 1} float, ``area`` (B, N). The masked sum is a
+    batched dot product (no full-size temporary).
+    """
+    b, n, cells = soft.shape
+    inside = torch.bmm(soft.reshape(b * n, 1, cells), hard.reshape(b * n, cells, 1))
+    return inside.view(b, n) / area.clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 6: matrix NMS and top-k
+
+
+def matrix_nms_decay(masks: Tensor, valid: Tensor, sigma: float) -> Tensor:
+    """SOLOv2's class-agnostic Gaussian matrix NMS decay factors.
+
+    ``masks`` (B, M, L) hard masks (bool or {0,1} float), each image's candidates sorted by score
+    descending; ``valid`` (B, M) bool marks real candidates (padding must come last). Returns
+    ``decay`` (B, M) in (0, 1]::
+
+        iou_ij  = |m_i & m_j| / |m_i | m_j|            for i < j (i ranked higher), else 0
+        comp_i  = max_{k < i} iou_ki                   (how much i was itself suppressed)
+        decay_j = min_i exp(-sigma * iou_ij^2) / exp(-sigma * comp_i^2)
+
+    computed as ``exp(sigma * min_i (comp_i^2 - iou_ij^2))`` (same value, one exp per column).
+    Intersections are one float32 batched matmul (exact: counts stay far below 2**24).
+    """
+    m = masks.float() * valid[..., None]
+    area = m.sum(-1)  # (B, M)
+    inter = torch.bmm(m, m.transpose(1, 2))  # (B, M, M)
+    union = area[:, :, None] + area[:, None, :] - inter
+    iou = (inter / union.clamp_min(1)).triu_(diagonal=1)
+    comp = iou.amax(dim=1)  # (B, M): column max = max IoU with any higher-ranked candidate
+    # Row i = 0 contributes exp(-sigma * iou_0j^2) <= 1, so decay <= 1 and the rows i >= j
+    # (iou = 0, value exp(sigma * comp_i^2) >= 1) never decide the minimum.
+    return torch.exp(sigma * (comp[:, :, None].square() - iou.square()).amin(dim=1))
+
+
+def suppress(
+    scores: Tensor,
+    hard: Tensor,
+    candidate: Tensor,
+    sigma: float,
+    top_k: int,
+    score_floor: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 6: sort candidates by maskness, decay by matrix NMS, keep the top ``top_k``.
+
+    ``scores`` (B, N) maskness, ``hard`` (B, N, L) bool or {0, 1} float, ``candidate`` (B, N)
+    bool. Returns
+    ``index`` (B, k) into N, ``decayed`` (B, k) and ``kept`` (B, k) bool (False for padding when
+    an image has fewer than k candidates), each row sorted by decayed score descending.
+
+    ``score_floor`` (exact speed-up): a candidate's decay depends only on higher-ranked
+    candidates and never raises its score, so candidates whose raw maskness is below the final
+    score threshold can never be kept and are dropped before NMS, without changing any kept
+    mask or score. ``None`` runs NMS over every candidate (the reference the tests compare to).
+    """
+    if score_floor is not None:
+        candidate = candidate & (scores >= score_floor)
+    key = scores.masked_fill(~candidate, float("-inf"))
+    m = int(candidate.sum(1).max()) if candidate.numel() else 0
+    if m == 0:  # nothing survived in any image
+        empty = scores.new_zeros((scores.shape[0], 0))
+        return empty.long(), empty, empty.bool()
+    # Stable sorts: ties keep (scale, row, column) order, the same in a batch and alone.
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :m]  # (B, M)
+    valid = candidate.gather(1, order)
+    ranked = hard.gather(1, order[..., None].expand(-1, -1, hard.shape[-1]))
+    decayed = scores.gather(1, order) * matrix_nms_decay(ranked, valid, sigma)
+    decayed = decayed.masked_fill(~valid, float("-inf"))
+    top = torch.sort(decayed, dim=1, descending=True, stable=True).indices[:, :top_k]
+    return order.gather(1, top), decayed.gather(1, top), valid.gather(1, top)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 7-8
+
+
+def _upsample_weights(n_cells: int, n_resized: int, n_orig: int, stride: float, device) -> Tensor:
+    """(n_orig, n_cells) 1-D linear weights taking cells to original pixels.
+
+    Original pixel ``p`` sits at cell coordinate ``(p + 0.5) * n_resized / (n_orig * stride)
+    - 0.5``: PyTorch's ``align_corners=False`` linear resampling with scale factor
+    ``n_orig * stride / n_resized`` (kept, not recomputed), clamped at the borders. The factor is
+    nudged up by ulps if rounding would leave fewer than ``n_orig`` output pixels.
+    """
+    factor = n_orig * stride / n_resized
+    while math.floor(n_cells * factor) < n_orig:
+        factor = math.nextafter(factor, math.inf)
+    eye = torch.eye(n_cells, device=device)[None]
+    w = F.interpolate(
+        eye, scale_factor=factor, mode="linear", align_corners=False, recompute_scale_factor=False
+    )[0]
+    return w.T[:n_orig]  # the cells also cover the batch padding beyond the image: cropped
+
+
+def upsample_masks(
+    soft: Tensor,
+    resized_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    stride: float,
+    threshold: float,
+) -> Tensor:
+    """Step 7: soft maps on the valid cell grid -> hard masks at the original image size.
+
+    ``soft`` (K, hv, wv). Cell (r, c) covers ``stride`` pixels of the resized (padded) input,
+    its centre at ``((c + 0.5) * stride, (r + 0.5) * stride)``; an original pixel ``(x, y)``
+    sits at ``(x + 0.5) * Wr / W`` in the resized image. Each original pixel takes the bilinear
+    value at its cell coordinate (one resampling straight to the original size, as
+    ``F.interpolate(..., scale_factor=W * stride / Wr, align_corners=False)`` would sample it,
+    computed as two matrix products ``W_h @ soft @ W_w^T``) and is kept where it is
+    >= ``threshold``. Returns (K, H, W) bool.
+    """
+    k, hv, wv = soft.shape
+    (hr, wr), (h0, w0) = resized_size, orig_size
+    w_h = _upsample_weights(hv, hr, h0, stride, soft.device)  # (H, hv)
+    w_w = _upsample_weights(wv, wr, w0, stride, soft.device)  # (W, wv)
+    out = torch.empty((k, h0, w0), dtype=torch.bool, device=soft.device)
+    chunk = max(1, _UPSAMPLE_CHUNK_PIXELS // max(1, h0 * w0))
+    for s in range(0, k, chunk):  # chunks only bound memory for very large originals
+        full = w_h @ (soft[s : s + chunk] @ w_w.T)  # (k', H, W)
+        torch.ge(full, threshold, out=out[s : s + chunk])
+    return out
+
+
+def mask_geometry(masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Boxes, areas and vertical centres of (K, H, W) bool masks.
+
+    Returns ``boxes`` (K, 4) float32 x0, y0, x1, y1 (exclusive; meaningless for an empty
+    mask), ``area`` (K,) float32 and ``cy`` (K,) float32, the mean y of the mask's pixel
+    centres (``y + 0.5``) in pixels (0 for an empty mask). Row and column counts are matrix
+    products on a float copy (bool reductions are slow on a CPU), chunked like the upsampling.
+    """
+    k, h, w = masks.shape
+    dev = masks.device
+    row_counts = torch.empty((k, h), device=dev)
+    col_counts = torch.empty((k, w), device=dev)
+    chunk = max(1, _UPSAMPLE_CHUNK_PIXELS // max(1, h * w))
+    for s in range(0, k, chunk):
+        m = masks[s : s + chunk].float()
+        row_counts[s : s + chunk] = m @ torch.ones(w, device=dev)
+        col_counts[s : s + chunk] = (torch.ones(1, h, device=dev) @ m)[:, 0]
+    rows = (row_counts > 0).to(torch.uint8)
+    cols = (col_counts > 0).to(torch.uint8)
+    # argmax returns the first maximum: the first row / column holding the mask
+    y0, y1 = rows.argmax(1), h - rows.flip(1).argmax(1)
+    x0, x1 = cols.argmax(1), w - cols.flip(1).argmax(1)
+    area = row_counts.sum(1)
+    ys = torch.arange(h, device=dev, dtype=torch.float32) + 0.5
+    cy = (row_counts * ys).sum(1) / area.clamp_min(1)
+    return torch.stack([x0, y0, x1, y1], 1).float(), area, cy
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """Tight boxes (K, 4) float32 x0, y0, x1, y1 (exclusive) of non-empty (K, H, W) masks."""
+    return mask_geometry(masks)[0]
+
+
+def shape_checks(
+    boxes: Tensor,
+    area: Tensor,
+    cy: Tensor,
+    size: tuple[int, int],
+    min_center_y: float,
+    max_box_width: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 8's geometric filters one by one (inputs from :func:`mask_geometry`), each (K,) bool.
+
+    Returns ``non_empty`` (the mask kept pixels at the original size), ``centre_ok`` (its
+    vertical centre lies strictly below ``min_center_y`` of the image height from the top,
+    ``cy / H > min_center_y``; y grows downwards, so this drops masks centred in the top band,
+    e.g. sky) and ``width_ok`` (its box is strictly narrower than ``max_box_width`` of the image
+    width, ``(x1 - x0) / W < max_box_width``). ``size`` is the image's (H, W).
+    """
+    h, w = size
+    width = boxes[:, 2] - boxes[:, 0]
+    return area > 0, cy / h > min_center_y, width / w < max_box_width
+
+
+def shape_filter(boxes, area, cy, size, min_center_y, max_box_width) -> Tensor:
+    """Step 8's geometric filters combined (arguments as :func:`shape_checks`) -> (K,) bool."""
+    non_empty, centre_ok, width_ok = shape_checks(
+        boxes, area, cy, size, min_center_y, max_box_width
+    )
+    return non_empty & centre_ok & width_ok
+
+
+# --------------------------------------------------------------------------------------------
+# The whole stage
+
+
+@torch.no_grad()
+def propose(
+    features: Tensor,
+    valid_sizes: list[tuple[int, int]],
+    resized_sizes: list[tuple[int, int]],
+    orig_sizes: list[tuple[int, int]],
+    stride: float,
+    cfg: ProposalConfig,
+    *,
+    prune: bool = True,
+) -> list[Proposals]:
+    """docs/method.md steps 2-8 for a padded batch; one :class:`Proposals` per image, in order.
+
+    ``features`` (B, C, h, w) from ``Backbone.saliency_features`` of a bottom/right padded batch;
+    ``valid_sizes[i]`` = (rows, cols) of cells covering image i (``ceil(resized / stride)``);
+    ``resized_sizes[i]`` = its size fed to the backbone before padding; ``orig_sizes[i]`` = its
+    decoded size (masks and boxes are returned at that size). ``prune=False`` skips the exact
+    below-threshold pruning before NMS (same result, slower; for tests).
+    """
+    b, c, h, w = features.shape
+    if not (len(valid_sizes) == len(resized_sizes) == len(orig_sizes) == b):
+        raise ValueError("one valid, resized and original size per image is needed")
+    if any(hv > h or wv > w or hv < 1 or wv < 1 for hv, wv in valid_sizes):
+        raise ValueError(f"valid sizes {valid_sizes} do not fit a {h}x{w} feature map")
+    dev = features.device
+    cell_valid = valid_cell_mask(valid_sizes, h, w, dev)  # (B, h, w)
+    # Zero the padding so no garbage (or NaN) reaches seeds, norms or sums.
+    x = features.float()
+    if not bool(cell_valid.all()):
+        x = x * cell_valid[:, None]
+    cell_valid = cell_valid.flatten(1)  # (B, L)
+
+    seeds, seed_valid, seed_pos = make_seeds(x, valid_sizes, list(cfg.scales))
+    soft = minmax_normalise(similarity_maps(x, seeds), cell_valid, inplace=True)  # (B, N, L)
+    hard, area = hard_masks(soft, cfg.mask_threshold, cell_valid)
+    score = maskness(soft, hard, area)
+    candidate = seed_valid & (area >= cfg.min_cells)
+    index, decayed, kept = suppress(
+        score, hard, candidate, cfg.nms_sigma, cfg.top_k, cfg.score_threshold if prune else None
+    )
+    kept &= decayed >= cfg.score_threshold  # step 8's score filter, before any upsampling
+    # For the empty-image reasons: how far each image's candidates got.
+    reach_score = (candidate & (score >= cfg.score_threshold)).sum(1).tolist()
+    best = score.masked_fill(~candidate, 0.0).amax(1).tolist()
+
+    out = []
+    for i in range(b):
+        idx = index[i][kept[i]]
+        scores_i = decayed[i][kept[i]]
+        hv, wv = valid_sizes[i]
+        maps = soft[i].index_select(0, idx).view(-1, h, w)[:, :hv, :wv]
+        if cfg.cleans():  # issue 22's clean-up; the paper's form skips it
+            decay = scores_i / score[i].index_select(0, idx).clamp_min(1e-12)
+            maps, scores_i, parent = clean_kept(maps, decay, cfg.mask_threshold, cfg)
+            idx = idx.index_select(0, parent)
+        reason = before_filters(
+            int(candidate[i].sum()), reach_score[i], int(kept[i].sum()), len(idx), best[i], cfg
+        )
+        masks = upsample_masks(maps, resized_sizes[i], orig_sizes[i], stride, cfg.mask_threshold)
+        boxes, area_px, cy = mask_geometry(masks)
+        checks = shape_checks(
+            boxes, area_px, cy, orig_sizes[i], cfg.min_center_y, cfg.max_box_width
+        )
+        good = checks[0] & checks[1] & checks[2]  # shape_filter, parts kept for the reason
+        out.append(
+            Proposals(
+                masks=masks[good],
+                boxes=boxes[good],
+                scores=scores_i[good],
+                seeds=seeds[i].index_select(0, idx)[good],
+                seed_pos=seed_pos.index_select(0, idx)[good],
+                empty_reason=reason or after_filters(*checks, cfg),
+            )
+        )
+    return out
