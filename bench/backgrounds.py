@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic_files import write_json  # noqa: E402
-from pipeline.backbones.backbone import build_backbone  # noqa: E402
+from pipeline.backbones.build import build_backbone  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
 from pipeline.demo.sources import PHOTOS, TREATMENTS, render_background  # noqa: E402
 from pipeline.inputs.images import normalise, pad_batch, resize_keep_ratio  # noqa: E402

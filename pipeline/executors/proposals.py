@@ -28,7 +28,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.atomic_files import write_json
-from pipeline.backbones.backbone import build_backbone, weights_fingerprint
+from pipeline.backbones.backbone import weights_fingerprint
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError, record_run
 from pipeline.config import load_pipeline_config
 from pipeline.executors.dispatch import run_local, run_ray

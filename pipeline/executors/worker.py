@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline.backbones.backbone import Backbone, build_backbone, weights_fingerprint
+from pipeline.backbones.backbone import Backbone, weights_fingerprint
+from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig, ProposalConfig
 from pipeline.inputs.image_files import ImageLimits
 from pipeline.inputs.images import (

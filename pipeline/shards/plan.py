@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.backbones.backbone import BACKBONE_CLASSES
+from pipeline.backbones.build import BACKBONE_CLASSES
 from pipeline.cli import UserError
 from pipeline.config import ProposalConfig
 from pipeline.inputs.images import ImageItem

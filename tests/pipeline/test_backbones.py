@@ -6,7 +6,8 @@ import torch
 
 import pipeline.backbones.backbone as backbones
 from pipeline.backbones import resnet_weights, vit_weights, weight_files
-from pipeline.backbones.backbone import ResNet50, build_backbone, weights_fingerprint
+from pipeline.backbones.backbone import ResNet50, weights_fingerprint
+from pipeline.backbones.build import BACKBONE_CLASSES, build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from pipeline.inputs.images import pad_batch
@@ -186,8 +187,8 @@ def test_resnet_ignores_sizes(resnet):
         levels = resnet(x, [(64, 96), (40, 50)])
     assert not resnet.batch_invariant
     assert torch.equal(plain, sized) and torch.equal(levels[-1], plain)
-    assert backbones.BACKBONE_CLASSES["resnet50"].batch_invariant is False
-    assert backbones.BACKBONE_CLASSES["dinov2_vits14"].batch_invariant is True
+    assert BACKBONE_CLASSES["resnet50"].batch_invariant is False
+    assert BACKBONE_CLASSES["dinov2_vits14"].batch_invariant is True
 
 
 @pytest.mark.parametrize("kind", ["resnet50", "dinov2_vits14"])

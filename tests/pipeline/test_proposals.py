@@ -44,7 +44,7 @@ COMMANDS = {"proposals": "pipeline.executors.proposals"}
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    from pipeline.backbones.backbone import DinoV2ViTS14
+    from pipeline.backbones.vit import DinoV2ViTS14
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "vits14.pth"

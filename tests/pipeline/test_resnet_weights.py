@@ -7,8 +7,10 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.backbones.backbone import DinoV2ViTS14, ResNet50, build_backbone
+from pipeline.backbones.backbone import ResNet50
+from pipeline.backbones.build import build_backbone
 from pipeline.backbones.resnet_weights import load_resnet50_checkpoint
+from pipeline.backbones.vit import DinoV2ViTS14
 from pipeline.backbones.weight_files import LoadReport
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig

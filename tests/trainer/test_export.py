@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backbones.backbone import build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig
 from trainer.config import ModelConfig
 from trainer.inference.export import TOLERANCE, export_checked, synthetic_images

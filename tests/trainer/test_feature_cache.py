@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones.backbone import build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, train_records, write_tiny_coco

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbones.backbone import build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL, coco_annotation, run_cli
 from trainer.config import Config, FinetuneConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backbones.backbone import build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError
 from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import TINY, make_shards

@@ -15,7 +15,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.backbones.backbone import build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import TINY, make_shards

@@ -261,7 +261,7 @@ def test_prompts_change_the_update_stages():
 
 def test_real_backbone_smoke():
     """B's DINOv2 ViT-S/14 with random weights at 56x56 through the whole objective."""
-    backbones = pytest.importorskip("pipeline.backbones.backbone")
+    backbones = pytest.importorskip("pipeline.backbones.build")
     from pipeline.config import BackboneConfig
 
     torch.manual_seed(0)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.backbones.backbone import build_backbone, weights_fingerprint
+from pipeline.backbones.backbone import weights_fingerprint
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from pipeline.shards.plan import compute_fingerprint, result_settings
@@ -141,7 +142,7 @@ def test_short_pretrain_run_from_shards_and_resume(tmp_path):
 
     # The checkpoint's "model" is a K-Net state dict without the frozen backbone (recorded by
     # its fingerprint); completed from the config's backbone it loads into a fresh K-Net.
-    from pipeline.backbones.backbone import build_backbone
+    from pipeline.backbones.build import build_backbone
     from trainer.model.knet import KNet
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")

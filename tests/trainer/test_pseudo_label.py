@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones.backbone import build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError
 from pipeline.shards.folder import folder_problems
 from pipeline.shards.schema import STATUS_EMPTY, STATUS_OK, ShardReader, list_shards, read_meta

@@ -143,7 +143,7 @@ def collapse_summary(stats: dict[str, Any], active_share: float = 0.05) -> dict[
 
 def load_model(path: Path, overrides: list[str]) -> tuple[nn.Module, Config]:
     """The model a training checkpoint holds, built from its own config (``--set`` applied)."""
-    from pipeline.backbones.backbone import build_backbone
+    from pipeline.backbones.build import build_backbone
     from trainer.model.factory import QUERY_KINDS, build_model
 
     state = load_checkpoint(path)

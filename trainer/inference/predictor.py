@@ -129,7 +129,7 @@ class Predictor:
     ) -> Predictor:
         """Load a fine-tuning or pre-training checkpoint; ``overrides``: ``--set`` assignments on
         its config; ``settings``: any :class:`Settings` field (None keeps the default)."""
-        from pipeline.backbones.backbone import build_backbone
+        from pipeline.backbones.build import build_backbone
         from trainer.data.feature_cache import frozen_inputs
         from trainer.model.factory import build_model
 

@@ -289,7 +289,7 @@ def _finetune(
 def _model(cfg: Config, dataset: Any) -> tuple[Any, list[str], str]:
     """The objective over a fresh backbone, initialised from ``finetune.init`` (skipped keys and a
     note saying what was loaded), with the dataset's categories and the frozen stages set."""
-    from pipeline.backbones.backbone import build_backbone
+    from pipeline.backbones.build import build_backbone
 
     objective = _objective(cfg, build_backbone(cfg.backbone), dataset.num_classes)
     knet = objective.knet

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.backbones.backbone import Backbone, build_backbone, weights_fingerprint
+from pipeline.backbones.backbone import Backbone, weights_fingerprint
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.inputs.image_files import ImageLimits

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic_files import write_json
-from pipeline.backbones.backbone import build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.executors.proposals import prepare_out
