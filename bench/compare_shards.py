@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic_files import write_json  # noqa: E402
-from pipeline.shards.reader import iter_unique, shard_paths  # noqa: E402
+from pipeline.shards.folder_reader import iter_unique, shard_paths  # noqa: E402
 
 
 def _records(folder: str) -> dict:

@@ -49,7 +49,6 @@ from pipeline.shards.plan import (
 from pipeline.shards.schema import (
     SCHEMA_VERSION,
     ShardError,
-    ShardReader,
     list_shards,
     list_temp_files,
     read_meta,
@@ -57,6 +56,7 @@ from pipeline.shards.schema import (
     shard_name,
     verify_shard,
 )
+from pipeline.shards.shard_reader import ShardReader
 
 # run() looks run_local / run_ray up in this module, so a test that swaps them patches
 # pipeline.executors.proposals.

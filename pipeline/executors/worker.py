@@ -44,10 +44,10 @@ from pipeline.shards.schema import (
     STATUS_OK,
     STATUS_UNREADABLE,
     ImageRecord,
-    ShardReader,
     shard_name,
     write_shard,
 )
+from pipeline.shards.shard_reader import ShardReader
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.atomic_files import write_json
 from pipeline.cli import code_version
-from pipeline.shards.reader import iter_unique, mask_areas, shard_paths
+from pipeline.shards.folder_reader import iter_unique, mask_areas, shard_paths
 from pipeline.shards.schema import STATUS_UNREADABLE, ImageRecord, read_meta
 
 

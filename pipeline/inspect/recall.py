@@ -21,8 +21,9 @@ from pycocotools.cocoeval import COCOeval
 from pipeline.cli import UserError, code_version
 from pipeline.inputs.coco_file import load_coco_file
 from pipeline.inspect.coco_export import record_annotations
-from pipeline.shards.reader import iter_unique, shard_paths
-from pipeline.shards.schema import STATUS_UNREADABLE, ShardReader, read_meta
+from pipeline.shards.folder_reader import iter_unique, shard_paths
+from pipeline.shards.schema import STATUS_UNREADABLE, read_meta
+from pipeline.shards.shard_reader import ShardReader
 
 MAX_DETS = (1, 10, 20)  # the proposal stage keeps at most top_k = 20 masks per image
 RECALL_FILE = "recall.json"

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from pipeline.cli import UserError
-from pipeline.shards.reader import iter_records, shard_paths
+from pipeline.shards.folder_reader import iter_records, shard_paths
 from pipeline.shards.schema import STATUS_EMPTY, STATUS_UNREADABLE, ImageRecord
 
 # Distinct colours (RGB) for masks in rendered grids.

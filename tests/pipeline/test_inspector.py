@@ -19,9 +19,10 @@ from pycocotools.coco import COCO
 
 from pipeline.cli import UserError, main
 from pipeline.inspect.coco_export import to_coco
-from pipeline.inspect.command import find_image, summarise
+from pipeline.inspect.command import find_image
 from pipeline.inspect.recall import recall_against_gt
 from pipeline.inspect.render import PALETTE, render
+from pipeline.inspect.summary import summarise
 from pipeline.shards.schema import (
     STATUS_EMPTY,
     STATUS_OK,

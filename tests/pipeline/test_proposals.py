@@ -31,12 +31,12 @@ from pipeline.shards.schema import (
     STATUS_EMPTY,
     STATUS_OK,
     STATUS_UNREADABLE,
-    ShardReader,
     list_shards,
     list_temp_files,
     read_meta,
     shard_name,
 )
+from pipeline.shards.shard_reader import ShardReader
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"proposals": "pipeline.executors.proposals"}

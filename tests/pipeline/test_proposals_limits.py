@@ -7,7 +7,8 @@ import errno
 import pytest
 
 from pipeline.executors.dispatch import run_local
-from pipeline.shards.schema import STATUS_OK, STATUS_UNREADABLE, ShardReader, list_shards
+from pipeline.shards.schema import STATUS_OK, STATUS_UNREADABLE, list_shards
+from pipeline.shards.shard_reader import ShardReader
 from tests.pipeline.test_proposals import _config, _images, _run, one_thread, weights  # noqa: F401
 
 

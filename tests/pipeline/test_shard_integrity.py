@@ -18,12 +18,12 @@ from pipeline.shards.schema import (
     STATUS_OK,
     ImageRecord,
     ShardError,
-    ShardReader,
     list_shards,
     shard_name,
     verify_shard,
     write_shard,
 )
+from pipeline.shards.shard_reader import ShardReader
 
 C = 4
 FINGERPRINT = "a" * 64

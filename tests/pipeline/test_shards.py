@@ -16,7 +16,6 @@ from pipeline.shards.schema import (
     STATUS_UNREADABLE,
     ImageRecord,
     ShardError,
-    ShardReader,
     list_shards,
     list_temp_files,
     read_meta,
@@ -24,6 +23,7 @@ from pipeline.shards.schema import (
     temp_name,
     write_shard,
 )
+from pipeline.shards.shard_reader import ShardReader
 
 C = 6
 META = {

@@ -17,7 +17,8 @@ import torch
 from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError
 from pipeline.shards.folder import folder_problems
-from pipeline.shards.schema import STATUS_EMPTY, STATUS_OK, ShardReader, list_shards, read_meta
+from pipeline.shards.schema import STATUS_EMPTY, STATUS_OK, list_shards, read_meta
+from pipeline.shards.shard_reader import ShardReader
 from tests.trainer.helpers import run_cli, run_pipeline
 from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config

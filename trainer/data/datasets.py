@@ -32,7 +32,8 @@ from pipeline.inputs.coco_file import load_coco_file
 from pipeline.inputs.image_files import ImageLimits
 from pipeline.inputs.images import UnreadableImage, decode_image, normalise
 from pipeline.shards.plan import check_image_file, recorded_inputs
-from pipeline.shards.schema import STATUS_OK, ShardReader, list_shards, read_meta
+from pipeline.shards.schema import STATUS_OK, list_shards, read_meta
+from pipeline.shards.shard_reader import ShardReader
 from trainer.data.transforms import Augment, masks_to_boxes, pad_to
 
 SampleKey = tuple[int, int]  # (dataset index, augmentation seed)

@@ -55,11 +55,11 @@ from pipeline.shards.schema import (
     STATUS_OK,
     STATUS_UNREADABLE,
     ImageRecord,
-    ShardReader,
     read_meta,
     shard_name,
     write_shard,
 )
+from pipeline.shards.shard_reader import ShardReader
 from trainer.data.datasets import Collate, proposals_image_root
 from trainer.inference.predictor import Predictor
 from trainer.stages.mask_seeds import mask_seeds
@@ -106,7 +106,7 @@ class Source:
 
 def read_source(folder: Path, image_root: str | None) -> Source:
     """The images of ``folder``'s shards; UserError for a missing or unfinished folder."""
-    from pipeline.shards.reader import shard_paths
+    from pipeline.shards.folder_reader import shard_paths
 
     paths = shard_paths(folder)  # one line for a missing folder or one without shards
     problems = folder_problems(folder)

@@ -1,9 +1,8 @@
 """Reading a folder of proposal shards for the inspector's tools: the shard list, every record in
 order (with an optional progress bar), unique image ids, and mask areas straight from the RLE.
 
-Shared by the summary (``pipeline.inspect.command``), the rendering (``pipeline.inspect.render``),
-the COCO
-export (``pipeline.inspect.coco_export``) and the recall (``pipeline.inspect.recall``).
+Shared by the summary (``pipeline.inspect.summary``), the rendering (``pipeline.inspect.render``),
+the COCO export (``pipeline.inspect.coco_export``) and the recall (``pipeline.inspect.recall``).
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from pipeline.cli import UserError
-from pipeline.shards.schema import ImageRecord, ShardReader, list_shards, list_temp_files, read_meta
+from pipeline.shards.schema import ImageRecord, list_shards, list_temp_files, read_meta
+from pipeline.shards.shard_reader import ShardReader
 
 
 def shard_paths(shard_dir: str | Path) -> list[Path]:
