@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.inputs.images import list_images  # noqa: E402
+from pipeline.inputs.listing import list_images  # noqa: E402
 from trainer.inference.predict import predict_images  # noqa: E402
 from trainer.inference.predictor import Predictor  # noqa: E402
-from trainer.stages.evaluate import build_eval_loader, evaluate, load_coco  # noqa: E402
+from trainer.stages.coco_metrics import load_coco  # noqa: E402
+from trainer.stages.evaluate import build_eval_loader, evaluate  # noqa: E402
 
 
 def main() -> None:

@@ -52,11 +52,11 @@ from pipeline.executors.ray_cluster import machine_cpus, ray_init  # noqa: E402
 from pipeline.executors.worker import ProposalWorker, masks_to_rles  # noqa: E402
 from pipeline.inputs.images import (  # noqa: E402
     decode_image,
-    list_images,
     normalise,
     pad_batch,
     resize_keep_ratio,
 )
+from pipeline.inputs.listing import list_images  # noqa: E402
 from pipeline.precision import autocast  # noqa: E402
 from pipeline.saliency.propose import propose  # noqa: E402
 from pipeline.shards.plan import make_plan  # noqa: E402

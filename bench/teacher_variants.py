@@ -28,7 +28,7 @@ from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.backbones.build import build_backbone  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
 from pipeline.executors.worker import ProposalWorker, to_records  # noqa: E402
-from pipeline.inputs.images import list_images  # noqa: E402
+from pipeline.inputs.listing import list_images  # noqa: E402
 from pipeline.saliency.propose import propose  # noqa: E402
 from pipeline.shards.plan import PLAN_FILE, make_plan, plan_hash, plan_inputs  # noqa: E402
 from pipeline.shards.schema import shard_name, write_shard  # noqa: E402

@@ -25,7 +25,7 @@ NATIVE_BF16 = precision_mod.cpu_has_native_bf16()
 
 
 def _masks(worker, items):
-    from pipeline.inputs.images import ImageItem
+    from pipeline.inputs.listing import ImageItem
 
     records = worker._infer([worker.load(ImageItem(p.name, i, p)) for i, p in enumerate(items)])
     worker.scores = np.concatenate([r.scores for r in records if r.scores is not None])

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.config import ProposalConfig
-from trainer.config import EfficiencyConfig
+from trainer.config_experiments import EfficiencyConfig
 
 # Keys added after run folders existed, at the value that reproduces those runs. A config recorded
 # before a key existed reads as holding this value, so older runs still resume and are reused.

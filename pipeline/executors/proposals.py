@@ -35,7 +35,7 @@ from pipeline.config import load_pipeline_config
 from pipeline.executors.dispatch import run_local, run_ray
 from pipeline.executors.worker import ProposalWorker, count_existing
 from pipeline.inputs.image_files import ImageLimits
-from pipeline.inputs.images import ImageItem, list_images
+from pipeline.inputs.listing import ImageItem, list_images
 from pipeline.precision import check_precision, default_device
 from pipeline.run_folder import claim_run_folder
 from pipeline.shards import staging as overwrite_staging

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.inputs.images import ImageItem
+from pipeline.inputs.listing import ImageItem
 from pipeline.shards.schema import ImageRecord
 
 Job = tuple[int, list[ImageItem]]  # (shard index, the shard's images)

@@ -29,13 +29,13 @@ from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig, ProposalConfig
 from pipeline.inputs.image_files import ImageLimits
 from pipeline.inputs.images import (
-    ImageItem,
     UnreadableImage,
     decode_image,
     normalise,
     pad_batch,
     resize_keep_ratio,
 )
+from pipeline.inputs.listing import ImageItem
 from pipeline.precision import autocast, check_precision
 from pipeline.saliency.propose import Proposals, propose
 from pipeline.shards.plan import compute_fingerprint, result_settings

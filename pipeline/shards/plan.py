@@ -26,7 +26,7 @@ from typing import Any
 from pipeline.backbones.build import BACKBONE_CLASSES
 from pipeline.cli import UserError
 from pipeline.config import ProposalConfig
-from pipeline.inputs.images import ImageItem
+from pipeline.inputs.listing import ImageItem
 from pipeline.shards.schema import SCHEMA_VERSION
 
 # ProposalConfig fields that change how work is done but not what is computed. Every other

@@ -222,7 +222,7 @@ def write_shard(path: str | Path, records: list[ImageRecord], meta: dict[str, An
         raise
 
 
-def _attrs_to_meta(attrs: h5py.AttributeManager, path: Path) -> dict[str, Any]:
+def attrs_to_meta(attrs: h5py.AttributeManager, path: Path) -> dict[str, Any]:
     if "schema_version" not in attrs:
         raise ShardError(f"{path}: not a proposals shard (no schema_version attribute)")
     version = int(attrs["schema_version"])
@@ -241,7 +241,7 @@ def _attrs_to_meta(attrs: h5py.AttributeManager, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _open(path: Path) -> h5py.File:
+def open_shard(path: Path) -> h5py.File:
     if not path.is_file():
         raise ShardError(f"shard not found: {path}")
     try:
@@ -254,8 +254,8 @@ def verify_shard(path: str | Path) -> dict[str, Any]:
     """The shard's attributes after checking every dataset against its checksum and the
     structure readers rely on; ShardError naming the shard and field when anything is wrong."""
     path = Path(path)
-    with _open(path) as f:
-        meta = _attrs_to_meta(f.attrs, path)
+    with open_shard(path) as f:
+        meta = attrs_to_meta(f.attrs, path)
         problem = find_problem(f, int(meta.get("num_images", -1)), int(meta.get("num_masks", -1)))
     if problem:
         raise ShardError(f"{path}: {problem}")
@@ -265,5 +265,5 @@ def verify_shard(path: str | Path) -> dict[str, Any]:
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The shard's attributes as plain Python values; ShardError on an unknown schema version."""
     path = Path(path)
-    with _open(path) as f:
-        return _attrs_to_meta(f.attrs, path)
+    with open_shard(path) as f:
+        return attrs_to_meta(f.attrs, path)

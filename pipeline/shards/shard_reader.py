@@ -10,7 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.shards.schema import ImageRecord, ShardError, _attrs_to_meta, _open, verify_shard
+from pipeline.shards.schema import ImageRecord, ShardError, attrs_to_meta, open_shard, verify_shard
 
 
 class ShardReader:
@@ -43,9 +43,9 @@ class ShardReader:
             if self.verify and not self._verified:
                 verify_shard(self.path)
                 self._verified = True
-            f = _open(self.path)
+            f = open_shard(self.path)
             try:
-                self._meta = _attrs_to_meta(f.attrs, self.path)
+                self._meta = attrs_to_meta(f.attrs, self.path)
                 # The per-image index is small (N entries): keep it in memory.
                 self._images = {k: f[f"images/{k}"][()] for k in self._IMAGE_FIELDS}
                 for k in ("file_name", "error"):

@@ -18,15 +18,14 @@ from pipeline.backbones.backbone import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.cli import UserError
 from pipeline.inputs.image_files import ImageLimits
 from pipeline.inputs.images import (
-    ImageItem,
     UnreadableImage,
     _to_rgb8,
     decode_image,
-    list_images,
     normalise,
     pad_batch,
     resize_keep_ratio,
 )
+from pipeline.inputs.listing import ImageItem, list_images
 
 ROOT = Path(__file__).resolve().parents[2]
 

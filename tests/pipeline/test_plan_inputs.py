@@ -15,12 +15,12 @@ from pycocotools import mask as mask_utils
 
 from pipeline.cli import UserError
 from pipeline.executors.proposals import prepare_out
-from pipeline.inputs.images import list_images
+from pipeline.inputs.listing import list_images
 from pipeline.inspect.command import image_root
 from pipeline.inspect.render import render
 from pipeline.shards.plan import make_plan, plan_inputs
 from pipeline.shards.schema import STATUS_OK, ImageRecord, shard_name, write_shard
-from trainer.data.datasets import ShardDataset
+from trainer.data.shard_dataset import ShardDataset
 from trainer.data.transforms import Augment
 
 H, W = 24, 32

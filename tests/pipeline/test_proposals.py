@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.cli import main as cli_main
 from pipeline.config import ProposalConfig
 from pipeline.executors.worker import ProposalWorker
-from pipeline.inputs.images import ImageItem, list_images
+from pipeline.inputs.listing import ImageItem, list_images
 from pipeline.shards.plan import compute_fingerprint, make_plan, plan_hash, result_settings
 from pipeline.shards.schema import (
     STATUS_EMPTY,

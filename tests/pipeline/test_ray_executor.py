@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import load_pipeline_config
 from pipeline.executors.worker import ProposalWorker
-from pipeline.inputs.images import list_images
+from pipeline.inputs.listing import list_images
 from pipeline.shards.plan import make_plan
 from pipeline.shards.schema import list_shards
 from tests.pipeline import test_proposals

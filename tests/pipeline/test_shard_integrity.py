@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.executors.proposals import prepare_out
-from pipeline.inputs.images import ImageItem
+from pipeline.inputs.listing import ImageItem
 from pipeline.shards.integrity import CHECKSUM_ATTR, DATASETS
 from pipeline.shards.plan import make_plan
 from pipeline.shards.schema import (

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.executors.ray_cluster import CPU_THREADS_PER_ACTOR, plan_actors
 from pipeline.executors.work_units import ShardAssembler, plan_pieces
-from pipeline.inputs.images import ImageItem
+from pipeline.inputs.listing import ImageItem
 from pipeline.shards.plan import make_plan
 from pipeline.shards.schema import ImageRecord
 

@@ -9,10 +9,10 @@ import json
 import pytest
 
 from pipeline.cli import UserError
-from trainer.data.datasets import CocoDataset
+from trainer.data.coco_dataset import CocoDataset
 from trainer.data.splits import write_split
 from trainer.data.transforms import Augment
-from trainer.stages.evaluate import load_coco
+from trainer.stages.coco_metrics import load_coco
 
 
 def _coco(tmp_path, **changes) -> str:

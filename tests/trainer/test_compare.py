@@ -20,7 +20,7 @@ from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config
 from trainer.engine.checkpoint import load_checkpoint
 from trainer.experiments.results import first_reach, mean_sd, paired_differences
-from trainer.stages.evaluate import METRIC_NAMES
+from trainer.stages.coco_metrics import METRIC_NAMES
 
 
 @pytest.fixture

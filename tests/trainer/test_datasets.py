@@ -19,14 +19,10 @@ from pipeline.shards.schema import (
     write_shard,
 )
 from tests.trainer.helpers import coco_rle, shard_rles
-from trainer.data.datasets import (
-    Batch,
-    CocoDataset,
-    ShardDataset,
-    collate,
-    proposals_image_root,
-)
+from trainer.data.coco_dataset import CocoDataset
+from trainer.data.datasets import Batch, collate
 from trainer.data.loader import InfiniteSampler, build_loader
+from trainer.data.shard_dataset import ShardDataset, proposals_image_root
 from trainer.data.transforms import Augment, masks_to_boxes, resize, rotate, target_size
 
 SEED_DIM = 8

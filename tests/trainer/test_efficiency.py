@@ -16,7 +16,7 @@ from tests.trainer.helpers import run_cli
 from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config
 from trainer.experiments.efficiency import budgets, parse_fracs
-from trainer.stages.evaluate import METRIC_NAMES
+from trainer.stages.coco_metrics import METRIC_NAMES
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 # finetune.iters 2 with a step at 1; fraction 0.5 gets twice the budget, so its schedule doubles.

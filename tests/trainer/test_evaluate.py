@@ -13,7 +13,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from tests.trainer.helpers import coco_annotation, write_tiny_coco
-from trainer.stages.evaluate import METRIC_NAMES, coco_mask_metrics, format_table, image_results
+from trainer.stages.coco_metrics import METRIC_NAMES, coco_mask_metrics, format_table, image_results
 
 CATEGORY_IDS = [1, 3]  # non-contiguous on purpose: index 1 must map back to id 3
 STRIDE = 4
@@ -233,9 +233,11 @@ def test_evaluate_through_the_loader_geometry(tmp_path):
     the original frame: AP50 1.0 proves the crop and resize are inverted correctly."""
     from torch.utils.data import DataLoader
 
-    from trainer.data.datasets import CocoDataset, Collate
+    from trainer.data.coco_dataset import CocoDataset
+    from trainer.data.datasets import Collate
     from trainer.data.transforms import Augment
-    from trainer.stages.evaluate import evaluate, load_coco
+    from trainer.stages.coco_metrics import load_coco
+    from trainer.stages.evaluate import evaluate
 
     ann = write_tiny_coco(tmp_path, "val", num_images=4, seed=3)
     dataset = CocoDataset(ann, tmp_path / "val", Augment(80, 80), train=False)

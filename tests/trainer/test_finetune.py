@@ -21,7 +21,8 @@ from tests.trainer.helpers import TINY_MODEL, TINY_MODEL_SETTINGS, run_cli, writ
 from trainer.config import ModelConfig, load_config
 from trainer.engine.checkpoint import load_checkpoint, save_checkpoint
 from trainer.model.knet import KNet
-from trainer.stages.finetune import load_init, resolve, run_name
+from trainer.stages.finetune_init import load_init
+from trainer.stages.finetune_setup import resolve, run_name
 
 CATEGORY_IDS = (2, 7)  # write_tiny_coco's default: non-contiguous ids
 SIZE = 64

@@ -18,7 +18,7 @@ from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL, coco_annotation, run_cli
 from trainer.config import Config, FinetuneConfig
-from trainer.data.datasets import CocoDataset
+from trainer.data.coco_dataset import CocoDataset
 from trainer.data.transforms import Augment
 from trainer.engine.checkpoint import save_checkpoint
 from trainer.experiments.kernels import confident_centres

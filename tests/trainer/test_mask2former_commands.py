@@ -20,7 +20,7 @@ from trainer.engine.checkpoint import load_checkpoint, load_matching, model_stat
 from trainer.engine.metrics_log import read_metrics
 from trainer.model.factory import build_model
 from trainer.model.mask2former.model import Mask2Former
-from trainer.stages.finetune import load_init
+from trainer.stages.finetune_init import load_init
 
 ROOT = Path(__file__).resolve().parents[2]
 # On top of test_pretrain's tiny settings (which hold a tiny K-Net's sizes).

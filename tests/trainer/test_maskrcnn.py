@@ -202,18 +202,19 @@ def test_maskrcnn_section_only_binds_maskrcnn_runs(tmp_path):
 
     from pipeline.cli import UserError
     from pipeline.config import dump_toml
-    from trainer.experiments.compare import _check_same_settings, reference_config
+    from trainer.experiments.compare import reference_config
+    from trainer.experiments.runs import check_same_settings
 
     cfg = load_config(DEMO)
     cfg.finetune.out = str(tmp_path)
     recorded = tomllib.loads(dump_toml(dataclasses.asdict(cfg)))
     del recorded["maskrcnn"]
     (tmp_path / "config.toml").write_text(dump_toml(recorded))
-    _check_same_settings(cfg)  # no error: K-Net does not read [maskrcnn]
+    check_same_settings(cfg)  # no error: K-Net does not read [maskrcnn]
 
     mrcnn = reference_config(cfg, "maskrcnn")
     (tmp_path / "config.toml").write_text(dump_toml(dataclasses.asdict(mrcnn)))
-    _check_same_settings(mrcnn)
+    check_same_settings(mrcnn)
     mrcnn.maskrcnn.lr = 0.02
     with pytest.raises(UserError, match="maskrcnn.lr"):
-        _check_same_settings(mrcnn)
+        check_same_settings(mrcnn)

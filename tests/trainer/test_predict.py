@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from tests.trainer.helpers import run_cli
 from tests.trainer.tiny_project import CATEGORY_IDS, pretrain, sets, write_project
 from trainer.inference.predictor import Predictor
-from trainer.stages.evaluate import coco_mask_metrics, load_coco
+from trainer.stages.coco_metrics import coco_mask_metrics, load_coco
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pycocotools.cocoeval import COCOeval
 
 from tests.trainer.helpers import run_cli
 from tests.trainer.test_pretrain import _args, make_shards
-from trainer.data.datasets import PseudoMaskSelection, ShardDataset
+from trainer.data.shard_dataset import PseudoMaskSelection, ShardDataset
 from trainer.data.transforms import Augment
 from trainer.engine.metrics_log import read_metrics
-from trainer.stages.evaluate import coco_mask_metrics
+from trainer.stages.coco_metrics import coco_mask_metrics
 from trainer.stages.pretext import held_out, pseudo_ground_truth
 
 

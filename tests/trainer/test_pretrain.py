@@ -24,7 +24,7 @@ from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, shard_rles, trai
 from trainer.config import load_config
 from trainer.engine.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.engine.metrics_log import read_metrics
-from trainer.stages.pretrain import check_shards
+from trainer.stages.pretrain_shards import check_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 VIT_DIM = 384

@@ -23,7 +23,7 @@ from tests.trainer.helpers import run_cli, run_pipeline
 from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config
 from trainer.stages.mask_seeds import mask_seeds
-from trainer.stages.pretrain import check_shards
+from trainer.stages.pretrain_shards import check_shards
 from trainer.stages.self_training import file_sha256
 
 STAGE_ONE = [

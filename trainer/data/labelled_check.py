@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.cli import UserError
 from pipeline.inputs.image_files import ImageLimits
 from pipeline.inputs.images import UnreadableImage, decode_image, read_checked
-from trainer.data.datasets import _annotation_rle
+from trainer.data.coco_dataset import _annotation_rle
 
 # EXIF orientations that swap width and height (decode_image turns images upright).
 _TRANSPOSED = (5, 6, 7, 8)

@@ -63,7 +63,7 @@ from trainer.experiments.compare import (
     reference_lines,
 )
 from trainer.experiments.efficiency_report import fraction_entry, print_efficiency, write_efficiency
-from trainer.stages.finetune import NO_INIT
+from trainer.stages.finetune_init import NO_INIT
 
 # Below this a fraction's AP mostly measures which few images were drawn, not label efficiency.
 MIN_LABELLED = 10

@@ -46,7 +46,8 @@ from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 from pipeline.config import apply_override, from_dict
 from trainer.config import Config
-from trainer.data.datasets import CocoDataset, Collate
+from trainer.data.coco_dataset import CocoDataset
+from trainer.data.datasets import Collate
 from trainer.data.transforms import Augment
 from trainer.engine.checkpoint import load_checkpoint, load_matching, model_state, training_config
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.stages.evaluate import METRIC_NAMES
+from trainer.stages.coco_metrics import METRIC_NAMES
 
 Run = dict[str, Any]
 

@@ -47,21 +47,18 @@ from trainer.experiments.compare import (
     add_reference_argument,
     check_same_split,
     default_folder,
-    drop_keys,
     intro_lines,
     parse_references,
     parse_seeds,
     print_summary,
     reference_config,
     reference_lines,
-    run_config,
-    run_or_reuse,
-    run_record,
     settings_record,
 )
 from trainer.experiments.pretrain_record import pretrain_summary, pretrain_table
 from trainer.experiments.results import write_report
-from trainer.stages.finetune import NO_INIT
+from trainer.experiments.runs import drop_keys, run_config, run_or_reuse, run_record
+from trainer.stages.finetune_init import NO_INIT
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full Saliency Prompt", {}),
@@ -152,7 +149,8 @@ def pretrain_or_reuse(cfg: Config) -> Path:
     """The last checkpoint of the pre-training ``cfg`` describes (pretrain.out), trained,
     resumed or reused."""
     from trainer.engine.run_state import latest_checkpoint
-    from trainer.stages.pretrain import run_pretrain, shards_folder
+    from trainer.stages.pretrain import run_pretrain
+    from trainer.stages.pretrain_shards import shards_folder
 
     p = cfg.pretrain
     out = Path(p.out)

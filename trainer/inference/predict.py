@@ -32,7 +32,8 @@ from typing import Any
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
 from pipeline.inputs.image_files import ImageLimits, UnreadableImage
-from pipeline.inputs.images import ImageItem, decode_image, list_images
+from pipeline.inputs.images import decode_image
+from pipeline.inputs.listing import ImageItem, list_images
 from trainer.inference.predictor import Predictor
 
 # A run with more skips than this lists the first ones on the terminal (all in summary.json).

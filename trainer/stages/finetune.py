@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import random
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,124 +34,15 @@ import numpy as np
 import torch
 
 from pipeline.atomic_files import write_json, write_text
-from pipeline.cli import UserError, record_run
-from pipeline.inputs.image_files import ImageLimits
+from pipeline.cli import record_run
 from pipeline.precision import stage_precision
 from trainer.config import Config, load_config
 from trainer.data.feature_cache import cache_dir, describe, frozen_inputs
-from trainer.data.splits import write_split
-from trainer.engine.optim import fit_schedule
 from trainer.engine.resume import check_resume, refuse_existing
-from trainer.stages.evaluate import format_table
+from trainer.stages.coco_metrics import format_table
 from trainer.stages.finetune_eval import make_eval_fn, no_eval, summarise
-
-NO_INIT = "none"
-
-
-def run_name(frac: float, tag: str = "") -> str:
-    """Folder name of a fine-tuning run: finetune-0.05, finetune-0.05-sp, ..."""
-    return f"finetune-{frac:g}" + (f"-{tag}" if tag else "")
-
-
-def default_init(cfg: Config) -> Path:
-    """The pre-training run's last checkpoint (pretrain.out, else runs/<name>/pretrain)."""
-    return Path(cfg.pretrain.out or f"runs/{cfg.name}/pretrain") / "checkpoints" / "last.pt"
-
-
-def resolve(
-    cfg: Config,
-    *,
-    frac: float | None = None,
-    init: str | None = None,
-    out: str | None = None,
-    iters: int | None = None,
-    split_file: str | None = None,
-    split_fold: int | None = None,
-    tag: str = "",
-) -> Config:
-    """A copy of ``cfg`` with the command-line choices written into its finetune section, so the
-    recorded config.toml says exactly what the run did (init and out resolved to paths)."""
-    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune))
-    ft = cfg.finetune
-    if frac is not None:
-        ft.frac = frac
-    if not 0.0 < ft.frac <= 1.0:
-        raise UserError(f"--frac must be in (0, 1], got {ft.frac}")
-    note = fit_schedule(ft, "finetune", iters)
-    if note:
-        print(note, file=sys.stderr)
-    if split_file is not None:
-        ft.split_file = split_file
-    if split_fold is not None:
-        ft.split_fold = split_fold
-    if init is not None:
-        ft.init = init
-    if ft.init.lower() != NO_INIT:
-        ft.init = str(Path(ft.init) if ft.init else default_init(cfg))
-    else:
-        ft.init = NO_INIT
-    if out is not None:
-        ft.out = out
-    elif ft.out:
-        ft.out = ft.out + (f"-{tag}" if tag else "")  # two tagged runs must not share a folder
-    else:
-        ft.out = str(Path(f"runs/{cfg.name}") / run_name(ft.frac, tag))
-    return cfg
-
-
-def load_init(knet: torch.nn.Module, path: str | Path) -> list[str]:
-    """Load a pre-trained K-Net into ``knet``: every tensor whose name and shape match.
-
-    Only the model's class layers (its CLASS_LAYER_PREFIXES) may be skipped; anything else missing,
-    unexpected or of another shape is a UserError. Returns the sorted skipped names.
-    """
-    from trainer.engine.checkpoint import load_checkpoint, load_matching, model_state
-
-    state = load_checkpoint(path)
-    try:
-        return load_matching(
-            knet, model_state(state, knet, path), allowed_skips=knet.CLASS_LAYER_PREFIXES
-        )
-    except UserError as e:
-        raise UserError(f"--init {path}: {e}") from None
-
-
-def init_record(init: str) -> dict[str, str | None]:
-    """What a run was initialised from: {"init": path or "none", "sha256": file digest or None}."""
-    from pipeline.backbones.weight_files import file_sha256
-
-    if init == NO_INIT:
-        return {"init": NO_INIT, "sha256": None}
-    if not Path(init).is_file():
-        raise UserError(
-            f"pre-training checkpoint not found: {init} (run `make pretrain` first, pass "
-            "--init CKPT, or --init none for the baseline)"
-        )
-    return {"init": init, "sha256": file_sha256(init)}
-
-
-def check_init(out: Path, record: dict[str, str | None]) -> None:
-    """Refuse to continue or reuse a run folder initialised from another checkpoint.
-
-    The init checkpoint is a path, and re-running pre-training rewrites the file behind the same
-    path; without this check a resumed (or reused, see trainer/experiments/compare.py) fine-tuning
-    would mix
-    or report weights that came from the old pre-training. The same bytes under another path
-    (a copied run folder and its checkpoint) are the same init.
-    """
-    path = out / "init.json"
-    if not path.is_file():
-        return
-    then = json.loads(path.read_text())
-    # The bytes decide, not the path: a checkpoint copied or moved elsewhere is the same init.
-    same_bytes = then.get("sha256") is not None and then.get("sha256") == record["sha256"]
-    if not same_bytes and then != record:
-        what = "a different" if then.get("init") == record["init"] else "another"
-        raise UserError(
-            f"{out} was initialised from {what} checkpoint ({then.get('init')}, sha256 "
-            f"{str(then.get('sha256'))[:12]}; now {record['init']}, "
-            f"{str(record['sha256'])[:12]}): delete that folder or choose another --out"
-        )
+from trainer.stages.finetune_init import check_init, init_record, initialise
+from trainer.stages.finetune_setup import resolve, training_set
 
 
 def _seed_everything(seed: int) -> None:
@@ -199,7 +88,6 @@ def _finetune(
     from trainer.engine.distributed import dist_info
     from trainer.engine.loop import train
     from trainer.engine.optim import optimizer_from_section
-    from trainer.engine.schedule import Schedule
 
     ft = cfg.finetune
     out = Path(ft.out)
@@ -212,7 +100,7 @@ def _finetune(
     else:
         refuse_existing(out)
     _seed_everything(ft.seed)
-    split, dataset = _training_set(cfg, scratch, resume, say)
+    split, dataset = training_set(cfg, scratch, resume, say)
     objective, skipped, init_note = _model(cfg, dataset)
     knet = objective.knet
     (dataset,), frozen, store = frozen_inputs(
@@ -252,38 +140,28 @@ def _finetune(
         write_json(out / "init.json", init)
         _announce(cfg, split, dataset, world, device, [init_note, describe(store)])
     result = train(
-        objective,
-        loader,
-        optimizer,
-        scheduler,
-        # eval_every <= 0 still evaluates once, at the end: the run's metrics need it.
-        Schedule.from_section(
-            ft,
-            eval_every=ft.eval_every if ft.eval_every > 0 else ft.iters,
-            clip_grad=recipe.clip_grad,
-        ),
-        out_dir=out,
-        device=device,
-        resume=resume,
-        config=resolved,
-        eval_fn=eval_fn,
+        objective, loader, optimizer, scheduler, _schedule(ft, recipe.clip_grad),
+        out_dir=out, device=device, resume=resume, config=resolved, eval_fn=eval_fn,
         # The folder's name already says "finetune" in the default layout (finetune-0.05).
         desc=out.name if "finetune" in out.name else f"finetune {out.name}",
         inputs=frozen,
-    )
+    )  # fmt: skip
     if rank != 0:
         return {}
     summary = summarise(out, ft.iters, eval_fn, result)
-    summary.update(
-        init=ft.init,
-        init_sha256=init["sha256"],
-        skipped=skipped,
-        split=split,
-        train_images=len(dataset),
-        num_classes=dataset.num_classes,
-    )
+    summary.update(init=ft.init, init_sha256=init["sha256"], skipped=skipped, split=split)
+    summary.update(train_images=len(dataset), num_classes=dataset.num_classes)
     write_json(out / "metrics.json", summary)
     return summary
+
+
+def _schedule(ft: Any, clip_grad: float) -> Any:
+    """The engine's schedule from the finetune section; eval_every <= 0 still evaluates once, at
+    the end: the run's metrics need it."""
+    from trainer.engine.schedule import Schedule
+
+    every = ft.eval_every if ft.eval_every > 0 else ft.iters
+    return Schedule.from_section(ft, eval_every=every, clip_grad=clip_grad)
 
 
 def _model(cfg: Config, dataset: Any) -> tuple[Any, list[str], str]:
@@ -294,7 +172,7 @@ def _model(cfg: Config, dataset: Any) -> tuple[Any, list[str], str]:
     objective = _objective(cfg, build_backbone(cfg.backbone), dataset.num_classes)
     knet = objective.knet
     knet.categories = [list(c) for c in dataset.categories]  # saved in every checkpoint
-    skipped, init_note = _initialise(cfg, knet)
+    skipped, init_note = initialise(cfg, knet)
     knet.backbone.freeze(cfg.finetune.frozen_stages)
     return objective, skipped, init_note
 
@@ -320,83 +198,11 @@ def optimiser_section(cfg: Config) -> Any:
     return cfg.maskrcnn if cfg.model.kind == "maskrcnn" else cfg.finetune
 
 
-def _training_set(cfg: Config, scratch: Path, resume: bool, say: Callable) -> tuple[dict, Any]:
-    """(split summary, CocoDataset) of the run's split, chosen into ``scratch`` (the run folder
-    is not written yet); on resume the split must be the recorded one. Bad images are skipped
-    with one line each."""
-    from trainer.data.datasets import CocoDataset
-    from trainer.data.labelled_check import usable_training_ids
-    from trainer.data.transforms import Augment
-
-    ft = cfg.finetune
-    split = write_split(
-        cfg.data.train_json,
-        scratch / "split.json",
-        frac=ft.frac,
-        seed=ft.split_seed,
-        split_file=ft.split_file,
-        split_fold=ft.split_fold,
-    )
-    chosen = json.loads((scratch / "split.json").read_text())
-    recorded = Path(ft.out) / "split.json"
-    if resume and recorded.is_file():
-        ids = sorted(int(im["id"]) for im in json.loads(recorded.read_text())["images"])
-        if ids != sorted(int(im["id"]) for im in chosen["images"]):
-            raise UserError(
-                f"{recorded} lists other images than this split ({split['method']}, frac "
-                f"{ft.frac:g}): resume with the run's own settings or choose another --out"
-            )
-    good = usable_training_ids(
-        chosen,
-        cfg.data.train_images,
-        lambda m: say(f"finetune: {m}", file=sys.stderr),
-        ImageLimits.from_data(cfg.data),
-    )
-    augment = Augment(
-        ft.short_side,
-        ft.max_side,
-        flip=ft.flip,
-        rotate_deg=ft.rotate_deg,
-        rotate_prob=ft.rotate_prob,
-        multiscale=tuple(ft.multiscale),
-    )
-    dataset = CocoDataset(
-        scratch / "split.json",
-        cfg.data.train_images,
-        augment,
-        image_ids=good,
-        train=True,
-        limits=ImageLimits.from_data(cfg.data),
-        allow_outside_root=cfg.data.allow_outside_root,
-    )
-    return split, dataset
-
-
 def _objective(cfg: Config, backbone: torch.nn.Module, num_classes: int) -> torch.nn.Module:
     from trainer.model.objective import build_objective
 
     return build_objective(
         backbone, cfg.model, num_classes=num_classes, prompts=False, kernel_supervision=False
-    )
-
-
-def _initialise(cfg: Config, knet: torch.nn.Module) -> tuple[list[str], str]:
-    """Load the init checkpoint into ``knet`` (nothing for the baseline): (skipped tensors, a
-    line saying what the run starts from)."""
-    if cfg.finetune.init == NO_INIT:
-        return [], (
-            f"baseline: backbone weights only ({cfg.backbone.kind} "
-            f"'{cfg.backbone.weights or 'default'}'), fresh heads"
-        )
-    from pipeline.backbones.backbone import weights_fingerprint
-
-    configured = weights_fingerprint(knet.backbone)
-    skipped = load_init(knet, cfg.finetune.init)
-    same = weights_fingerprint(knet.backbone) == configured
-    return skipped, (
-        f"initialised from {cfg.finetune.init}; skipped {len(skipped)} tensors (class layers): "
-        f"{', '.join(skipped) or 'none'}; backbone "
-        f"{'identical to' if same else 'differs from'} backbone.weights"
     )
 
 

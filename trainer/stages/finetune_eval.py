@@ -18,7 +18,8 @@ from pipeline.precision import stage_precision
 from trainer.config import Config
 from trainer.data.eval_inputs import check_validation_images, validation_error
 from trainer.engine.metrics_log import append_metrics, read_metrics
-from trainer.stages.evaluate import METRIC_NAMES, build_eval_loader, evaluate, load_coco
+from trainer.stages.coco_metrics import METRIC_NAMES, load_coco
+from trainer.stages.evaluate import build_eval_loader, evaluate
 
 
 def ap_curve(metrics_jsonl: Path) -> list[dict[str, Any]]:

@@ -31,7 +31,8 @@ from pycocotools.coco import COCO
 
 from pipeline.cli import UserError
 from trainer.config import Config
-from trainer.stages.evaluate import evaluate, load_coco, ordered_loader, val_images
+from trainer.stages.coco_metrics import load_coco
+from trainer.stages.evaluate import evaluate, ordered_loader, val_images
 
 AGNOSTIC_CATEGORY = {"id": 1, "name": "object"}
 # The scores written to metrics.jsonl at each evaluation, per source.

@@ -46,7 +46,8 @@ from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.executors.proposals import prepare_out
 from pipeline.executors.worker import ProposalWorker, count_existing, count_records
 from pipeline.inputs.image_files import ImageLimits, UnreadableImage
-from pipeline.inputs.images import ImageItem, decode_image
+from pipeline.inputs.images import decode_image
+from pipeline.inputs.listing import ImageItem
 from pipeline.run_folder import LOCK_FILE, claim_run_folder
 from pipeline.shards.folder import PLAN_FILE, SUMMARY_FILE, folder_problems
 from pipeline.shards.plan import check_image_file, plan_inputs, recorded_inputs
@@ -60,7 +61,8 @@ from pipeline.shards.schema import (
     write_shard,
 )
 from pipeline.shards.shard_reader import ShardReader
-from trainer.data.datasets import Collate, proposals_image_root
+from trainer.data.datasets import Collate
+from trainer.data.shard_dataset import proposals_image_root
 from trainer.inference.predictor import Predictor
 from trainer.stages.mask_seeds import mask_seeds
 from trainer.stages.self_training import ATTR, file_sha256, next_round, round_fingerprint
@@ -228,7 +230,7 @@ def build_worker(source: Source, predictor: Predictor, out: Path, device) -> Pro
     """Stage one's frozen backbone and input settings (from SRC's shards), verified as
     ``trainer pretrain`` verifies shards: kind, width and weights (through a round's chain).
     Pre-training keeps its backbone frozen, so the model's own serves (the check proves it)."""
-    from trainer.stages.pretrain import check_shards
+    from trainer.stages.pretrain_shards import check_shards
 
     cfg = predictor.config
     backbone = getattr(predictor.model, "backbone", None)

@@ -14,7 +14,7 @@ The shards' ``fingerprint`` is the sha256 of that record and the schema version,
 round reuses only shards of the same source, checkpoint and labelling settings. The stage-one
 fingerprint (backbone weights + settings) cannot be recomputed from a round's own fingerprint;
 instead :func:`claimed_stage_one` checks the record against the fingerprint and hands its
-stage-one fingerprint to the weight check (``trainer.stages.pretrain.check_shards``), which
+stage-one fingerprint to the weight check (``trainer.stages.pretrain_shards.check_shards``), which
 recomputes it
 from the configured backbone's weights as it does for stage-one shards.
 """
