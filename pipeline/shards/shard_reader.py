@@ -10,6 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.shards.integrity import IMAGE_FIELDS
 from pipeline.shards.schema import ImageRecord, ShardError, attrs_to_meta, open_shard, verify_shard
 
 
@@ -17,16 +18,7 @@ class ShardReader:
     """Reads one shard. Opens the file lazily on first access, so it can be pickled into
     DataLoader worker processes before use (each process then opens its own handle)."""
 
-    _IMAGE_FIELDS = (
-        "file_name",
-        "image_id",
-        "height",
-        "width",
-        "mask_start",
-        "mask_count",
-        "status",
-        "error",
-    )
+    _IMAGE_FIELDS = IMAGE_FIELDS  # the per-image datasets integrity checks
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
