@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.inputs.images import decode_image  # noqa: E402
-from pipeline.inspect.render import render_tile  # noqa: E402
+from pipeline.inspection.render import render_tile  # noqa: E402
 from pipeline.shards.folder_reader import iter_records, shard_paths  # noqa: E402
 from pipeline.shards.schema import STATUS_EMPTY  # noqa: E402
 

@@ -7,7 +7,7 @@ from pipeline.cli import main
 COMMANDS = {
     "data": "pipeline.demo.data",
     "proposals": "pipeline.executors.proposals",
-    "inspect": "pipeline.inspect.command",
+    "inspect": "pipeline.inspection.command",
 }
 
 if __name__ == "__main__":

@@ -58,3 +58,17 @@ def test_no_flat_module_is_left_beside_a_package():
         for folder in (ROOT / package).iterdir():
             if folder.is_dir() and (folder / "__init__.py").exists():
                 assert not (ROOT / package / f"{folder.name}.py").exists(), folder
+
+
+def test_no_package_shadows_the_standard_library():
+    """Ray workers run with the repository root on their path; a package named like a standard
+    module (``inspect``) would break them, and any tool that puts a package folder on sys.path."""
+    import sys
+
+    names = {
+        path.stem if path.is_file() else path.name
+        for package in ("pipeline", "trainer")
+        for path in (ROOT / package).rglob("*")
+        if path.suffix == ".py" or (path / "__init__.py").exists()
+    }
+    assert not names & set(sys.stdlib_module_names) - {"__init__", "__main__"}

@@ -214,7 +214,9 @@ def ray_init(num_cpus: int | None = None, connect_timeout: float = CONNECT_TIMEO
         raise UserError("ray is not installed; use --executor local") from None
     if ray.is_initialized():
         return ray, False
-    root = str(Path(__file__).resolve().parent.parent)
+    import pipeline  # the repository root holds the package: the workers import it from there
+
+    root = str(Path(pipeline.__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     common = {
         "runtime_env": {"env_vars": {"PYTHONPATH": path}},

@@ -1,8 +1,9 @@
 """Reading a folder of proposal shards for the inspector's tools: the shard list, every record in
 order (with an optional progress bar), unique image ids, and mask areas straight from the RLE.
 
-Shared by the summary (``pipeline.inspect.summary``), the rendering (``pipeline.inspect.render``),
-the COCO export (``pipeline.inspect.coco_export``) and the recall (``pipeline.inspect.recall``).
+Shared by the summary (``pipeline.inspection.summary``), the rendering
+(``pipeline.inspection.render``), the COCO export (``pipeline.inspection.coco_export``) and the
+recall (``pipeline.inspection.recall``).
 """
 
 from __future__ import annotations

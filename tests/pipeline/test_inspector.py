@@ -18,11 +18,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.cli import UserError, main
-from pipeline.inspect.coco_export import to_coco
-from pipeline.inspect.command import find_image
-from pipeline.inspect.recall import recall_against_gt
-from pipeline.inspect.render import PALETTE, render
-from pipeline.inspect.summary import summarise
+from pipeline.inspection.coco_export import to_coco
+from pipeline.inspection.command import find_image
+from pipeline.inspection.recall import recall_against_gt
+from pipeline.inspection.render import PALETTE, render
+from pipeline.inspection.summary import summarise
 from pipeline.shards.schema import (
     STATUS_EMPTY,
     STATUS_OK,
@@ -33,7 +33,7 @@ from pipeline.shards.schema import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = {"inspect": "pipeline.inspect.command"}
+COMMANDS = {"inspect": "pipeline.inspection.command"}
 C = 4
 META = {
     "fingerprint": "a" * 64,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.inspect.render import best_masks
+from pipeline.inspection.render import best_masks
 from pipeline.saliency.mask_stats import StatsCollector, format_stats, image_stats
 from pipeline.shards.schema import STATUS_EMPTY, ImageRecord, shard_name, write_shard
 from tests.pipeline.test_inspector import META, ok_record, rle, run_cli

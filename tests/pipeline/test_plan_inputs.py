@@ -16,8 +16,8 @@ from pycocotools import mask as mask_utils
 from pipeline.cli import UserError
 from pipeline.executors.proposals import prepare_out
 from pipeline.inputs.listing import list_images
-from pipeline.inspect.command import image_root
-from pipeline.inspect.render import render
+from pipeline.inspection.command import image_root
+from pipeline.inspection.render import render
 from pipeline.shards.plan import make_plan, plan_inputs
 from pipeline.shards.schema import STATUS_OK, ImageRecord, shard_name, write_shard
 from trainer.data.shard_dataset import ShardDataset

@@ -8,7 +8,7 @@ import json
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.inspect.recall import format_recall, recall_against_gt
+from pipeline.inspection.recall import format_recall, recall_against_gt
 from pipeline.shards.schema import STATUS_OK, ImageRecord, shard_name, write_shard
 
 H, W = 20, 30

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from pipeline.cli import UserError
-from pipeline.inspect.render import PALETTE, draw_text
+from pipeline.inspection.render import PALETTE, draw_text
 from trainer.inference.instances import Instances
 
 # Overlays larger than this (long side, pixels) are drawn downscaled: a 24 MP photograph's overlay

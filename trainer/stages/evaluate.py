@@ -10,13 +10,14 @@ the top ``max_detections`` (kernel, class) pairs are kept, and each one's mask l
 into an original-size binary mask: sigmoid, bilinear up-sampling to the padded input size, crop to
 the resized image, bilinear resize to the original size, threshold at ``test_mask_threshold``.
 
-**[choice] No mask-score rescoring.** Mask2Former-style decoders multiply the class score by the
-mean soft mask inside the binary mask; K-Net's instance decoder does not (its detection score is
-the class probability alone; see ``get_seg_masks``/``segm2result`` in K-Net's
-``kernel_update_head.py``). Saliency Prompt fine-tunes and tests a plain K-Net, so the score here
-is the sigmoid class probability, as in K-Net. A Mask2Former is scored as Mask2Former scores it
-(its ``detection_scores``: softmax class probability without no-object, times the mask score);
-both binarise masks at the same ``test_mask_threshold``.
+**Scores** (``model.test_score``, trainer/model/scoring.py). K-Net's own instance decoder scores
+a detection by its class probability alone (``"class"``, see ``get_seg_masks``/``segm2result`` in
+K-Net's ``kernel_update_head.py``); ``"maskness"`` multiplies it by the mean foreground
+probability inside the binary mask, as stage one and Mask2Former do. The demo config uses
+``"maskness"``, chosen on the baseline's own AP (docs/results.md). A Mask2Former is scored as
+Mask2Former scores it (softmax class probability without no-object, times the mask score);
+``model.test_nms_iou`` > 0 adds per-class mask NMS. All kinds binarise masks at the same
+``test_mask_threshold``.
 
 Detections whose binary mask is empty are dropped: an empty mask matches no object (IoU 0), so it
 cannot change AP, and keeping it would only bloat the results file.

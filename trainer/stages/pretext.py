@@ -112,8 +112,8 @@ def teacher_folder(cfg: Config) -> Path | None:
 
 def teacher_metrics(folder: Path, val_json: str) -> dict[str, float]:
     """Stage one's pseudo masks in ``folder`` scored class-agnostically against ``val_json``
-    (pipeline/inspect/recall.py, as ``pipeline inspect --gt`` scores them)."""
-    from pipeline.inspect.recall import recall_against_gt
+    (pipeline/inspection/recall.py, as ``pipeline inspect --gt`` scores them)."""
+    from pipeline.inspection.recall import recall_against_gt
 
     result = recall_against_gt(folder, val_json)
     metrics = {k: v for k, v in result["metrics"].items() if v is not None}

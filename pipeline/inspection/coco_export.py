@@ -2,7 +2,7 @@
 
 One category "object"; every annotation carries its ``score``: ``COCO(path)`` loads the file as
 a dataset and ``coco_gt.loadRes(json.load(open(path))["annotations"])`` uses it as detections.
-The per-record annotations are also the detections ``pipeline.inspect.recall`` evaluates.
+The per-record annotations are also the detections ``pipeline.inspection.recall`` evaluates.
 """
 
 from __future__ import annotations

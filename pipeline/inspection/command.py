@@ -15,8 +15,8 @@ pycocotools (segm, useCats=0, maxDets 1/10/20), over the shards' images only, ma
 ``image_id``, and writes the table to ``SHARD_DIR/recall.json``.
 
 Everything is reusable from Python: :func:`summarise`, :func:`find_image` (here),
-:func:`pipeline.inspect.render.render`, :func:`pipeline.inspect.coco_export.to_coco`,
-:func:`pipeline.inspect.recall.recall_against_gt`; the shard-reading helpers are in
+:func:`pipeline.inspection.render.render`, :func:`pipeline.inspection.coco_export.to_coco`,
+:func:`pipeline.inspection.recall.recall_against_gt`; the shard-reading helpers are in
 ``pipeline.shards.folder_reader``.
 """
 
@@ -31,14 +31,14 @@ import numpy as np
 
 from pipeline.atomic_files import write_json
 from pipeline.cli import UserError
-from pipeline.inspect.coco_export import to_coco
-from pipeline.inspect.recall import (
+from pipeline.inspection.coco_export import to_coco
+from pipeline.inspection.recall import (
     RECALL_FILE,
     format_recall,
     recall_against_gt,
 )
-from pipeline.inspect.render import render
-from pipeline.inspect.summary import STATUS_NAMES, format_summary, summarise
+from pipeline.inspection.render import render
+from pipeline.inspection.summary import STATUS_NAMES, format_summary, summarise
 from pipeline.saliency.mask_stats import image_stats
 from pipeline.shards.folder import PLAN_FILE
 from pipeline.shards.folder_reader import mask_areas, shard_paths

@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline.cli import UserError, code_version
 from pipeline.inputs.coco_file import load_coco_file
-from pipeline.inspect.coco_export import record_annotations
+from pipeline.inspection.coco_export import record_annotations
 from pipeline.shards.folder_reader import iter_unique, shard_paths
 from pipeline.shards.schema import STATUS_UNREADABLE, read_meta
 from pipeline.shards.shard_reader import ShardReader
