@@ -132,8 +132,7 @@ class ModelConfig:
     encoder_ffn_dim: int = 1024
     encoder_points: int = 4  # sampling points per head and level
     # Mask costs and losses (trainer/criterion/point_sampling.py): "auto" = each model's published
-    # choice
-    # (K-Net every cell, Mask2Former points), "dense" or "points" for either model.
+    # choice (K-Net every cell, Mask2Former points), "dense" or "points" for either model.
     mask_loss: str = "auto"
     num_points: int = 12544  # 112 x 112: uniform for matching, importance-sampled for the losses
     oversample: float = 3.0
@@ -149,8 +148,7 @@ class ModelConfig:
     test_score: str = "auto"
     test_nms_iou: float = 0.0
     # The set criterion's mask-cost and Dice forms (trainer/criterion/matcher.py, docs/method.md)
-    # for
-    # either model: "mask2former" (mean-BCE mask cost, +1-smoothed Dice; what both models used
+    # for either model: "mask2former" (mean-BCE mask cost, +1-smoothed Dice; what both models used
     # before the switch existed) or "knet" (K-Net's published linear mask cost and V-Net Dice with
     # squared terms, for the matching cost and the Dice loss). The mask loss stays BCE in both.
     criterion_form: str = "mask2former"
@@ -172,6 +170,7 @@ class PretrainConfig:
         "pseudo_max_masks": NON_NEGATIVE,
         "pseudo_min_area": FRACTION,
         "drop_loss_iou": FRACTION,
+        "eval_size": OneOf(("train", "teacher")),
     }
 
     shards: str = ""  # empty = runs/<name>/proposals
@@ -205,9 +204,8 @@ class PretrainConfig:
     kernel_supervision: bool = True  # 1 - cos(K_n, t_l) (ablation switch)
     prompt_slots: int = 20
     prompt_keep: float = 0.9  # Bernoulli keep probability per kernel
-    # Frozen-feature cache (trainer/data/feature_cache.py): the frozen backbone's levels computed
-    # once
-    # per (image, size, flip) and read back; exact. Directory empty = runs/<name>/feature-cache.
+    # Frozen-feature cache (trainer/data/feature_cache.py): the frozen backbone's levels, computed
+    # once per (image, size, flip) and read back; exact. Empty dir = runs/<name>/feature-cache.
     feature_cache: bool = False
     feature_cache_dir: str = ""
     # Kernel-supervision target t_l (a remedy switch for the targets' collapse,
@@ -217,27 +215,28 @@ class PretrainConfig:
     ks_target: str = "linear"
     ks_decorrelation: float = 0.0  # weight of the mean squared pairwise cosine of the t_l
     # Pretext fit during pre-training (trainer/stages/pretext.py): a seeded share of the unlabelled
-    # pool
-    # (by a hash of each file name, so the same on resume and across shard layouts) is held out
-    # of training; every eval_every iterations the model is scored class-agnostically against
-    # those images' pseudo masks, against the val ground truth when data.val_json is set, and
-    # the teacher (the pseudo masks of teacher_val, stage one over the val images; default
+    # pool (by a hash of each file name, so the same on resume and across shard layouts) is held out
+    # of training; every eval_every iterations the model is scored class-agnostically against those
+    # images' pseudo masks, against the val ground truth when data.val_json is set, and the teacher
+    # (the pseudo masks of teacher_val, stage one over the val images; default
     # runs/<name>/proposals-val when it exists) against the same ground truth.
     holdout: float = 0.05
     holdout_seed: int = 0
     eval_every: int = 1000
     teacher_val: str = ""
-    # Which pseudo masks are targets (trainer/data/datasets.py): at least this score, at most this
-    # many
-    # per image (best first, 0: all) and at least this share of the image's area.
+    # Which pseudo masks are targets (trainer/data/shard_dataset.py): at least this score, at most
+    # this many per image (best first, 0: all) and at least this share of the image's area.
     pseudo_min_score: float = 0.0
     pseudo_max_masks: int = 0
     pseudo_min_area: float = 0.0
     # CutLER's DropLoss (trainer/criterion/drop_loss.py): an unmatched kernel whose predicted mask
-    # has IoU
-    # below this with every pseudo mask gets no background class loss, at every stage with a
+    # has IoU below this with every pseudo mask gets no background class loss, at every stage with a
     # class loss; 0 = off (the paper's behaviour), CutLER uses 0.01.
     drop_loss_iou: float = 0.0
+    # The input size of the pretext evaluation: "train" (short_side / max_side above) or
+    # "teacher" (stage one's proposals.short_side / max_side), so that learner and teacher are
+    # scored on the same images at the same resolution.
+    eval_size: str = "train"
 
 
 @dataclass

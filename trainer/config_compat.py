@@ -31,6 +31,7 @@ LATER_DEFAULTS: dict[str, Any] = {
     "pretrain.pseudo_min_area": 0.0,
     "model.criterion_form": "mask2former",
     "pretrain.drop_loss_iou": 0.0,
+    "pretrain.eval_size": "train",
 }
 # What the efficiency command repeats, not what a run does (left out of compare's reuse check).
 LATER_DEFAULTS.update({f"efficiency.{k}": v for k, v in asdict(EfficiencyConfig()).items()})

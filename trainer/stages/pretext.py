@@ -20,6 +20,7 @@ same on resume, for any worker count and for any shard layout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import time
@@ -168,9 +169,18 @@ def _loader(dataset: Any, knet: Any, p: Any, store: Any | None) -> Any:
     return ordered_loader(dataset, knet.size_divisor, p.batch_size, num_workers=0, store=store)
 
 
+def eval_sides(cfg: Config) -> tuple[int, int]:
+    """(short side, max side) of the pretext evaluation's inputs (``pretrain.eval_size``)."""
+    if cfg.pretrain.eval_size == "teacher":
+        return cfg.proposals.short_side, cfg.proposals.max_side
+    return cfg.pretrain.short_side, cfg.pretrain.max_side
+
+
 def _val_loader(cfg: Config, knet: Any, store: Any | None) -> Any:
-    """The val images, resized as pre-training resizes (no flip), images only."""
-    return _loader(val_images(cfg, cfg.pretrain), knet, cfg.pretrain, store)
+    """The val images at the pretext evaluation's size (no flip), images only."""
+    short, longest = eval_sides(cfg)
+    sized = dataclasses.replace(cfg.pretrain, short_side=short, max_side=longest)
+    return _loader(val_images(cfg, sized), knet, cfg.pretrain, store)
 
 
 def learner_and_teacher(curve: list[dict[str, Any]], teacher: dict[str, float] | None) -> dict:

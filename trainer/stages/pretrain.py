@@ -41,7 +41,7 @@ from trainer.engine.optim import fit_schedule, optimizer_from_section
 from trainer.engine.resume import check_resume
 from trainer.engine.run_state import latest_checkpoint
 from trainer.engine.schedule import Schedule
-from trainer.stages.pretext import Pretext, held_out
+from trainer.stages.pretext import Pretext, eval_sides, held_out
 from trainer.stages.pretrain_shards import (
     check_pinned_shards,
     check_shard_folder,
@@ -126,7 +126,7 @@ def build_pretraining(
     )
     heldout = None
     if p.holdout > 0:
-        resize_only = Augment(p.short_side, p.max_side)
+        resize_only = Augment(*eval_sides(cfg))  # the pretext evaluation's size
         try:
             heldout = ShardDataset(
                 shards, resize_only, image_root, limits, keep_image=in_holdout, selection=selection
