@@ -8,6 +8,7 @@ losses as an uninterrupted one (bit for bit on CPU).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.cli import UserError
+from trainer.config_compat import with_later_defaults
 from trainer.engine.checkpoint import (
     capture_rng_state,
     link_checkpoint,
@@ -123,7 +125,9 @@ def resume_run(
                 "or choose another --out"
             )
         return Resumed()
-    changed = config_changes(state.get("config") or {}, config)
+    # Keys added after the checkpoint was written read as the values it was made with.
+    recorded = with_later_defaults(copy.deepcopy(state.get("config") or {}))
+    changed = config_changes(recorded, config)
     if changed and rank == 0:
         warnings.warn(
             f"resuming {path} with changed settings ({', '.join(changed)}); the "
