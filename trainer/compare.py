@@ -45,6 +45,7 @@ REFERENCE_LABELS = {
     "maskrcnn": "Mask R-CNN reference (backbone only, [maskrcnn] recipe)",
     "mask2former": "Mask2Former reference (backbone only)",
     "knet": "K-Net reference (backbone only)",
+    "queryinst": "QueryInst reference (backbone only)",
 }
 # Sections that say what a compare, study or efficiency repeats, not what one run does: a run
 # folder made under other seeds lists (or another study's variants or fractions) is the same run.
