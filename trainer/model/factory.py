@@ -50,9 +50,8 @@ def build_model(cfg: ModelConfig, backbone: Backbone, num_classes: int) -> nn.Mo
         return MaskRCNNReference(backbone, cfg, num_classes)
     from trainer.model.knet import KNet
     from trainer.model.mask2former.model import Mask2Former
-    from trainer.model.scoring import set_inference
-
     from trainer.model.queryinst.model import QueryInst
+    from trainer.model.scoring import set_inference
 
     model_class = {"mask2former": Mask2Former, "queryinst": QueryInst}.get(cfg.kind, KNet)
     model = model_class(backbone, cfg, num_classes)
