@@ -246,3 +246,19 @@ def test_factory_builds_the_box_criterion():
     assert isinstance(build_criterion(TINY_QI, 2), QueryInstCriterion)
     cfg = dataclasses.replace(TINY_QI, kind="knet")
     assert not isinstance(build_criterion(cfg, 2), QueryInstCriterion)
+
+
+def test_queryinst_keys_stay_out_of_other_kinds_comparisons():
+    """Older runs (recorded before the keys existed) compare equal to new ones of any kind; the
+    QueryInst sizes never make another kind's runs differ, and QueryInst's score form counts."""
+    from trainer.config_compat import comparable
+
+    def tree(kind: str, **model) -> dict:
+        return {"model": {"kind": kind, "test_score": "auto", **model}}
+
+    sizes = {"dii_stages": 3, "dynamic_dim": 32, "mask_convs": 2}
+    assert comparable(tree("knet", **sizes)) == comparable(tree("knet"))
+    assert comparable(tree("queryinst", **sizes)) != comparable(tree("queryinst"))
+    published = {"dii_stages": 6, "dynamic_dim": 64, "mask_convs": 4}
+    assert comparable(tree("queryinst", **published)) == comparable(tree("queryinst"))
+    assert comparable(tree("queryinst", test_score="maskness")) != comparable(tree("queryinst"))
