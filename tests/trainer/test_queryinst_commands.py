@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.backbones import build_backbone
 from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
-from tests.trainer.test_mask2former_commands import FINETUNE, _sets
+from tests.trainer.test_mask2former_commands import FINETUNE, _sets, check_study_compare_kernels
 from tests.trainer.test_pretrain import TINY, make_shards
 from trainer.checkpoint import load_checkpoint, load_matching, model_state
 from trainer.config import load_config
@@ -102,3 +102,9 @@ def test_pretrain_resume_finetune_evaluate_kernels(tmp_path, monkeypatch):
     assert code == 0, err
     saved = np.load(Path("k") / "kernels-qi.npz")
     assert saved["mean"].shape[0] == TINY_MODEL.num_kernels
+
+
+def test_study_compare_and_kernels_with_queryinst(tmp_path, monkeypatch):
+    """study pre-trains QueryInst variants with their switches, compare reuses the study's
+    checkpoint, kernels draws every query (as for Mask2Former)."""
+    check_study_compare_kernels(tmp_path, monkeypatch, QUERYINST[:-1], "queryinst")

@@ -35,26 +35,26 @@ def pyramid_roi_align(
 ) -> Tensor:
     """pyramid: levels (B, D, H / s, W / s) finest first; boxes: (M, 4), index: (M,) int64 the
     image of each box -> (M, D, size, size) RoI features, each box from its own level. Boxes
-    carry no gradient (torchvision's RoIAlign differentiates the features only)."""
-    flat = boxes.detach()
+    carry no gradient (torchvision's RoIAlign differentiates the features only). Computed in
+    float32: box coordinates in bf16 would round to several pixels."""
+    flat = boxes.detach().float()
     rois = torch.cat([index[:, None].to(flat.dtype), flat], dim=1)
     levels = level_of(flat, len(pyramid), strides[0])
-    out = pyramid[0].new_zeros((len(flat), pyramid[0].shape[1], size, size))
+    out = flat.new_zeros((len(flat), pyramid[0].shape[1], size, size))
     for lvl, (feats, stride) in enumerate(zip(pyramid, strides)):
         chosen = (levels == lvl).nonzero().squeeze(1)
         if len(chosen) == 0:
             continue
         pooled = roi_align(
-            feats, rois[chosen].to(feats.dtype), size, 1.0 / stride, SAMPLING_RATIO, aligned=True
+            feats.float(), rois[chosen], size, 1.0 / stride, SAMPLING_RATIO, aligned=True
         )
         out = out.index_copy(0, chosen, pooled)
-    return out
+    return out.to(pyramid[0].dtype)
 
 
 def decode_boxes(boxes: Tensor, deltas: Tensor) -> Tensor:
     """boxes (..., 4) x0y0x1y1, deltas (..., 4) dx, dy, dw, dh -> refined boxes (..., 4)."""
-    stds = deltas.new_tensor(DELTA_STDS)
-    d = deltas * stds
+    d = deltas.float() * deltas.new_tensor(DELTA_STDS, dtype=torch.float32)
     width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     cx = boxes[..., 0] + 0.5 * width + d[..., 0] * width
     cy = boxes[..., 1] + 0.5 * height + d[..., 1] * height
