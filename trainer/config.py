@@ -73,7 +73,7 @@ class ModelConfig:
         "ffn_dim": AT_LEAST_ONE,
         "mask_threshold": FRACTION,
         "kernel_pooling": OneOf(("mean", "sum")),
-        "kind": OneOf(("knet", "mask2former", "maskrcnn")),
+        "kind": OneOf(("knet", "mask2former", "maskrcnn", "queryinst")),
         "decoder_layers": AT_LEAST_ONE,
         "pixel_decoder": OneOf(("deformable", "fpn")),
         "encoder_layers": NON_NEGATIVE,
@@ -87,6 +87,9 @@ class ModelConfig:
         "test_score": OneOf(("auto", "class", "maskness")),
         "test_nms_iou": FRACTION,
         "criterion_form": OneOf(("mask2former", "knet")),
+        "dii_stages": AT_LEAST_ONE,
+        "dynamic_dim": AT_LEAST_ONE,
+        "mask_convs": NON_NEGATIVE,
     }
 
     def cross_checks(self) -> list[str]:
@@ -117,8 +120,8 @@ class ModelConfig:
     # project's choice: K^0 stays at the scale of the additive prompts) or "sum" (K-Net's code,
     # grows with mask area, which would make a prompt added to K^0 negligible).
     kernel_pooling: str = "mean"
-    # Which model (trainer/model/factory.py): "knet", "mask2former", or "maskrcnn" (torchvision's
-    # Mask R-CNN on the same backbone and neck, the CNN reference; trained with [maskrcnn]).
+    # Which model (trainer/model/factory.py): "knet", "mask2former", "queryinst", or "maskrcnn"
+    # (torchvision's Mask R-CNN on the same backbone and neck, the CNN reference; [maskrcnn]).
     kind: str = "knet"
     # A ViT backbone's simple feature pyramid (trainer/model/pyramid.py): resampling factors of its
     # one stride-14 map, finest first; the finest level is the mask grid. ViTDet's (4, 2, 1, 0.5)
@@ -152,6 +155,12 @@ class ModelConfig:
     # before the switch existed) or "knet" (K-Net's published linear mask cost and V-Net Dice with
     # squared terms, for the matching cost and the Dice loss). The mask loss stays BCE in both.
     criterion_form: str = "mask2former"
+    # QueryInst only (trainer/model/queryinst/), the published sizes by default: dynamic instance
+    # interaction stages, the hidden width of each query's generated convolution, and the 3 x 3
+    # convolutions of its dynamic mask head.
+    dii_stages: int = 6
+    dynamic_dim: int = 64
+    mask_convs: int = 4
 
 
 @dataclass

@@ -32,6 +32,9 @@ LATER_DEFAULTS: dict[str, Any] = {
     "model.criterion_form": "mask2former",
     "pretrain.drop_loss_iou": 0.0,
     "pretrain.eval_size": "train",
+    "model.dii_stages": 6,
+    "model.dynamic_dim": 64,
+    "model.mask_convs": 4,
 }
 # What the efficiency command repeats, not what a run does (left out of compare's reuse check).
 LATER_DEFAULTS.update({f"efficiency.{k}": v for k, v in asdict(EfficiencyConfig()).items()})
@@ -57,7 +60,9 @@ KIND_ONLY: dict[tuple[str, ...], tuple[str, ...]] = {
     ("maskrcnn",): ("model.roi_samples", "maskrcnn"),
     # The query-based kinds' score form and set-criterion form (Mask R-CNN scores and matches
     # its own way), so choosing them never makes Mask R-CNN's runs differ.
-    ("knet", "mask2former"): ("model.test_score", "model.criterion_form"),
+    ("knet", "mask2former"): ("model.criterion_form",),
+    ("knet", "mask2former", "queryinst"): ("model.test_score",),
+    ("queryinst",): ("model.dii_stages", "model.dynamic_dim", "model.mask_convs"),
 }
 
 

@@ -135,14 +135,20 @@ def test_pretrain_resume_finetune_evaluate(tmp_path, monkeypatch):
 def test_study_compare_and_kernels_with_mask2former(tmp_path, monkeypatch):
     """The multi-run commands are model-agnostic: a Mask2Former study pre-trains its variants
     with their switches, compare reuses the study's checkpoint, kernels draws every query."""
+    check_study_compare_kernels(tmp_path, monkeypatch, MASK2FORMER[:-1], "mask2former")
+
+
+def check_study_compare_kernels(tmp_path, monkeypatch, settings: list[str], kind: str) -> None:
+    """study (full and no_prompts variants), compare from its checkpoint, kernels on it, for a
+    ``kind`` model set up by ``settings`` (``--set`` assignments on top of tiny_project's)."""
     import numpy as np
 
     from tests.trainer.tiny_project import sets, write_project
 
     monkeypatch.chdir(tmp_path)
     toml = write_project(tmp_path)
-    m2f = sets(*MASK2FORMER[:-1])  # tiny_project already sets its own workers
-    common = ("--config", str(toml), *m2f, "--frac", "0.5", "--seeds", "0", "--iters", "1")
+    common = ("--config", str(toml), *sets(*settings), "--frac", "0.5", "--seeds", "0")
+    common = (*common, "--iters", "1")
     code, _, err = run_cli(
         "study", *common, "--variants", "full,no_prompts", "--pretrain-iters", "2", "--out", "s"
     )
@@ -153,7 +159,7 @@ def test_study_compare_and_kernels_with_mask2former(tmp_path, monkeypatch):
     results = json.loads((Path("s") / "results.json").read_text())
     assert {r["row"] for r in results["runs"]} == {"full", "no_prompts", "baseline"}
     ckpt = Path("s") / "pretrain-full-p0" / "checkpoints" / "last.pt"
-    assert load_config(ckpt.parent.parent / "config.toml").model.kind == "mask2former"
+    assert load_config(ckpt.parent.parent / "config.toml").model.kind == kind
 
     code, _, err = run_cli("compare", *common, "--pretrained", str(ckpt), "--out", "c")
     assert code == 0, err

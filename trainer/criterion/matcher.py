@@ -163,17 +163,24 @@ class HungarianMatcher:
         all_targets = torch.cat([t.reshape(-1, h, w) for t in target_masks])
         all_labels = torch.cat(labels) if labels is not None else None
         costs = self.cost(mask_logits, all_targets, class_logits, all_labels)  # (B, N, T)
-        costs = torch.nan_to_num(costs, nan=1e6, posinf=1e6, neginf=-1e6).cpu()
-        assignments = []
-        for b, block in enumerate(costs.split(sizes, dim=-1)):
-            if sizes[b] == 0:
-                assignments.append((empty, empty))
-                continue
-            rows, cols = linear_sum_assignment(block[b].numpy())
-            assignments.append(
-                (
-                    torch.as_tensor(rows, dtype=torch.int64, device=device),
-                    torch.as_tensor(cols, dtype=torch.int64, device=device),
-                )
+        return solve(costs, sizes, device)
+
+
+def solve(costs: Tensor, sizes: list[int], device: torch.device) -> list[Assignment]:
+    """costs (B, N, T) of every prediction of every image against the T = sum(sizes) targets of
+    the batch -> each image's optimal assignment on its own block (scipy), sorted by prediction."""
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    costs = torch.nan_to_num(costs, nan=1e6, posinf=1e6, neginf=-1e6).cpu()
+    assignments = []
+    for b, block in enumerate(costs.split(sizes, dim=-1)):
+        if sizes[b] == 0:
+            assignments.append((empty, empty))
+            continue
+        rows, cols = linear_sum_assignment(block[b].numpy())
+        assignments.append(
+            (
+                torch.as_tensor(rows, dtype=torch.int64, device=device),
+                torch.as_tensor(cols, dtype=torch.int64, device=device),
             )
-        return assignments
+        )
+    return assignments

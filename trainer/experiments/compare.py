@@ -43,6 +43,7 @@ REFERENCE_LABELS = {
     "maskrcnn": "Mask R-CNN reference (backbone only, [maskrcnn] recipe)",
     "mask2former": "Mask2Former reference (backbone only)",
     "knet": "K-Net reference (backbone only)",
+    "queryinst": "QueryInst reference (backbone only)",
 }
 
 

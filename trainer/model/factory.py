@@ -1,5 +1,5 @@
-"""The model is a choice, not a fork: ``model.kind`` picks K-Net, Mask2Former or the Mask R-CNN
-reference, and its criterion.
+"""The model is a choice, not a fork: ``model.kind`` picks K-Net, Mask2Former, QueryInst or the
+Mask R-CNN reference, and its criterion.
 
 Every query-based model takes the backbone, returns the output contract of docs/architecture.md
 ("init", "stages" with "masks", "logits", "kernels", and "pyramid"), exposes strides, mask_stride,
@@ -22,9 +22,9 @@ from trainer.criterion.point_sampling import PointSampling
 if TYPE_CHECKING:
     from pipeline.backbones.backbone import Backbone
 
-MODEL_KINDS = ("knet", "mask2former", "maskrcnn")
+MODEL_KINDS = ("knet", "mask2former", "maskrcnn", "queryinst")
 # Kinds with object queries / kernels: the ones Saliency Prompt pre-trains and `kernels` draws.
-QUERY_KINDS = ("knet", "mask2former")
+QUERY_KINDS = ("knet", "mask2former", "queryinst")
 
 
 def check_query_based(cfg: ModelConfig, what: str) -> None:
@@ -50,9 +50,10 @@ def build_model(cfg: ModelConfig, backbone: Backbone, num_classes: int) -> nn.Mo
         return MaskRCNNReference(backbone, cfg, num_classes)
     from trainer.model.knet import KNet
     from trainer.model.mask2former.model import Mask2Former
+    from trainer.model.queryinst.model import QueryInst
     from trainer.model.scoring import set_inference
 
-    model_class = Mask2Former if cfg.kind == "mask2former" else KNet
+    model_class = {"mask2former": Mask2Former, "queryinst": QueryInst}.get(cfg.kind, KNet)
     model = model_class(backbone, cfg, num_classes)
     set_inference(model, cfg.kind, cfg.test_score, cfg.test_nms_iou)
     return model
@@ -79,6 +80,10 @@ def build_criterion(cfg: ModelConfig, num_classes: int, drop_loss_iou: float = 0
     check_query_based(cfg, "a set criterion (Mask R-CNN computes its own losses)")
     points = point_sampling(cfg)
     form = cfg.criterion_form
+    if cfg.kind == "queryinst":  # box-matched, RoI masks: no mask cost, no point sampling
+        from trainer.model.queryinst.criterion import QueryInstCriterion
+
+        return QueryInstCriterion(num_classes, drop_loss_iou=drop_loss_iou)
     if cfg.kind == "mask2former":
         from trainer.model.mask2former.criterion import Mask2FormerCriterion
 

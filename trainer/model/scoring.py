@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 SCORE_FORMS = ("auto", "class", "maskness")
 # The published inference of each kind, used for "auto".
-PUBLISHED_SCORE = {"knet": "class", "mask2former": "maskness"}
+PUBLISHED_SCORE = {"knet": "class", "mask2former": "maskness", "queryinst": "class"}
 
 
 def resolve_score_form(form: str, kind: str) -> str:

@@ -1,0 +1,1 @@
+"""QueryInst in plain PyTorch: proposal queries, dynamic instance interaction, dynamic mask head."""
