@@ -250,16 +250,8 @@ def write_report(
         for r in rows[key]:
             first.setdefault(r["out"], r)
     runs = list(first.values())
-    write_json(
-        folder / "results.json",
-        {
-            "settings": settings,
-            "baseline": baseline,
-            "labels": labels,
-            "summary": summary,
-            "runs": runs,
-        },
-    )
+    record = {"settings": settings, "baseline": baseline, "labels": labels, "summary": summary}
+    write_json(folder / "results.json", {**record, "runs": runs})
     table = metrics_table(summary, labels)
     target = next(iter(s for s in summary.values() if "convergence" in s), None)
     target_ap = target["convergence"]["baseline_final_ap_mean"] if target else None
