@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,29 @@ def _pretrain(shards: Path, out: Path, iters: int, *extra: str):
     )
 
 
+def check_exact_resume(pretrain: Callable, shards: Path, out: Path, tmp_path: Path) -> None:
+    """``out`` (3 iterations) resumed to 4 computes exactly what an uninterrupted run of 4 does."""
+    code, _, stderr = pretrain(shards, out, 4, "--resume")
+    assert code == 0, stderr
+    code, _, stderr = pretrain(shards, tmp_path / "straight", 4)
+    assert code == 0, stderr
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["loss"] for r in straight] == [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def labelled_sets(tmp_path: Path) -> list[str]:
+    """A tiny labelled COCO train/val pair under tmp_path/data, as data.* assignments."""
+    data = tmp_path / "data"
+    write_tiny_coco(data, "train", num_images=4, seed=0, size=56)
+    write_tiny_coco(data, "val", num_images=2, seed=1, size=56)
+    return [
+        f"data.train_images={data / 'train'}",
+        f"data.train_json={data / 'annotations' / 'instances_train.json'}",
+        f"data.val_images={data / 'val'}",
+        f"data.val_json={data / 'annotations' / 'instances_val.json'}",
+    ]
+
+
 def test_pretrain_resume_finetune_evaluate(tmp_path, monkeypatch):
     shards = make_shards(tmp_path)
     out = tmp_path / "pretrain"
@@ -87,24 +111,11 @@ def test_pretrain_resume_finetune_evaluate(tmp_path, monkeypatch):
     assert load_matching(model, model_state(state, model, "last.pt"), allowed_skips=()) == []
 
     # Resumed to 4 iterations, it computes exactly what an uninterrupted run computes.
-    code, _, stderr = _pretrain(shards, out, 4, "--resume")
-    assert code == 0, stderr
-    code, _, stderr = _pretrain(shards, tmp_path / "straight", 4)
-    assert code == 0, stderr
-    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    assert [r["loss"] for r in straight] == [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    check_exact_resume(_pretrain, shards, out, tmp_path)
 
     # Fine-tuning from it loads every tensor but the class layer, and says so.
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "data"
-    write_tiny_coco(data, "train", num_images=4, seed=0, size=56)
-    write_tiny_coco(data, "val", num_images=2, seed=1, size=56)
-    sets = [
-        f"data.train_images={data / 'train'}",
-        f"data.train_json={data / 'annotations' / 'instances_train.json'}",
-        f"data.val_images={data / 'val'}",
-        f"data.val_json={data / 'annotations' / 'instances_val.json'}",
-    ]
+    sets = labelled_sets(tmp_path)
     args = ("--config", str(ROOT / "configs" / "demo.toml"), *_sets(TINY, MASK2FORMER, FINETUNE))
     init = str(out / "checkpoints" / "last.pt")
     run = tmp_path / "ft"

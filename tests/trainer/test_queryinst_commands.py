@@ -12,12 +12,17 @@ import numpy as np
 import pytest
 
 from pipeline.backbones.build import build_backbone
-from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
-from tests.trainer.test_mask2former_commands import FINETUNE, _sets, check_study_compare_kernels
+from tests.trainer.helpers import TINY_MODEL, run_cli, train_records
+from tests.trainer.test_mask2former_commands import (
+    FINETUNE,
+    _sets,
+    check_exact_resume,
+    check_study_compare_kernels,
+    labelled_sets,
+)
 from tests.trainer.test_pretrain import TINY, make_shards
 from trainer.config import load_config
 from trainer.engine.checkpoint import load_checkpoint, load_matching, model_state
-from trainer.engine.metrics_log import read_metrics
 from trainer.model.queryinst.model import QueryInst
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,24 +64,11 @@ def test_pretrain_resume_finetune_evaluate_kernels(tmp_path, monkeypatch):
     assert load_matching(model, model_state(state, model, "last.pt"), allowed_skips=()) == []
 
     # Resumed to 4 iterations, it computes exactly what an uninterrupted run computes.
-    code, _, stderr = _pretrain(shards, out, 4, "--resume")
-    assert code == 0, stderr
-    code, _, stderr = _pretrain(shards, tmp_path / "straight", 4)
-    assert code == 0, stderr
-    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    assert [r["loss"] for r in straight] == [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    check_exact_resume(_pretrain, shards, out, tmp_path)
 
     # Fine-tuning from it loads every tensor but the per-stage class layers, and says so.
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "data"
-    write_tiny_coco(data, "train", num_images=4, seed=0, size=56)
-    write_tiny_coco(data, "val", num_images=2, seed=1, size=56)
-    sets = [
-        f"data.train_images={data / 'train'}",
-        f"data.train_json={data / 'annotations' / 'instances_train.json'}",
-        f"data.val_images={data / 'val'}",
-        f"data.val_json={data / 'annotations' / 'instances_val.json'}",
-    ]
+    sets = labelled_sets(tmp_path)
     args = ("--config", str(ROOT / "configs" / "demo.toml"), *_sets(TINY, QUERYINST, FINETUNE))
     init = str(out / "checkpoints" / "last.pt")
     run = tmp_path / "ft"
