@@ -17,7 +17,8 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig
-from tests.trainer.helpers import TINY_MODEL, run_cli, train_records, write_tiny_coco
+from tests.trainer.helpers import TINY_MODEL, run_cli, train_records
+from tests.trainer.test_mask2former_commands import labelled_sets
 from tests.trainer.test_pretrain import TINY, make_shards
 from trainer.config import load_config
 from trainer.model.factory import build_model
@@ -101,23 +102,11 @@ def test_training_step_gives_torchvision_losses():
     assert model.detector.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
 
 
-def _tiny_data(tmp_path: Path) -> list[str]:
-    data = tmp_path / "data"
-    write_tiny_coco(data, "train", num_images=4, seed=0, size=56)
-    write_tiny_coco(data, "val", num_images=2, seed=1, size=56)
-    return [
-        f"data.train_images={data / 'train'}",
-        f"data.train_json={data / 'annotations' / 'instances_train.json'}",
-        f"data.val_images={data / 'val'}",
-        f"data.val_json={data / 'annotations' / 'instances_val.json'}",
-    ]
-
-
 def test_finetune_evaluate_and_refusals(tmp_path, monkeypatch):
     """finetune (frozen ViT, feature cache on) and evaluate take Mask R-CNN like any kind; the
     reported AP is pycocotools' own score of the detections evaluate wrote."""
     monkeypatch.chdir(tmp_path)
-    args = ("--config", DEMO, *_sets(TINY, FINETUNE, _tiny_data(tmp_path)))
+    args = ("--config", DEMO, *_sets(TINY, FINETUNE, labelled_sets(tmp_path)))
     code, _, err = run_cli(
         "finetune", *args, "--frac", "1.0", "--iters", "2", "--init", "none", "--out", "ft"
     )
