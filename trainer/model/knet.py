@@ -8,17 +8,16 @@ mask grid, (H / mask_stride, W / mask_stride), mask_stride being the pyramid's f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
 from trainer.data.frozen_features import BackboneLevels
 from trainer.model.kernel_head import KernelHead, prior_bias
 from trainer.model.kernel_update import KernelUpdateStage
+from trainer.model.levels import padding_divisor, run_backbone
 from trainer.model.neck import build_neck
 
 if TYPE_CHECKING:
@@ -57,10 +56,7 @@ class KNet(nn.Module):
         )
         self.strides: tuple[float, ...] = tuple(self.neck.strides)
         self.mask_stride: float = self.strides[0]
-        coarsest = self.strides[-1]
-        if coarsest != int(coarsest):
-            raise ValueError(f"coarsest pyramid stride {coarsest} is not an integer")
-        self.size_divisor: int = math.lcm(int(backbone.size_divisor), int(coarsest))
+        self.size_divisor: int = padding_divisor(backbone, self.strides)
         self.kernel_head = KernelHead(
             cfg.channels,
             cfg.num_kernels,
@@ -81,13 +77,6 @@ class KNet(nn.Module):
         for head in self.class_heads:
             nn.init.xavier_uniform_(head.weight)
             nn.init.constant_(head.bias, prior_bias(0.01))  # focal-loss prior
-
-    def _backbone_levels(self, images: Tensor) -> list[Tensor]:
-        # A fully frozen backbone needs no graph: run it without one (saves activation memory).
-        if any(p.requires_grad for p in self.backbone.parameters()):
-            return list(self.backbone(images))
-        with torch.no_grad():
-            return list(self.backbone(images))
 
     def forward(
         self, images: Tensor | BackboneLevels, inject: Inject | None = None
@@ -110,7 +99,7 @@ class KNet(nn.Module):
         if isinstance(images, BackboneLevels):
             levels = images.levels
         else:
-            levels = self._backbone_levels(images)
+            levels = run_backbone(self.backbone, images)
         pyramid = self.neck(levels)
         head = self.kernel_head(pyramid)
         kernels, masks = head["kernels"], head["masks"]

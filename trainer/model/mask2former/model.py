@@ -14,13 +14,12 @@ four outputs, finest first), whose coarsest level the prompts pool from.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from trainer.config import ModelConfig
+from trainer.model.levels import backbone_levels, padding_divisor
 from trainer.model.mask2former.pixel_decoder import DeformablePixelDecoder, FPNPixelDecoder
 from trainer.model.mask2former.transformer_decoder import MaskedTransformerDecoder
 from trainer.model.pyramid import SimpleFeaturePyramid
@@ -80,10 +79,7 @@ class Mask2Former(nn.Module):
             raise ValueError(f"Mask2Former expects 4 backbone levels or 1 (ViT), got {channels}")
         self.strides: tuple[float, ...] = tuple(float(s) for s in strides)
         self.mask_stride: float = self.strides[0]
-        coarsest = self.strides[-1]
-        if coarsest != int(coarsest):
-            raise ValueError(f"coarsest pyramid stride {coarsest} is not an integer")
-        self.size_divisor: int = math.lcm(int(backbone.size_divisor), int(coarsest))
+        self.size_divisor: int = padding_divisor(backbone, self.strides)
         self.pixel_decoder = build_pixel_decoder(cfg, channels)
         self.decoder = MaskedTransformerDecoder(
             cfg.channels,
@@ -95,19 +91,6 @@ class Mask2Former(nn.Module):
             mask_dim=cfg.channels,
         )
 
-    def _backbone_levels(self, images: Any) -> tuple[list[Tensor], tuple[int, int]]:
-        """Backbone levels and the padded input size, from images (B, 3, H, W) or from a batch
-        of cached levels (``trainer.data.frozen_features.BackboneLevels``: "levels",
-        "input_size")."""
-        if hasattr(images, "levels"):
-            return list(images.levels), tuple(images.input_size)
-        size = tuple(images.shape[-2:])
-        # A fully frozen backbone needs no graph: run it without one (saves activation memory).
-        if any(p.requires_grad for p in self.backbone.parameters()):
-            return list(self.backbone(images)), size
-        with torch.no_grad():
-            return list(self.backbone(images)), size
-
     def forward(
         self, images: Any, inject: Callable[[Tensor, list[Tensor]], Tensor] | None = None
     ) -> dict[str, Any]:
@@ -115,7 +98,7 @@ class Mask2Former(nn.Module):
         multiples of ``size_divisor``; inject(query features (B, N, D), pyramid) -> (B, N, D),
         applied before the first decoder layer. Returns the contract in the module docstring,
         one "stages" entry per decoder layer."""
-        levels, (height, width) = self._backbone_levels(images)
+        levels, (height, width) = backbone_levels(self.backbone, images)
         if height % self.size_divisor or width % self.size_divisor:
             raise ValueError(
                 f"input {height}x{width} is not a multiple of size_divisor {self.size_divisor}"

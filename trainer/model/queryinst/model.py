@@ -19,7 +19,6 @@ queries alone (the published training computes masks for the positives only); an
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from trainer.config import ModelConfig
 from trainer.model.kernel_head import prior_bias
+from trainer.model.levels import backbone_levels, padding_divisor
 from trainer.model.neck import build_neck
 from trainer.model.queryinst.roi import decode_boxes, paste_masks, pyramid_roi_align
 from trainer.model.queryinst.stage import BOX_ROI, MASK_ROI, DynamicMaskHead, InteractionHead
@@ -62,10 +62,7 @@ class QueryInst(nn.Module):
         )
         self.strides: tuple[float, ...] = tuple(float(s) for s in self.neck.strides)
         self.mask_stride: float = self.strides[0]
-        coarsest = self.strides[-1]
-        if coarsest != int(coarsest):
-            raise ValueError(f"coarsest pyramid stride {coarsest} is not an integer")
-        self.size_divisor: int = math.lcm(int(backbone.size_divisor), int(coarsest))
+        self.size_divisor: int = padding_divisor(backbone, self.strides)
         self.proposal_boxes = nn.Embedding(cfg.num_kernels, 4)
         nn.init.constant_(self.proposal_boxes.weight[:, :2], 0.5)  # centred, whole image
         nn.init.constant_(self.proposal_boxes.weight[:, 2:], 1.0)
@@ -82,17 +79,6 @@ class QueryInst(nn.Module):
         for head in self.class_heads:
             nn.init.xavier_uniform_(head.weight)
             nn.init.constant_(head.bias, prior_bias(0.01))  # focal-loss prior
-
-    def _backbone_levels(self, images: Any) -> tuple[list[Tensor], tuple[int, int]]:
-        """Backbone levels and the padded input size, from images or cached levels."""
-        if hasattr(images, "levels"):
-            return list(images.levels), tuple(images.input_size)
-        size = tuple(images.shape[-2:])
-        # A fully frozen backbone needs no graph: run it without one (saves activation memory).
-        if any(p.requires_grad for p in self.backbone.parameters()):
-            return list(self.backbone(images)), size
-        with torch.no_grad():
-            return list(self.backbone(images)), size
 
     def _mask_fn(
         self, stage: int, pyramid: list[Tensor], attended: Tensor, boxes: Tensor
@@ -114,7 +100,7 @@ class QueryInst(nn.Module):
         """images: (B, 3, H, W) ImageNet-normalised (or cached backbone levels), H and W
         multiples of ``size_divisor``; inject(proposal features (B, N, D), pyramid) -> (B, N, D),
         applied before the first stage. Returns the contract in the module docstring."""
-        levels, (height, width) = self._backbone_levels(images)
+        levels, (height, width) = backbone_levels(self.backbone, images)
         if height % self.size_divisor or width % self.size_divisor:
             raise ValueError(
                 f"input {height}x{width} is not a multiple of size_divisor {self.size_divisor}"
