@@ -105,6 +105,13 @@ def test_compare_over_two_seeds_writes_recomputable_results(project):
         toml, "--iters", "2", "--seeds", "0,1", "--out", "moved", "--pretrained", "moved/init.pt"
     )
     assert code == 0 and err.count("reusing the finished run") == 4, err
+    # A pre-training or stage-one setting is not a fine-tuning setting (the init is pinned by its
+    # bytes): the baseline runs are reused under a changed [pretrain] and [proposals].
+    code, _, err = _compare(
+        toml, "--iters", "2", "--seeds", "0,1", "--out", "moved", "--pretrained", "moved/init.pt",
+        "--set", "pretrain.eval_size=teacher", "--set", "proposals.top_k=3",
+    )  # fmt: skip
+    assert code == 0 and err.count("reusing the finished run") == 4, err
     # Other settings in an existing run folder are refused, naming the key.
     code, _, err = _compare(toml, "--iters", "3", "--seeds", "0")
     assert code == 2 and "other settings" in err and "finetune.iters" in err

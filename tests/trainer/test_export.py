@@ -1,6 +1,6 @@
 """ONNX export with the backbone: onnxruntime matches PyTorch on two images of different shapes,
-for K-Net (dynamic input size) and Mask2Former (a fixed padded size, see
-trainer/inference/export.py)."""
+for K-Net (dynamic input size), Mask2Former and QueryInst (a fixed padded size where the tracer
+froze a shape-dependent value, see trainer/inference/export.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ MODELS = {
         encoder_layers=1,
         encoder_ffn_dim=32,
         num_points=64,
+    ),
+    "queryinst": ModelConfig(
+        kind="queryinst",
+        num_kernels=6,
+        channels=16,
+        num_heads=2,
+        ffn_dim=32,
+        dii_stages=2,
+        dynamic_dim=8,
+        mask_convs=1,
     ),
 }
 

@@ -22,13 +22,16 @@ from trainer.stages.finetune_setup import resolve
 
 # Sections that say what a compare, study or efficiency repeats, not what one run does: a run
 # folder made under other seeds lists (or another study's variants or fractions) is the same run.
-IGNORED_SECTIONS = ("compare", "efficiency")
+# A fine-tuning run reads no [pretrain] or [proposals] key (the pre-training it starts from is
+# pinned by its checkpoint's sha256), so a changed pre-training setting, e.g. pretrain.eval_size,
+# does not make a finished baseline run a different run.
+IGNORED_SECTIONS = ("compare", "efficiency", "pretrain", "proposals")
 
 
-# Keys that say where things live, not what a run computes: the folder itself, the init checkpoint
-# (pinned by its sha256 instead, so a copied or moved checkpoint is the same init) and the
-# pre-training's folders. A run folder copied from a compare into a study is reused, not refused.
-LOCATION_KEYS = ("finetune.out", "finetune.init", "pretrain.out", "pretrain.shards")
+# Keys that say where things live, not what a run computes: the folder itself and the init
+# checkpoint (pinned by its sha256 instead, so a copied or moved checkpoint is the same init). A run
+# folder copied from a compare into a study is reused, not refused.
+LOCATION_KEYS = ("finetune.out", "finetune.init")
 
 
 def drop_keys(tree: dict[str, Any], dotted: Sequence[str]) -> None:

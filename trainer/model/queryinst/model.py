@@ -117,7 +117,9 @@ class QueryInst(nn.Module):
             queries = inject(queries, pyramid)
         num = queries.shape[1]
         index = torch.arange(batch, device=boxes.device).repeat_interleave(num)
-        grid = (round(height / self.mask_stride), round(width / self.mask_stride))
+        # The mask grid is the finest level's own grid (stride mask_stride): read from its shape,
+        # not computed from the input size, so ONNX export keeps it dynamic.
+        grid = (pyramid[0].shape[-2], pyramid[0].shape[-1])
         stages = []
         for i, (head, class_head) in enumerate(zip(self.heads, self.class_heads)):
             roi = pyramid_roi_align(pyramid, self.strides, boxes.reshape(-1, 4), index, BOX_ROI)
