@@ -9,6 +9,7 @@ import torch
 
 from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig
+from tests.trainer.test_queryinst import TINY_QI
 from trainer.config import ModelConfig
 from trainer.inference.export import TOLERANCE, export_checked, synthetic_images
 from trainer.inference.predictor import Predictor, Settings
@@ -30,16 +31,7 @@ MODELS = {
         encoder_ffn_dim=32,
         num_points=64,
     ),
-    "queryinst": ModelConfig(
-        kind="queryinst",
-        num_kernels=6,
-        channels=16,
-        num_heads=2,
-        ffn_dim=32,
-        dii_stages=2,
-        dynamic_dim=8,
-        mask_convs=1,
-    ),
+    "queryinst": TINY_QI,
 }
 
 

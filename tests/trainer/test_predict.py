@@ -83,8 +83,8 @@ def test_predict_folder_writes_loadable_detections_overlays_and_counts_skips(pro
     assert max(per_image) <= 2
 
 
-def test_predict_on_a_coco_file_scores_the_ap_of_evaluate(project, tmp_path):
-    root, ckpt, _ = project
+def check_predict_scores_the_ap_of_evaluate(root: Path, ckpt: Path, tmp_path: Path) -> None:
+    """``predict`` on the val COCO file writes the detections ``evaluate`` scores, to the AP."""
     val_json = root / "data" / "annotations" / "instances_val.json"
     out = tmp_path / "out"
     code, _, err = run_cli(
@@ -100,6 +100,11 @@ def test_predict_on_a_coco_file_scores_the_ap_of_evaluate(project, tmp_path):
     ours = coco_mask_metrics(load_coco(val_json), detections)
     for key in ("AP", "AP50", "AP75"):
         assert ours[key] == pytest.approx(report[key], abs=1e-12)
+
+
+def test_predict_on_a_coco_file_scores_the_ap_of_evaluate(project, tmp_path):
+    root, ckpt, _ = project
+    check_predict_scores_the_ap_of_evaluate(root, ckpt, tmp_path)
     # The fine-tuning run kept its final validation detections: the same ones.
     kept = json.loads((ckpt.parent.parent / "detections-val.json").read_text())
     assert kept == json.loads((tmp_path / "e-segm.json").read_text())

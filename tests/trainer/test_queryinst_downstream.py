@@ -16,11 +16,11 @@ from pipeline.shards.folder import folder_problems
 from pipeline.shards.schema import list_shards, read_meta
 from pipeline.shards.shard_reader import ShardReader
 from tests.trainer.helpers import run_cli, run_pipeline
+from tests.trainer.test_predict import check_predict_scores_the_ap_of_evaluate
 from tests.trainer.test_pseudo_label import STAGE_ONE
 from tests.trainer.test_queryinst_commands import QUERYINST as QUERYINST_COMMANDS
 from tests.trainer.tiny_project import CATEGORY_IDS, pretrain, sets, write_project
 from trainer.inference.predictor import Predictor
-from trainer.stages.coco_metrics import coco_mask_metrics, load_coco
 
 QUERYINST = QUERYINST_COMMANDS[:-1]  # the tiny model's keys, without the loader setting
 
@@ -62,21 +62,7 @@ def test_predict_gives_named_and_class_agnostic_detections(project, tmp_path):
 
 def test_predict_on_the_val_file_gives_evaluates_detections_and_ap(project, tmp_path):
     root, _, _, ckpt = project
-    val_json = root / "data" / "annotations" / "instances_val.json"
-    out = tmp_path / "out"
-    code, _, err = run_cli(
-        "predict", "--checkpoint", str(ckpt), "--images", str(val_json),
-        "--image-root", str(root / "data" / "val"), "--out", str(out), "--score-threshold", "0",
-    )  # fmt: skip
-    assert code == 0, err
-    code, _, err = run_cli("evaluate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.json"))
-    assert code == 0, err
-    report = json.loads((tmp_path / "e.json").read_text())["metrics"]
-    detections = json.loads((out / "detections.json").read_text())
-    assert len(detections) == report["detections"]
-    ours = coco_mask_metrics(load_coco(val_json), detections)
-    for key in ("AP", "AP50", "AP75"):
-        assert ours[key] == pytest.approx(report[key], abs=1e-12)
+    check_predict_scores_the_ap_of_evaluate(root, ckpt, tmp_path)
 
 
 def test_a_self_training_round_from_queryinst_is_read_by_inspect_and_pretrain(project, tmp_path):
