@@ -118,7 +118,7 @@ class QueryInst(nn.Module):
         num = queries.shape[1]
         index = torch.arange(batch, device=boxes.device).repeat_interleave(num)
         # The mask grid is the finest level's own grid (stride mask_stride): read from its shape,
-        # not computed from the input size, so ONNX export keeps it dynamic.
+        # not computed from the input size, whose Python round() fails under ONNX tracing.
         grid = (pyramid[0].shape[-2], pyramid[0].shape[-1])
         stages = []
         for i, (head, class_head) in enumerate(zip(self.heads, self.class_heads)):
