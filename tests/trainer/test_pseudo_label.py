@@ -41,14 +41,20 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("pseudo")
     toml = write_project(root)
     ckpt = pretrain(toml, root / "pretrain", 1)
-    proposals = root / "proposals"
+    proposals = stage_one_proposals(toml, root / "data" / "train", root / "proposals")
+    return root, toml, ckpt, proposals
+
+
+def stage_one_proposals(toml: Path, images: Path, out: Path) -> Path:
+    """Stage one (random ResNet-50, STAGE_ONE sizes, local executor) over ``images``; returns
+    ``out``."""
     stage_one = [a for s in STAGE_ONE for a in ("--set", s)]
     code, _, err = run_pipeline(
         "proposals", "--config", str(toml), *stage_one, "--executor", "local",
-        "--images", str(root / "data" / "train"), "--out", str(proposals),
+        "--images", str(images), "--out", str(out),
     )  # fmt: skip
     assert code == 0, err
-    return root, toml, ckpt, proposals
+    return out
 
 
 def _label(ckpt: Path, shards: Path, out: Path, *extra: str) -> tuple[int, str, str]:

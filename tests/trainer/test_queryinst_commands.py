@@ -26,14 +26,15 @@ from trainer.engine.checkpoint import load_checkpoint, load_matching, model_stat
 from trainer.model.queryinst.model import QueryInst
 
 ROOT = Path(__file__).resolve().parents[2]
-# On top of test_pretrain's tiny settings (which hold a tiny K-Net's sizes).
-QUERYINST = [
+# On top of test_pretrain's tiny settings (which hold a tiny K-Net's sizes): the tiny QueryInst's
+# model keys, and with them the loader setting these commands use.
+QUERYINST_MODEL = [
     "model.kind=queryinst",
     "model.dii_stages=2",
     "model.dynamic_dim=8",
     "model.mask_convs=1",
-    "pretrain.num_workers=0",
 ]
+QUERYINST = [*QUERYINST_MODEL, "pretrain.num_workers=0"]
 
 
 def _pretrain(shards: Path, out: Path, iters: int, *extra: str):
@@ -99,4 +100,4 @@ def test_pretrain_resume_finetune_evaluate_kernels(tmp_path, monkeypatch):
 def test_study_compare_and_kernels_with_queryinst(tmp_path, monkeypatch):
     """study pre-trains QueryInst variants with their switches, compare reuses the study's
     checkpoint, kernels draws every query (as for Mask2Former)."""
-    check_study_compare_kernels(tmp_path, monkeypatch, QUERYINST[:-1], "queryinst")
+    check_study_compare_kernels(tmp_path, monkeypatch, QUERYINST_MODEL, "queryinst")

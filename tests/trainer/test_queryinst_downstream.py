@@ -17,12 +17,10 @@ from pipeline.shards.schema import list_shards, read_meta
 from pipeline.shards.shard_reader import ShardReader
 from tests.trainer.helpers import run_cli, run_pipeline
 from tests.trainer.test_predict import check_predict_scores_the_ap_of_evaluate
-from tests.trainer.test_pseudo_label import STAGE_ONE
-from tests.trainer.test_queryinst_commands import QUERYINST as QUERYINST_COMMANDS
+from tests.trainer.test_pseudo_label import stage_one_proposals
+from tests.trainer.test_queryinst_commands import QUERYINST_MODEL as QUERYINST
 from tests.trainer.tiny_project import CATEGORY_IDS, pretrain, sets, write_project
 from trainer.inference.predictor import Predictor
-
-QUERYINST = QUERYINST_COMMANDS[:-1]  # the tiny model's keys, without the loader setting
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +58,14 @@ def test_predict_gives_named_and_class_agnostic_detections(project, tmp_path):
     assert len(detections) > 0 and {d["category_id"] for d in detections} <= set(CATEGORY_IDS)
 
 
-def test_predict_on_the_val_file_gives_evaluates_detections_and_ap(project, tmp_path):
+def test_predict_on_the_val_file_scores_the_ap_of_evaluate(project, tmp_path):
     root, _, _, ckpt = project
     check_predict_scores_the_ap_of_evaluate(root, ckpt, tmp_path)
 
 
 def test_a_self_training_round_from_queryinst_is_read_by_inspect_and_pretrain(project, tmp_path):
     root, toml, pre, _ = project
-    proposals = tmp_path / "proposals"
-    stage_one = [a for s in STAGE_ONE for a in ("--set", s)]
-    code, _, err = run_pipeline(
-        "proposals", "--config", str(toml), *stage_one, "--executor", "local",
-        "--images", str(root / "data" / "val"), "--out", str(proposals),
-    )  # fmt: skip
-    assert code == 0, err
+    proposals = stage_one_proposals(toml, root / "data" / "val", tmp_path / "proposals")
     out = tmp_path / "round2"
     code, _, err = run_cli(
         "pseudo-label", "--checkpoint", str(pre), "--shards", str(proposals), "--out", str(out),

@@ -17,7 +17,7 @@ from trainer.config import ModelConfig
 from trainer.data.frozen_features import BackboneLevels
 from trainer.model.kernel_head import KernelHead, prior_bias
 from trainer.model.kernel_update import KernelUpdateStage
-from trainer.model.levels import padding_divisor, run_backbone
+from trainer.model.levels import backbone_levels, padding_divisor
 from trainer.model.neck import build_neck
 
 if TYPE_CHECKING:
@@ -96,10 +96,7 @@ class KNet(nn.Module):
             raise ValueError(
                 f"input {height}x{width} is not a multiple of size_divisor {self.size_divisor}"
             )
-        if isinstance(images, BackboneLevels):
-            levels = images.levels
-        else:
-            levels = run_backbone(self.backbone, images)
+        levels, _ = backbone_levels(self.backbone, images)
         pyramid = self.neck(levels)
         head = self.kernel_head(pyramid)
         kernels, masks = head["kernels"], head["masks"]

@@ -45,6 +45,7 @@ from torchvision.ops.poolers import initLevelMapper
 
 from trainer.config import ModelConfig
 from trainer.data.frozen_features import BackboneLevels
+from trainer.model.levels import backbone_levels
 from trainer.model.neck import build_neck
 
 if TYPE_CHECKING:
@@ -161,13 +162,7 @@ class MaskRCNNReference(nn.Module):
         )
 
     def _levels(self, images: Tensor | BackboneLevels) -> list[Tensor]:
-        if isinstance(images, BackboneLevels):
-            return list(images.levels)
-        # A fully frozen backbone needs no graph: run it without one (saves activation memory).
-        if any(p.requires_grad for p in self.backbone.parameters()):
-            return list(self.backbone(images))
-        with torch.no_grad():
-            return list(self.backbone(images))
+        return backbone_levels(self.backbone, images)[0]
 
     def forward(
         self,
