@@ -49,6 +49,7 @@ from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
 from pipeline.executors.dispatch import run_local, run_ray  # noqa: E402
 from pipeline.executors.ray_cluster import machine_cpus, ray_init  # noqa: E402
+from pipeline.executors.work_units import shard_batches  # noqa: E402
 from pipeline.executors.worker import ProposalWorker, masks_to_rles  # noqa: E402
 from pipeline.inputs.images import (  # noqa: E402
     decode_image,
@@ -68,12 +69,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batches(items: list, shard_size: int, batch_size: int) -> list[list]:
-    """The batches the worker forms: per shard, consecutive chunks of batch_size."""
+def _batches(items: list, shard_size: int, batch_size: int, by_shape: bool) -> list[list]:
+    """The batches the worker forms (work_units.shard_batches) in each shard of the plan."""
     return [
-        s[i : i + batch_size]
+        [s[i] for i in positions]
         for s in make_plan(items, shard_size)
-        for i in range(0, len(s), batch_size)
+        for positions in shard_batches(s, batch_size, by_shape)
     ]
 
 
@@ -88,7 +89,7 @@ def bare_backbone(worker: ProposalWorker, items: list, shard_size: int) -> dict:
         tensors[it.file_name] = normalise(img)
     batches = [
         pad_batch([tensors[it.file_name] for it in b], net.size_divisor).to(dev)
-        for b in _batches(items, shard_size, cfg.batch_size)
+        for b in _batches(items, shard_size, cfg.batch_size, worker.by_shape)
     ]
     with torch.inference_mode(), autocast(worker.precision, dev):
         t0 = time.perf_counter()
@@ -246,7 +247,7 @@ def stage_profile(worker: ProposalWorker, items: list, out: Path) -> dict:
     cfg, net, dev = worker.cfg, worker.backbone, worker.device
     t = dict.fromkeys(("decode", "resize_normalise", "forward", "saliency", "rle", "write"), 0.0)
     records = []
-    for b in _batches(items, len(items), cfg.batch_size):
+    for b in _batches(items, len(items), cfg.batch_size, worker.by_shape):
         t0 = time.perf_counter()
         imgs = [decode_image(it.path, worker.min_side) for it in b]
         t1 = time.perf_counter()

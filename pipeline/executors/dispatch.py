@@ -25,9 +25,10 @@ from typing import Any
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig, ProposalConfig
 from pipeline.executors.ray_cluster import ActorPlan, cluster_shape, plan_actors, ray_init
-from pipeline.executors.work_units import Job, Piece, ShardAssembler, plan_pieces
+from pipeline.executors.work_units import Job, Piece, ShardAssembler, shard_pieces
 from pipeline.executors.worker import ProposalWorker, count_records
 from pipeline.inputs.image_files import ImageLimits
+from pipeline.shards.plan import is_batch_invariant
 from pipeline.shards.schema import shard_name, write_shard
 
 MAX_RETRIES = 2  # extra attempts per shard (local) or batch (Ray) before the shard fails
@@ -146,9 +147,14 @@ class _Schedule:
     """Hands pieces to free actors, copies a straggler's pieces to idle ones, retries failures,
     and writes each shard as soon as all its pieces are in."""
 
-    def __init__(self, ray, actors: _Actors, jobs: list[Job], batch_size: int, write, on_batch):
+    def __init__(
+        self, ray, actors: _Actors, jobs: list[Job], batching: tuple[int, bool], write, on_batch
+    ):
+        """``batching``: (batch_size, by_shape) as ``work_units.shard_batches`` takes them."""
         self.ray, self.actors, self.write, self.on_batch = ray, actors, write, on_batch
-        self.queue = deque(plan_pieces(jobs, batch_size))
+        self.batching = batching
+        self.jobs = deque(jobs)  # cut into pieces one shard at a time (reading image headers)
+        self.queue: deque[Piece] = deque()  # pieces to hand out: retries first
         self.assembler = ShardAssembler(jobs)
         self.running: dict[Any, tuple[Piece, int]] = {}  # ref -> (piece, actor id)
         self.copies: dict[tuple[int, int], list] = {}  # piece key -> refs in flight
@@ -158,14 +164,25 @@ class _Schedule:
         self.failed: dict[int, str] = {}
 
     def run(self) -> dict[int, str]:
-        while self.queue or self.running:
+        while True:
             self._fill()
-            if not self.running:  # every actor is gone: the rest cannot run
-                self.failed.update({p.shard: "no Ray worker left" for p in self.queue})
+            if not self.running:  # all done, or every actor is gone: the rest cannot run
                 break
             [ref], _ = self.ray.wait(list(self.running), num_returns=1)
             self._collect(ref)
+        left = {p.shard for p in self.queue} | {index for index, _ in self.jobs}
+        self.failed.update({s: "no Ray worker left" for s in left - set(self.failed)})
         return self.failed
+
+    def _next(self) -> Piece | None:
+        """The next piece to hand out (None when there is none), skipping failed shards'."""
+        while self.queue or self.jobs:
+            if not self.queue:
+                self.queue.extend(shard_pieces(self.jobs.popleft(), *self.batching))
+            piece = self.queue.popleft()
+            if piece.shard not in self.failed:
+                return piece
+        return None
 
     def _issue(self, piece: Piece, actor: int) -> None:
         ref = self.actors.call(actor, "process_batch", list(piece.items))
@@ -179,10 +196,9 @@ class _Schedule:
             for actor in list(self.actors.live):
                 if self.load.get(actor, 0) >= level:
                     continue
-                while self.queue and self.queue[0].shard in self.failed:
-                    self.queue.popleft()
-                if self.queue:
-                    self._issue(self.queue.popleft(), actor)
+                piece = self._next()
+                if piece is not None:
+                    self._issue(piece, actor)
                 elif self.load.get(actor, 0) == 0 and (piece := self._straggler(actor)):
                     self._issue(piece, actor)
 
@@ -238,7 +254,9 @@ class _Schedule:
         if self.copies[piece.key]:
             return  # another copy is still running; it may succeed
         n = self.attempts[piece.key] = self.attempts.get(piece.key, 0) + 1
-        log.warning("shard %d batch at %d attempt %d failed: %s", piece.shard, piece.start, n, err)
+        log.warning(
+            "shard %d batch at %d attempt %d failed: %s", piece.shard, piece.positions[0], n, err
+        )
         if n > MAX_RETRIES:
             self.failed[piece.shard] = err
             self.assembler.drop(piece.shard)
@@ -314,7 +332,8 @@ def run_ray(
             write_shard(Path(out_dir) / shard_name(index), records, meta)
             on_done({**count_records(records), "index": index, "seconds": time.perf_counter() - t})
 
-        return _Schedule(ray, actors, jobs, cfg.batch_size, write, on_batch).run()
+        batching = (cfg.batch_size, is_batch_invariant(backbone_cfg.kind))
+        return _Schedule(ray, actors, jobs, batching, write, on_batch).run()
     finally:
         if started:
             ray.shutdown()

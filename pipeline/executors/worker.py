@@ -27,6 +27,7 @@ from pycocotools import mask as mask_utils
 from pipeline.backbones.backbone import Backbone, weights_fingerprint
 from pipeline.backbones.build import build_backbone
 from pipeline.config import BackboneConfig, ProposalConfig
+from pipeline.executors.work_units import shard_batches
 from pipeline.inputs.image_files import ImageLimits
 from pipeline.inputs.images import (
     UnreadableImage,
@@ -105,6 +106,7 @@ class ProposalWorker:
         if cfg.compile:  # shapes vary per batch: dynamic, so one compilation serves them all
             self._features = torch.compile(self._features, dynamic=True)
         invariant = bool(getattr(self.backbone, "batch_invariant", False))
+        self.by_shape = invariant  # batches of like shapes (work_units.shard_batches)
         self.fingerprint = fingerprint or compute_fingerprint(
             backbone_cfg.kind, weights_fingerprint(self.backbone), cfg, invariant
         )
@@ -218,28 +220,30 @@ class ProposalWorker:
     ) -> dict[str, Any]:
         """Compute and write shard ``index``; returns counts for the progress and summary.
 
-        Batch n+1..n+prefetch are decoded by the thread pool while batch n runs the backbone.
+        Batches as ``work_units.shard_batches`` forms them (images of like shape together for a
+        batch-invariant backbone); records are written in the shard's order. Batch
+        n+1..n+prefetch are decoded by the thread pool while batch n runs the backbone.
         ``on_batch(images, masks)`` is called after each batch (local progress bar).
         """
         t0 = time.perf_counter()
-        bs = max(1, int(self.cfg.batch_size))
-        batches = [items[i : i + bs] for i in range(0, len(items), bs)]
-        records: list[ImageRecord] = []
+        batches = shard_batches(items, self.cfg.batch_size, self.by_shape)
+        found: dict[int, ImageRecord] = {}  # position in the shard -> record
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
             pending: deque = deque()
             ahead = 1 + max(0, int(self.cfg.prefetch))
             for b in batches[:ahead]:
-                pending.append([pool.submit(self.load, it) for it in b])
+                pending.append([pool.submit(self.load, items[i]) for i in b])
             nxt = ahead
-            while pending:
+            for positions in batches:
                 futures = pending.popleft()
                 if nxt < len(batches):
-                    pending.append([pool.submit(self.load, it) for it in batches[nxt]])
+                    pending.append([pool.submit(self.load, items[i]) for i in batches[nxt]])
                     nxt += 1
                 out = self._infer([f.result() for f in futures])
-                records.extend(out)
+                found.update(zip(positions, out))
                 if on_batch is not None:
                     on_batch(len(out), sum(r.num_masks for r in out))
+        records = [found[i] for i in range(len(items))]
         write_shard(self.out_dir / shard_name(index), records, self.meta)
         summary = count_records(records)
         summary.update(index=index, seconds=time.perf_counter() - t0)

@@ -22,7 +22,13 @@ import torch
 from torch import Tensor
 
 from pipeline.backbones.backbone import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.inputs.image_files import ImageLimits, UnreadableImage, check_pixels, read_image_bytes
+from pipeline.inputs.image_files import (
+    ImageLimits,
+    UnreadableImage,
+    check_pixels,
+    declared_size,
+    read_image_bytes,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -205,6 +211,29 @@ def read_checked(path: Path, limits: ImageLimits | None = None) -> tuple[bytes, 
         raise UnreadableImage(f"truncated {fmt.upper()} file")
     check_pixels(data, fmt, limits)
     return data, fmt
+
+
+# The first bytes of a file hold its header and, in practice, its EXIF orientation.
+_HINT_BYTES = 1 << 16
+
+
+def size_hint(path: Path) -> tuple[int, int] | None:
+    """(width, height) of the upright image from the header in the file's first 64 KiB, without
+    decoding; None when unknown. A scheduling hint only (stage one groups images of one shape
+    into a batch): nothing computed depends on it, so a wrong or missing hint costs speed, never
+    a different result."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_HINT_BYTES)
+    except OSError:
+        return None
+    fmt = _sniff(data)
+    size = declared_size(data, fmt)
+    if size is None:
+        return None
+    width, height = size
+    # EXIF orientations 5-8 turn the image by a quarter: its upright width is the stored height
+    return (height, width) if _exif_orientation(data, fmt) >= 5 else (width, height)
 
 
 def decode_image(path: Path, min_side: int = 1, limits: ImageLimits | None = None) -> np.ndarray:

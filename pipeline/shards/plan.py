@@ -72,7 +72,8 @@ def result_settings(cfg: ProposalConfig, batch_invariant: bool = True) -> dict[s
     }
 
 
-def _batch_invariant(backbone_kind: str) -> bool:
+def is_batch_invariant(backbone_kind: str) -> bool:
+    """Whether the ``backbone_kind``'s features of an image are the same in any batch."""
     cls = BACKBONE_CLASSES.get(backbone_kind)
     return bool(cls is not None and cls.batch_invariant)
 
@@ -87,7 +88,7 @@ def compute_fingerprint(
 
     ``batch_invariant``: the backbone's; None reads it from the class of ``backbone_kind``."""
     if batch_invariant is None:
-        batch_invariant = _batch_invariant(backbone_kind)
+        batch_invariant = is_batch_invariant(backbone_kind)
     payload = {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone_kind,

@@ -24,6 +24,7 @@ from pipeline.inputs.images import (
     normalise,
     pad_batch,
     resize_keep_ratio,
+    size_hint,
 )
 from pipeline.inputs.listing import ImageItem, list_images
 
@@ -180,6 +181,8 @@ def test_exif_orientation_jpeg(tmp_path, orientation):
     img = decode_image(tmp_path / "o.jpg")
     assert img.shape == ref.shape
     assert np.abs(img.astype(int) - ref).mean() < 3
+    # the batch-grouping hint reads the upright size from the header alone
+    assert size_hint(tmp_path / "o.jpg") == (img.shape[1], img.shape[0])
 
 
 @pytest.mark.parametrize("orientation", [3, 5, 6, 7])
@@ -190,6 +193,13 @@ def test_exif_orientation_png(tmp_path, orientation):
     with Image.open(tmp_path / "o.png") as im:
         ref = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     np.testing.assert_array_equal(decode_image(tmp_path / "o.png"), ref)
+    assert size_hint(tmp_path / "o.png") == (ref.shape[1], ref.shape[0])
+
+
+def test_size_hint_is_none_when_unknown(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    assert size_hint(tmp_path / "x.jpg") is None
+    assert size_hint(tmp_path / "missing.png") is None
 
 
 def test_large_image_decodes_and_resizes(tmp_path):
