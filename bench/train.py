@@ -1,14 +1,15 @@
 """Pre-training step time by feature cache, precision and compilation, in one run, same images.
 
     python bench/train.py [--config configs/demo.toml] [--shards DIR] [--iters 40] [--warmup 10]
-        [--modes off:fp32,on:fp32,on:bf16,on:bf16:compile]
+        [--modes off:fp32,on:fp32,on:bf16,on:bf16:cl,on:bf16:compile]
         [--set model.kind=mask2former|maskrcnn] [--out FILE]
 
-Each mode is ``cache:precision[:compile]``: ``off`` runs the frozen backbone every step, ``on``
+Each mode is ``cache:precision[:compile][:cl]``: ``off`` runs the frozen backbone every step, ``on``
 reads its levels from the feature cache (filled first, per precision, by one pass over every image
 view the run will see); the precision is the autocast of the frozen backbone and the head
 (pipeline/precision.py); ``compile`` torch.compiles the head (its first steps, which compile, are
-in the untimed warm-up; their time is reported as ``compile_seconds``). The same pre-training
+in the untimed warm-up; their time is reported as ``compile_seconds``); ``cl`` puts the model's
+convolution weights in channels-last (NHWC) memory format. The same pre-training
 objective trains ``--iters`` timed iterations after ``--warmup`` untimed ones, from the same seed
 and the same sampler order. Reported per mode: iterations per second and its ratio to the first
 mode, the step time split into data wait, backbone (levels: computed, or read and assembled),
@@ -78,12 +79,18 @@ def _timed(module: torch.nn.Module, key: str, clock: dict[str, float]) -> None:
 
 
 def parse_mode(text: str) -> dict:
-    """``cache:precision[:compile]`` -> {"cache", "precision", "compile"}."""
+    """``cache:precision[:compile][:cl]`` -> {"cache", "precision", "compile", "channels_last"}."""
     parts = text.split(":")
-    shape_ok = len(parts) in (2, 3) and parts[2:] in ([], ["compile"])
+    flags = parts[2:]
+    shape_ok = len(parts) >= 2 and set(flags) <= {"compile", "cl"} and len(set(flags)) == len(flags)
     if not shape_ok or parts[0] not in ("on", "off"):
-        raise SystemExit(f"bench/train.py: bad mode {text!r} (cache:precision[:compile])")
-    return {"cache": parts[0] == "on", "precision": parts[1], "compile": len(parts) == 3}
+        raise SystemExit(f"bench/train.py: bad mode {text!r} (cache:precision[:compile][:cl])")
+    return {
+        "cache": parts[0] == "on",
+        "precision": parts[1],
+        "compile": "compile" in flags,
+        "channels_last": "cl" in flags,
+    }
 
 
 def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
@@ -105,6 +112,8 @@ def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
         from trainer.engine.optim import optimizer_from_section
 
         optimizer, _ = optimizer_from_section(built.objective, cfg.maskrcnn)
+    if mode.get("channels_last"):  # conv weights NHWC: oneDNN's preferred layout for bf16
+        built.objective.to(memory_format=torch.channels_last)
     if mode["compile"]:
         compile_network(built.objective)
     return built.objective.to(device), built.loader, built.frozen, built.store, optimizer
@@ -202,7 +211,7 @@ def main() -> int:
     for precision in sorted({m["precision"] for m in modes if m["cache"]}):
         # Fill the cache with an untimed pass twice as long as the dataset (both flips appear).
         t0 = time.perf_counter()
-        fill = {"cache": True, "precision": precision, "compile": False}
+        fill = {"cache": True, "precision": precision, "compile": False, "channels_last": False}
         run_mode(cfg, shards, fill, Path(args.cache_dir), None, 0, device)
         fill_seconds[precision] = time.perf_counter() - t0
     results = []
@@ -213,7 +222,8 @@ def main() -> int:
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["share"].items())
         name = f"{'on' if mode['cache'] else 'off'}:{mode['precision']}"
         print(
-            f"{name}{':compile' if mode['compile'] else ''}: {m['iters_per_s']:.2f} it/s "
+            f"{name}{':compile' if mode['compile'] else ''}{':cl' if mode['channels_last'] else ''}"
+            f": {m['iters_per_s']:.2f} it/s "
             f"({m['ratio']:.2f}x), {m['gflops']:.0f} GFLOP/s; {shares}; hits "
             f"{100 * m['cache_hit_rate']:.0f}%; peak {m['peak_memory_mib']:.0f} MiB",
             flush=True,
