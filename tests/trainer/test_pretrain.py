@@ -18,7 +18,7 @@ from pipeline.backbones.backbone import weights_fingerprint
 from pipeline.backbones.build import build_backbone
 from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
-from pipeline.shards.plan import compute_fingerprint, result_settings
+from pipeline.shards.plan import compute_fingerprint, is_batch_invariant, result_settings
 from pipeline.shards.schema import STATUS_EMPTY, STATUS_OK, ImageRecord, shard_name, write_shard
 from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, shard_rles, train_records
 from trainer.config import load_config
@@ -97,7 +97,10 @@ def make_shards(
             "backbone": backbone,
             "feature_stride": 14,
             "embed_dim": dim,
-            "settings": json.dumps(result_settings(made_with), sort_keys=True),
+            # as the worker writes them: a ResNet's batch_size is a result setting, the ViT's not
+            "settings": json.dumps(
+                result_settings(made_with, is_batch_invariant(backbone)), sort_keys=True
+            ),
         }
         write_shard(folder / "proposals" / shard_name(s), records, meta)
     (folder / "proposals" / "config.toml").write_text(f'[proposals]\nimages = "{images}"\n')
