@@ -19,13 +19,12 @@ from pipeline.saliency.maps import (
     resize_valid_crops,
     valid_cell_mask,
 )
+from pipeline.saliency.nms import matrix_nms_decay, suppress
 from pipeline.saliency.propose import (
     mask_boxes,
     mask_geometry,
-    matrix_nms_decay,
     propose,
     shape_filter,
-    suppress,
     upsample_masks,
 )
 
