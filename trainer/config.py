@@ -246,6 +246,10 @@ class PretrainConfig:
     # "teacher" (stage one's proposals.short_side / max_side), so that learner and teacher are
     # scored on the same images at the same resolution.
     eval_size: str = "train"
+    # A pre-training checkpoint whose weights (the model and the kernel-supervision layers) start
+    # this run, with a fresh optimiser, schedule and sampler: continue a pre-training with other
+    # settings, e.g. a second phase at the teacher's input size. Empty: from the backbone alone.
+    init: str = ""
 
 
 @dataclass

@@ -70,7 +70,9 @@ def _split_state(objective: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return model, extras
 
 
-def _load_objective(objective: nn.Module, state: dict[str, Any], path: Path) -> None:
+def load_objective(objective: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's model (its frozen backbone restored from ``objective``'s own) and
+    extras into ``objective``, strictly."""
     knet = getattr(objective, "knet", None)
     if isinstance(knet, nn.Module):
         full = {f"knet.{k}": v for k, v in model_state(state, knet, path).items()}
@@ -84,7 +86,7 @@ def _restore(objective, optimizer, scheduler, scaler, loader, state, path: Path)
     """Load a checkpoint's states; a model or optimiser that does not fit (other settings) is
     one line naming the checkpoint, not load_state_dict's multi-line report."""
     try:
-        _load_objective(objective, state, path)
+        load_objective(objective, state, path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):

@@ -42,6 +42,7 @@ from trainer.engine.resume import check_resume
 from trainer.engine.run_state import latest_checkpoint
 from trainer.engine.schedule import Schedule
 from trainer.stages.pretext import Pretext, eval_sides, held_out
+from trainer.stages.pretrain_init import check_pinned_init, init_pins, start_from
 from trainer.stages.pretrain_shards import (
     check_pinned_shards,
     check_shard_folder,
@@ -217,16 +218,21 @@ def _pretrain(
             "or choose another --out"
         )
     partial = check_shard_folder(shards, p.partial_shards)
+    init = init_pins(p.init)  # a missing init is refused before anything is built
     device = init_distributed()
     rank, world = dist_info()
     built = build_pretraining(cfg, shards, image_root, device)
     dataset, objective, store = built.dataset, built.objective, built.store
     built.notes += partial
     resolved = dataclasses.asdict(cfg)
-    pins = {"shards_digest": shards_digest(list_shards(shards))}
+    pins = {"shards_digest": shards_digest(list_shards(shards)), **init}
     if resume:  # checked before record_run, so a refused resume leaves the run's records alone
         check_resume("pretrain", out, resolved, objective.knet)
         check_pinned_shards(out, shards, pins["shards_digest"])
+        check_pinned_init(out, pins)
+    if p.init and latest_checkpoint(out) is None:  # a resume's own checkpoint holds the weights
+        start_from(objective, p.init)
+        built.notes.append(f"initialised from {p.init} (sha256 {pins['init_sha256'][:12]})")
     if rank == 0:
         record_run(out, resolved, argv)
         skipped = ", ".join(
