@@ -1,22 +1,26 @@
 """Pre-training step time by feature cache, precision and compilation, in one run, same images.
 
     python bench/train.py [--config configs/demo.toml] [--shards DIR] [--iters 40] [--warmup 10]
-        [--modes off:fp32,on:fp32,on:bf16,on:bf16:cl,on:bf16:compile]
-        [--set model.kind=mask2former|maskrcnn] [--out FILE]
+        [--modes off:fp32,on:fp32,on:bf16,on:bf16:cl,on:bf16:compile,on:bf16:t1,on:bf16:w0]
+        [--set model.kind=mask2former|maskrcnn] [--profile N] [--out FILE]
 
 Each mode is ``cache:precision[:compile][:cl]``: ``off`` runs the frozen backbone every step, ``on``
 reads its levels from the feature cache (filled first, per precision, by one pass over every image
 view the run will see); the precision is the autocast of the frozen backbone and the head
 (pipeline/precision.py); ``compile`` torch.compiles the head (its first steps, which compile, are
 in the untimed warm-up; their time is reported as ``compile_seconds``); ``cl`` puts the model's
-convolution weights in channels-last (NHWC) memory format. The same pre-training
+convolution weights in channels-last (NHWC) memory format; ``tN`` runs the step with N torch
+intra-op threads and ``wN`` with N DataLoader worker processes (0: in the training process),
+instead of the process's thread count and the config's ``num_workers``. The same pre-training
 objective trains ``--iters`` timed iterations after ``--warmup`` untimed ones, from the same seed
 and the same sampler order. Reported per mode: iterations per second and its ratio to the first
 mode, the step time split into data wait, backbone (levels: computed, or read and assembled),
 model forward, matching and losses, backward and optimiser, peak memory (RSS sampled every 50 ms
 on CPU, ``max_memory_allocated`` on CUDA), and the achieved GFLOP/s of the step (its FLOPs counted
 once by torch's FlopCounterMode) against the CPU's peak (see ``bench/flops.py``). Writes
-``bench/results/train.json``. Ratios, not absolute times, are the result: run nothing else
+``bench/results/train.json``. ``--profile N`` adds, per mode, a torch.profiler summary of N more
+steps: the ops with the most self time, and which lines of the project issue the memory copies.
+Ratios, not absolute times, are the result: run nothing else
 meanwhile.
 """
 
@@ -79,18 +83,37 @@ def _timed(module: torch.nn.Module, key: str, clock: dict[str, float]) -> None:
 
 
 def parse_mode(text: str) -> dict:
-    """``cache:precision[:compile][:cl]`` -> {"cache", "precision", "compile", "channels_last"}."""
+    """``cache:precision[:compile][:cl][:tN][:wN]`` -> {"cache", "precision", "compile",
+    "channels_last", "threads", "workers"} (threads, workers None: the process's and the
+    config's)."""
+    usage = "cache:precision[:compile][:cl][:tN][:wN]"
     parts = text.split(":")
     flags = parts[2:]
-    shape_ok = len(parts) >= 2 and set(flags) <= {"compile", "cl"} and len(set(flags)) == len(flags)
+    counts = {f[0]: f[1:] for f in flags if f[:1] in ("t", "w") and f[1:].isdigit()}
+    named = [f for f in flags if f not in ("compile", "cl")]
+    shape_ok = (
+        len(parts) >= 2
+        and len(named) == len(counts)
+        and len(set(flags)) == len(flags)
+        and int(counts.get("t", 1)) >= 1
+    )
     if not shape_ok or parts[0] not in ("on", "off"):
-        raise SystemExit(f"bench/train.py: bad mode {text!r} (cache:precision[:compile][:cl])")
+        raise SystemExit(f"bench/train.py: bad mode {text!r} ({usage})")
     return {
         "cache": parts[0] == "on",
         "precision": parts[1],
         "compile": "compile" in flags,
         "channels_last": "cl" in flags,
+        "threads": int(counts["t"]) if "t" in counts else None,
+        "workers": int(counts["w"]) if "w" in counts else None,
     }
+
+
+def mode_name(mode: dict) -> str:
+    """The mode as ``parse_mode`` reads it."""
+    flags = [f for f, on in (("compile", mode["compile"]), ("cl", mode["channels_last"])) if on]
+    flags += [f"{k[0]}{mode[k]}" for k in ("threads", "workers") if mode.get(k) is not None]
+    return ":".join([("on" if mode["cache"] else "off"), mode["precision"], *flags])
 
 
 def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
@@ -104,6 +127,8 @@ def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
     cfg = copy.deepcopy(cfg)
     cfg.pretrain.feature_cache, cfg.pretrain.feature_cache_dir = mode["cache"], str(cache_dir)
     cfg.pretrain.precision = mode["precision"]
+    if mode.get("workers") is not None:  # DataLoader processes beside the step's threads
+        cfg.pretrain.num_workers = mode["workers"]
     if cfg.model.kind not in QUERY_KINDS:
         cfg.pretrain.prompts = cfg.pretrain.kernel_supervision = False
     built = build_pretraining(cfg, shards, None, device)
@@ -119,9 +144,64 @@ def build(cfg, shards: Path, mode: dict, cache_dir: Path, device: torch.device):
     return built.objective.to(device), built.loader, built.frozen, built.store, optimizer
 
 
-def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup: int, device):
+def _origin(event) -> str:
+    """Where a profiled op comes from: the project's innermost frame on the Python stack of the
+    op or of the op that called it (autocast's casts are nested in the op they feed), or, in
+    backward, the autograd node that ran it."""
+    while event is not None:
+        # An op's own stack when recorded; else its ancestors, among them the Python-function
+        # events ("path/file.py(line): name") that with_stack records around the ops.
+        for frame in [*(event.stack or ()), event.name]:
+            path = frame.split(" ", 1)[0]
+            for package in ("trainer/", "pipeline/"):
+                if path.startswith(package) or f"/{package}" in path:
+                    return package + frame.split(package, 1)[1]
+        if event.name.startswith("autograd::engine::evaluate_function: "):
+            return "backward: " + event.name.split(": ", 1)[1]
+        event = event.cpu_parent
+    return "elsewhere"
+
+
+def profile_steps(step, steps: int) -> dict:
+    """torch.profiler over ``steps`` steps: the ops with the most self CPU time, and where the
+    memory copies (casts between precisions included) come from."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(steps):
+            step()
+    # Operator events only ("aten::...", "torchvision::..."): with_stack also records the Python
+    # calls around them, whose self time would be counted twice.
+    events = [e for e in prof.events() if e.device_type.name == "CPU" and "::" in e.name]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    by_op, calls, copies, copy_calls = Counter(), Counter(), Counter(), Counter()
+    for e in events:
+        by_op[e.name] += e.self_cpu_time_total
+        calls[e.name] += 1
+        if e.name in ("aten::copy_", "aten::_to_copy"):  # a cast's time is in both
+            copies[_origin(e)] += e.self_cpu_time_total
+            copy_calls[_origin(e)] += e.name == "aten::copy_"
+    row = {"share": 0.0, "calls_per_step": 0.0}
+    return {
+        "steps": steps,
+        "ops": [
+            {**row, "op": op, "share": t / total, "calls_per_step": calls[op] / steps}
+            for op, t in by_op.most_common(15)
+        ],
+        "copies": [
+            {**row, "origin": o, "share": t / total, "calls_per_step": copy_calls[o] / steps}
+            for o, t in copies.most_common(12)
+        ],
+    }
+
+
+def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup: int, device,
+             profile: int = 0):  # fmt: skip
     """Train ``warmup`` then ``iters`` timed iterations (None: two passes over the dataset), then
-    one more whose FLOPs are counted (outside the timing: the counter slows the step)."""
+    one more whose FLOPs are counted (outside the timing: the counter slows the step), then
+    ``profile`` profiled ones."""
     objective, loader, frozen, store, optimizer = build(cfg, shards, mode, cache_dir, device)
     if iters is None:
         iters = -(-len(loader.dataset) // cfg.pretrain.batch_size) * 2
@@ -176,6 +256,7 @@ def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup
         hit_rate = hits / max(hits + misses, 1)
         with step_flops() as counted:
             step()
+        profiled = profile_steps(step, profile) if profile else None
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak
     return {
         **mode,
@@ -189,6 +270,7 @@ def run_mode(cfg, shards, mode: dict, cache_dir: Path, iters: int | None, warmup
         "cache_hit_rate": hit_rate,
         "peak_memory_mib": peak / 2**20,
         "cache_store": store.stats() if store is not None else None,
+        "profile": profiled,
     }
 
 
@@ -202,6 +284,9 @@ def main() -> int:
     parser.add_argument("--modes", default="off:fp32,on:fp32,on:bf16,on:bf16:compile")
     parser.add_argument("--cache-dir", default="runs/bench/feature-cache")
     parser.add_argument("--out", default="bench/results/train.json")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="profile this many steps after each mode's timing"
+    )
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     shards = Path(args.shards or cfg.pretrain.shards or f"runs/{cfg.name}/proposals")
@@ -211,23 +296,32 @@ def main() -> int:
     for precision in sorted({m["precision"] for m in modes if m["cache"]}):
         # Fill the cache with an untimed pass twice as long as the dataset (both flips appear).
         t0 = time.perf_counter()
-        fill = {"cache": True, "precision": precision, "compile": False, "channels_last": False}
+        fill = parse_mode(f"on:{precision}")
         run_mode(cfg, shards, fill, Path(args.cache_dir), None, 0, device)
         fill_seconds[precision] = time.perf_counter() - t0
     results = []
+    default_threads = torch.get_num_threads()
     for mode in modes:
-        m = run_mode(cfg, shards, mode, Path(args.cache_dir), args.iters, args.warmup, device)
+        torch.set_num_threads(mode["threads"] or default_threads)  # intra-op threads of the step
+        m = run_mode(
+            cfg, shards, mode, Path(args.cache_dir), args.iters, args.warmup, device, args.profile
+        )
+        torch.set_num_threads(default_threads)
         m["ratio"] = m["iters_per_s"] / (results[0]["iters_per_s"] if results else m["iters_per_s"])
         results.append(m)
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["share"].items())
-        name = f"{'on' if mode['cache'] else 'off'}:{mode['precision']}"
         print(
-            f"{name}{':compile' if mode['compile'] else ''}{':cl' if mode['channels_last'] else ''}"
-            f": {m['iters_per_s']:.2f} it/s "
+            f"{mode_name(mode)}: {m['iters_per_s']:.2f} it/s "
             f"({m['ratio']:.2f}x), {m['gflops']:.0f} GFLOP/s; {shares}; hits "
             f"{100 * m['cache_hit_rate']:.0f}%; peak {m['peak_memory_mib']:.0f} MiB",
             flush=True,
         )
+        for key, label in (("ops", "op"), ("copies", "origin")) if m["profile"] else ():
+            top = "; ".join(
+                f"{r[label]} {100 * r['share']:.1f}% ({r['calls_per_step']:.0f}/step)"
+                for r in m["profile"][key][:6]
+            )
+            print(f"  profile, {key}: {top}", flush=True)
     report = {
         "command": " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
@@ -237,6 +331,8 @@ def main() -> int:
         "input": [cfg.pretrain.short_side, cfg.pretrain.max_side],
         "cache_fill_seconds": fill_seconds,
         "peak_gflops": cpu_peak_gflops() if device.type == "cpu" else None,
+        "threads_default": default_threads,
+        "workers_default": cfg.pretrain.num_workers,
         "modes": results,
     }
     write_json(args.out, report)
