@@ -181,17 +181,17 @@ def profile_steps(step, steps: int) -> dict:
         by_op[e.name] += e.self_cpu_time_total
         calls[e.name] += 1
         if e.name in ("aten::copy_", "aten::_to_copy"):  # a cast's time is in both
-            copies[_origin(e)] += e.self_cpu_time_total
-            copy_calls[_origin(e)] += e.name == "aten::copy_"
-    row = {"share": 0.0, "calls_per_step": 0.0}
+            origin = _origin(e)
+            copies[origin] += e.self_cpu_time_total
+            copy_calls[origin] += e.name == "aten::copy_"
     return {
         "steps": steps,
         "ops": [
-            {**row, "op": op, "share": t / total, "calls_per_step": calls[op] / steps}
+            {"op": op, "share": t / total, "calls_per_step": calls[op] / steps}
             for op, t in by_op.most_common(15)
         ],
         "copies": [
-            {**row, "origin": o, "share": t / total, "calls_per_step": copy_calls[o] / steps}
+            {"origin": o, "share": t / total, "calls_per_step": copy_calls[o] / steps}
             for o, t in copies.most_common(12)
         ],
     }
