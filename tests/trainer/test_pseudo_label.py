@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.backbones.build import build_backbone
+from pipeline.backbones.weight_files import file_sha256
 from pipeline.cli import UserError
 from pipeline.shards.folder import folder_problems
 from pipeline.shards.schema import STATUS_EMPTY, STATUS_OK, list_shards, read_meta
@@ -24,7 +25,6 @@ from tests.trainer.tiny_project import pretrain, sets, write_project
 from trainer.config import load_config
 from trainer.stages.mask_seeds import mask_seeds
 from trainer.stages.pretrain_shards import check_shards
-from trainer.stages.self_training import file_sha256
 
 STAGE_ONE = [
     "backbone.kind=resnet50",

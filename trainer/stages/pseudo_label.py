@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from pipeline.atomic_files import write_json
 from pipeline.backbones.build import build_backbone
+from pipeline.backbones.weight_files import file_sha256
 from pipeline.cli import UserError, record_run
 from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.executors.proposals import prepare_out
@@ -65,7 +66,7 @@ from trainer.data.datasets import Collate
 from trainer.data.shard_dataset import proposals_image_root
 from trainer.inference.predictor import Predictor
 from trainer.stages.mask_seeds import mask_seeds
-from trainer.stages.self_training import ATTR, file_sha256, next_round, round_fingerprint
+from trainer.stages.self_training import ATTR, next_round, round_fingerprint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

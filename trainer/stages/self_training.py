@@ -33,15 +33,6 @@ ATTR = "self_training"
 _REQUIRED = ("round", "source_fingerprint", "stage_one_fingerprint", "checkpoint_sha256")
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def round_fingerprint(record: dict[str, Any]) -> str:
     """The fingerprint of a round's shards: sha256 over its record and the schema version."""
     payload = {"schema_version": SCHEMA_VERSION, ATTR: record}
