@@ -126,6 +126,35 @@ def test_a_round_is_a_finished_proposals_folder_that_inspect_and_pretrain_read(p
     assert third["stage_one_fingerprint"] == record["stage_one_fingerprint"]
 
 
+def test_merged_rounds_keep_the_source_masks_the_model_did_not_replace(project, tmp_path):
+    root, _, ckpt, proposals = project
+    source = [r for p in list_shards(proposals) for r in ShardReader(p).records()]
+    # No prediction passes a threshold of 1: model-first keeps exactly the source's masks.
+    out = tmp_path / "all-source"
+    code, stdout, err = _label(
+        ckpt, proposals, out, "--score-threshold", "1", "--merge", "model-first"
+    )
+    assert code == 0, err
+    merged = [r for p in list_shards(out) for r in ShardReader(p).records()]
+    assert [r.rles for r in merged] == [r.rles for r in source]
+    assert all(np.array_equal(a.seeds, b.seeds) for a, b in zip(merged, source))
+    record = json.loads(read_meta(list_shards(out)[0])["self_training"])
+    assert record["labelling"]["merge"] == {"mode": "model-first", "iou": 0.5}
+    # source-first: every source mask, plus only predictions overlapping none of them.
+    out = tmp_path / "source-first"
+    code, _, err = _label(ckpt, proposals, out, "--score-threshold", "0", "--merge", "source-first")
+    assert code == 0, err
+    alone = tmp_path / "alone"
+    assert _label(ckpt, proposals, alone, "--score-threshold", "0")[0] == 0
+    predicted = [r for p in list_shards(alone) for r in ShardReader(p).records()]
+    merged = [r for p in list_shards(out) for r in ShardReader(p).records()]
+    for m, s, pr in zip(merged, source, predicted):
+        assert set(s.rles) <= set(m.rles) and set(m.rles) <= set(s.rles) | set(pr.rles)
+        assert np.all(np.diff(m.scores) <= 0)
+    code, _, err = _label(ckpt, proposals, tmp_path / "o", "--merge-iou", "1.5")
+    assert code == 2 and "--merge-iou" in err
+
+
 def test_a_threshold_above_every_score_records_empty_images(project, tmp_path):
     root, toml, ckpt, proposals = project
     out = tmp_path / "empty"

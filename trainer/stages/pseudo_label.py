@@ -2,6 +2,7 @@
 
     python -m trainer pseudo-label --checkpoint CKPT --shards SRC --out DIR
                                    [--score-threshold 0.5] [--max-masks 20] [--nms 0.5]
+                                   [--merge off|model-first|source-first] [--merge-iou 0.5]
                                    [--image-root DIR] [--set SECTION.KEY=VALUE ...]
 
 Runs a class-agnostic pre-training checkpoint (``Predictor.from_checkpoint``, the one inference
@@ -12,7 +13,8 @@ mask gets the model's detection score, its box, and a seed embedding S_l with it
 the frozen backbone's stage-one feature map (trainer/stages/mask_seeds.py: the L2-normalised mean
 of the
 cell seeds under the mask, and the cell most similar to it). Images where nothing passes are
-recorded empty with the reason ``score: ...``; unreadable images as unreadable.
+recorded empty with the reason ``score: ...``; unreadable images as unreadable. ``--merge``
+keeps SRC's masks beside the predictions, CutLER's merge (trainer/stages/pseudo_merge.py).
 
 DIR becomes a finished proposals folder of schema-v1 shards that ``pipeline inspect`` reads and
 ``trainer pretrain --shards DIR`` trains on: ``plan.json`` first, each shard written atomically,
@@ -66,6 +68,7 @@ from trainer.data.datasets import Collate
 from trainer.data.shard_dataset import proposals_image_root
 from trainer.inference.predictor import Predictor
 from trainer.stages.mask_seeds import mask_seeds
+from trainer.stages.pseudo_merge import MERGE_MODES, merge_records
 from trainer.stages.self_training import ATTR, next_round, round_fingerprint
 
 
@@ -79,13 +82,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-masks", type=int, default=20, help="at most this many per image")
     parser.add_argument("--nms", type=float, default=0.5, metavar="IOU", help="mask NMS (0: off)")
     parser.add_argument(
+        "--merge", choices=MERGE_MODES, default="off",
+        help="keep SRC's masks too: model-first adds those overlapping no prediction (CutLER), "
+        "source-first adds the predictions overlapping no SRC mask",
+    )  # fmt: skip
+    parser.add_argument("--merge-iou", type=float, default=0.5, help="overlap for --merge")
+    parser.add_argument(
         "--image-root", default=None, help="image folder (default: the one SRC records)"
     )
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.score_threshold <= 1.0 or not 0.0 <= args.nms <= 1.0:
-        raise UserError("pseudo-label: --score-threshold and --nms must lie in [0, 1]")
+    if not all(0.0 <= v <= 1.0 for v in (args.score_threshold, args.nms, args.merge_iou)):
+        raise UserError("pseudo-label: --score-threshold, --nms and --merge-iou must lie in [0, 1]")
     if args.max_masks < 1:
         raise UserError(f"pseudo-label: --max-masks must be >= 1, got {args.max_masks}")
 
@@ -93,9 +102,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
 @dataclasses.dataclass
 class Source:
     """A finished proposals folder: what ``check_shards`` reads (folder, metas, meta), each
-    shard's images, and the image root and file sizes its plan recorded."""
+    shard's path and images, and the image root and file sizes its plan recorded."""
 
     folder: Path
+    paths: list[Path]
     metas: list[dict[str, Any]]
     shards: list[list[ImageItem]]
     sizes: list[list[tuple[int, int, int]]]  # per shard and image: (status, height, width)
@@ -126,7 +136,8 @@ def read_source(folder: Path, image_root: str | None) -> Source:
         shards.append([ImageItem(n, int(i), root / n) for n, i in zip(names, ids)])
         sizes.append(list(zip(t["status"].tolist(), t["height"].tolist(), t["width"].tolist())))
     recorded = recorded_inputs(folder).get("file_bytes", {})
-    return Source(folder, [read_meta(p) for p in paths], shards, sizes, root, recorded)
+    metas = [read_meta(p) for p in paths]
+    return Source(folder, list(paths), metas, shards, sizes, root, recorded)
 
 
 def _decode(item: ImageItem, source: Source, known: tuple[int, int, int], worker) -> Any:
@@ -193,16 +204,23 @@ def label_batch(
     return records
 
 
-def label_shard(index: int, source: Source, predictor, worker, max_masks: int, bar) -> dict:
-    """Relabel source shard ``index`` into ``worker.out_dir``, written atomically; its counts."""
+def label_shard(index: int, source: Source, predictor, worker, args, bar) -> dict:
+    """Relabel source shard ``index`` into ``worker.out_dir``, written atomically (merged with
+    the source's masks by ``args.merge``); its counts."""
     items, known = source.shards[index], source.sizes[index]
     bs = max(1, int(worker.cfg.batch_size))  # stage one's batches: the same padded feature maps
     records: list[ImageRecord] = []
     for start in range(0, len(items), bs):
         batch = items[start : start + bs]
         decoded = [_decode(it, source, k, worker) for it, k in zip(batch, known[start:])]
-        records += label_batch(batch, decoded, predictor, worker, max_masks)
+        records += label_batch(batch, decoded, predictor, worker, args.max_masks)
         bar.update(len(batch))
+    if args.merge != "off":
+        with ShardReader(source.paths[index]) as reader:
+            records = [
+                merge_records(r, reader.record(i), args.merge, args.merge_iou)
+                for i, r in enumerate(records)
+            ]
     write_shard(worker.out_dir / shard_name(index), records, worker.meta)
     return {**count_records(records), "index": index}
 
@@ -293,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
             "max_side": s.max_side,
         },
     }
+    if args.merge != "off":  # absent when off: earlier rounds keep their fingerprints
+        record["labelling"]["merge"] = {"mode": args.merge, "iou": args.merge_iou}
     fingerprint = round_fingerprint(record)
     with claim_run_folder(out, "pseudo-label"):
         check_out(out, fingerprint)
@@ -320,7 +340,7 @@ def _label(args, source: Source, predictor, worker, record: dict[str, Any]) -> i
     t0 = time.perf_counter()
     total = sum(len(source.shards[i]) for i in todo)
     with tqdm(total=total, desc="pseudo-label", unit="img", disable=total == 0) as bar:
-        counts = [label_shard(i, source, predictor, worker, args.max_masks, bar) for i in todo]
+        counts = [label_shard(i, source, predictor, worker, args, bar) for i in todo]
     counts += [count_existing(out / shard_name(i)) for i in sorted(done)]
     seconds = time.perf_counter() - t0
     totals = {k: sum(c[k] for c in counts) for k in ("images", "ok", "empty", "unreadable")}
