@@ -1,5 +1,6 @@
-"""``--iters`` shorter than the configured schedule: the warm-up and lr steps scale with it, and a
-schedule that would never decay is refused naming lr_steps (pre-training and fine-tuning)."""
+"""``--iters`` shorter or longer than the configured schedule: the warm-up and lr steps scale with
+it, and a schedule that would never decay is refused naming lr_steps (pre-training and
+fine-tuning)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ def test_a_shorter_run_scales_the_warmup_and_the_lr_steps():
     # The rate decays twice inside the run: it never runs flat.
     schedule = WarmupStepSchedule(p.warmup_iters, 0.001, p.lr_steps, 0.1)
     assert schedule(119) == pytest.approx(0.01)
+
+
+def test_a_longer_run_scales_the_schedule_too():
+    # Unscaled, steps at 400 and 475 of a 1,000-iteration run would leave 525 iterations at 1%.
+    ft = FinetuneConfig(iters=500, warmup_iters=50, lr_steps=[400, 475])
+    note = fit_schedule(ft, "finetune", 1000)
+    assert (ft.iters, ft.warmup_iters, ft.lr_steps) == (1000, 100, [800, 950])
+    assert "is longer than finetune.iters = 500" in note and "[400, 475] -> [800, 950]" in note
+    assert (
+        fit_schedule(FinetuneConfig(iters=500, warmup_iters=0, lr_steps=[]), "finetune", 900) != ""
+    )
 
 
 def test_a_schedule_that_fits_is_left_alone():

@@ -113,10 +113,13 @@ def fit_schedule(section: Any, stage: str, iters: int | None) -> str:
     """Apply a command's ``--iters`` to a config section so its lr schedule never runs flat.
 
     The warm-up and lr_steps are written for ``section.iters``. A shorter ``--iters`` that cuts
-    into them scales both by iters / section.iters (the schedule keeps its shape), and the
-    returned note says so; a schedule that still reaches past the run's end (set that way, e.g.
-    ``--set pretrain.iters=120`` with steps at 220 and 280) is a UserError naming lr_steps.
-    Returns "" when nothing was changed.
+    into them, or a longer one, scales both by iters / section.iters (the schedule keeps its
+    shape, as ``trainer efficiency`` scales a fraction's budget), and the returned note says so.
+    Unscaled, a longer run would spend everything past the last step at the final rate (a budget
+    check at twice the iterations would train its second half at 1% of the lr). A shorter run
+    that still holds every step is left alone. A schedule that still reaches past the run's end
+    (set that way, e.g. ``--set pretrain.iters=120`` with steps at 220 and 280) is a UserError
+    naming lr_steps. Returns "" when nothing was changed.
     """
     note = ""
     if iters is not None:
@@ -124,11 +127,12 @@ def fit_schedule(section: Any, stage: str, iters: int | None) -> str:
             raise UserError(f"--iters must be >= 1, got {iters}")
         configured = int(section.iters)
         beyond = any(s > iters for s in section.lr_steps) or section.warmup_iters > iters
-        if iters < configured and beyond:
+        if (iters < configured and beyond) or iters > configured:
             factor = iters / configured
             steps, warmup = scaled_schedule(section, factor, iters)
+            than = "shorter" if iters < configured else "longer"
             note = (
-                f"{stage}: --iters {iters} is shorter than {stage}.iters = {configured}, so the "
+                f"{stage}: --iters {iters} is {than} than {stage}.iters = {configured}, so the "
                 f"lr schedule is scaled by {factor:.3g}: lr_steps {list(section.lr_steps)} -> "
                 f"{steps}, warmup_iters {section.warmup_iters} -> {warmup}"
             )
