@@ -71,6 +71,8 @@ def test_empty_sides_and_off():
     assert both.status == STATUS_EMPTY and both.error == "score: none"
     unreadable = ImageRecord("a.jpg", 1, 0, 0, STATUS_UNREADABLE, "truncated")
     assert merge_records(unreadable, SOURCE, "model-first", 0.5) is unreadable
+    # Unreadable at stage one, readable now: nothing to add, whatever its recorded size.
+    assert merge_records(MODEL, unreadable, "model-first", 0.5) is MODEL
 
 
 def test_other_images_or_modes_are_refused():

@@ -44,12 +44,13 @@ def _overlapping(extra: ImageRecord, kept: ImageRecord, iou: float) -> np.ndarra
 
 def merge_records(model: ImageRecord, source: ImageRecord, mode: str, iou: float) -> ImageRecord:
     """One image's merged record: ``model`` (this round's predictions) and ``source`` (the masks
-    it relabelled) by ``mode``. An unreadable model record, or ``mode`` "off", is returned as is;
-    an image with no mask on either side keeps the model's empty record and its reason."""
+    it relabelled) by ``mode``. An unreadable model record, a source record without masks, or
+    ``mode`` "off" returns ``model`` as is, so an image with no mask on either side keeps the
+    model's empty record and its reason."""
     if mode not in MERGE_MODES:
         raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
-    if mode == "off" or model.status == STATUS_UNREADABLE:
-        return model
+    if mode == "off" or model.status == STATUS_UNREADABLE or not source.rles:
+        return model  # (a source image unreadable then and readable now has no masks to add)
     if (model.file_name, model.height, model.width) != (
         source.file_name,
         source.height,
