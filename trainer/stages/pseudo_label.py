@@ -51,8 +51,8 @@ from pipeline.executors.worker import ProposalWorker, count_existing, count_reco
 from pipeline.inputs.image_files import ImageLimits, UnreadableImage
 from pipeline.inputs.images import decode_image
 from pipeline.inputs.listing import ImageItem
-from pipeline.run_folder import LOCK_FILE, claim_run_folder
-from pipeline.shards.folder import PLAN_FILE, SUMMARY_FILE, folder_problems
+from pipeline.run_folder import claim_run_folder
+from pipeline.shards.folder import SUMMARY_FILE, folder_problems
 from pipeline.shards.plan import check_image_file, plan_inputs, recorded_inputs
 from pipeline.shards.schema import (
     STATUS_EMPTY,
@@ -69,7 +69,7 @@ from trainer.data.shard_dataset import proposals_image_root
 from trainer.inference.predictor import Predictor
 from trainer.stages.mask_seeds import mask_seeds
 from trainer.stages.pseudo_merge import MERGE_MODES, merge_records
-from trainer.stages.self_training import ATTR, next_round, round_fingerprint
+from trainer.stages.self_training import ATTR, check_out, next_round, round_fingerprint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -268,21 +268,6 @@ def build_worker(source: Source, predictor: Predictor, out: Path, device) -> Pro
         cfg.backbone, made_with, out, str(device), backbone=backbone, fingerprint=stage_one,
         limits=limits,
     )  # fmt: skip
-
-
-def check_out(out: Path, fingerprint: str) -> None:
-    """Refuse a non-empty ``out`` unless its plan is this job's (a resume)."""
-    if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK_FILE]:
-        return
-    try:
-        planned = json.loads((out / PLAN_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        planned = None
-    if planned != fingerprint:
-        raise UserError(
-            f"{out} is not empty and not this pseudo-label job's folder: choose an empty --out "
-            "(a re-run of the same command resumes its own folder)"
-        )
 
 
 def run(args: argparse.Namespace) -> int:

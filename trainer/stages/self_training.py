@@ -16,7 +16,8 @@ fingerprint (backbone weights + settings) cannot be recomputed from a round's ow
 instead :func:`claimed_stage_one` checks the record against the fingerprint and hands its
 stage-one fingerprint to the weight check (``trainer.stages.pretrain_shards.check_shards``), which
 recomputes it
-from the configured backbone's weights as it does for stage-one shards.
+from the configured backbone's weights as it does for stage-one shards. :func:`check_out` keeps a
+round from writing into a folder that holds anything but the same round (which it resumes).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli import UserError
+from pipeline.run_folder import LOCK_FILE
+from pipeline.shards.folder import PLAN_FILE
 from pipeline.shards.schema import SCHEMA_VERSION
 
 ATTR = "self_training"
@@ -80,3 +83,18 @@ def claimed_stage_one(meta: dict[str, Any], where: str | Path) -> tuple[str, lis
         f"{str(record['source_fingerprint'])[:12]}"
     )
     return str(record["stage_one_fingerprint"]), [note]
+
+
+def check_out(out: Path, fingerprint: str) -> None:
+    """Refuse a non-empty ``out`` unless its plan is this round's (same fingerprint: a resume)."""
+    if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK_FILE]:
+        return
+    try:
+        planned = json.loads((out / PLAN_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        planned = None
+    if planned != fingerprint:
+        raise UserError(
+            f"{out} is not empty and not this pseudo-label job's folder: choose an empty --out "
+            "(a re-run of the same command resumes its own folder)"
+        )
