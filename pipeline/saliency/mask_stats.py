@@ -37,7 +37,7 @@ def duplicate_pairs(rec: ImageRecord, dup_iou: float = DUP_IOU) -> int:
     """Pairs of this image's masks whose IoU exceeds ``dup_iou`` (IoU on the RLEs)."""
     if rec.num_masks < 2:
         return 0
-    rles = [{"size": [rec.height, rec.width], "counts": c} for c in rec.rles]
+    rles = rec.rle_dicts()
     iou = np.asarray(mask_utils.iou(rles, rles, [0] * len(rles)))
     return int(np.triu(iou > dup_iou, k=1).sum())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -55,15 +54,11 @@ def iter_records(paths: Sequence[Path], desc: str = "") -> Iterator[tuple[Path, 
                     bar.update(1)
 
 
-def _rle_dicts(rec: ImageRecord) -> list[dict[str, Any]]:
-    return [{"size": [rec.height, rec.width], "counts": c} for c in rec.rles]
-
-
 def mask_areas(rec: ImageRecord) -> np.ndarray:
     """(K,) pixel areas of the record's masks, straight from the RLE (no decoding)."""
     if not rec.rles:
         return np.zeros(0, np.float64)
-    return np.asarray(mask_utils.area(_rle_dicts(rec)), np.float64)
+    return np.asarray(mask_utils.area(rec.rle_dicts()), np.float64)
 
 
 def iter_unique(paths: Sequence[Path], desc: str = "") -> Iterator[ImageRecord]:

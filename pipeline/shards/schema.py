@@ -78,12 +78,16 @@ class ImageRecord:
     def num_masks(self) -> int:
         return len(self.rles)
 
+    def rle_dicts(self) -> list[dict[str, Any]]:
+        """The masks as pycocotools RLE dicts (``size`` [H, W], ``counts``), for decode and IoU."""
+        size = [int(self.height), int(self.width)]
+        return [{"size": size, "counts": c} for c in self.rles]
+
     def decode_masks(self) -> np.ndarray:
         """(K,H,W) uint8 masks in {0,1} at the original image size."""
         if not self.rles:
             return np.zeros((0, self.height, self.width), np.uint8)
-        size = [int(self.height), int(self.width)]
-        decoded = mask_utils.decode([{"size": size, "counts": c} for c in self.rles])  # (H,W,K)
+        decoded = mask_utils.decode(self.rle_dicts())  # (H,W,K)
         return np.ascontiguousarray(decoded.transpose(2, 0, 1))
 
 

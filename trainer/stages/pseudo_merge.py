@@ -35,9 +35,7 @@ def _overlapping(extra: ImageRecord, kept: ImageRecord, iou: float) -> np.ndarra
     """(len(extra),) bool: which of ``extra``'s masks overlap one of ``kept``'s at IoU >= iou."""
     if not kept.rles or not extra.rles:
         return np.zeros(extra.num_masks, bool)
-    size = [int(kept.height), int(kept.width)]
-    a = [{"size": size, "counts": c} for c in extra.rles]
-    b = [{"size": size, "counts": c} for c in kept.rles]
+    a, b = extra.rle_dicts(), kept.rle_dicts()
     ious = np.asarray(mask_utils.iou(a, b, [0] * len(b))).reshape(len(a), len(b))
     return (ious >= iou).any(1)
 
