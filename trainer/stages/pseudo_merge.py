@@ -58,9 +58,7 @@ def merge_records(model: ImageRecord, source: ImageRecord, mode: str, iou: float
     first, second = (model, source) if mode == "model-first" else (source, model)
     added = np.flatnonzero(~_overlapping(second, first, iou))
     parts = [(first, np.arange(first.num_masks)), (second, added)]
-    rles = [r.rles[int(k)] for r, ks in parts for k in ks]
-    if not rles:
-        return model
+    rles = [r.rles[int(k)] for r, ks in parts for k in ks]  # never empty: source has masks
     scores = np.concatenate([r.scores[ks] for r, ks in parts]).astype(np.float32)
     order = np.argsort(-scores, kind="stable")
     width = max(r.seeds.shape[1] for r, ks in parts if len(ks))
