@@ -180,6 +180,7 @@ class PretrainConfig:
         "pseudo_min_area": FRACTION,
         "drop_loss_iou": FRACTION,
         "eval_size": OneOf(("train", "teacher")),
+        "ema_decay": Range(lo=0, hi=1, hi_open=True),
     }
 
     shards: str = ""  # empty = runs/<name>/proposals
@@ -250,6 +251,10 @@ class PretrainConfig:
     # this run, with a fresh optimiser, schedule and sampler: continue a pre-training with other
     # settings, e.g. a second phase at the teacher's input size. Empty: from the backbone alone.
     init: str = ""
+    # Exponential moving average of the model's weights (trainer/engine/weight_average.py):
+    # every evaluation scores it beside the trained weights ("ema_" keys), and the finished
+    # checkpoint offers it to fine-tuning, evaluation and prediction. 0 = off.
+    ema_decay: float = 0.0
 
 
 @dataclass

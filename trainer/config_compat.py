@@ -36,6 +36,7 @@ LATER_DEFAULTS: dict[str, Any] = {
     "model.dynamic_dim": 64,
     "model.mask_convs": 4,
     "pretrain.init": "",
+    "pretrain.ema_decay": 0.0,
 }
 # What the efficiency command repeats, not what a run does (left out of compare's reuse check).
 LATER_DEFAULTS.update({f"efficiency.{k}": v for k, v in asdict(EfficiencyConfig()).items()})

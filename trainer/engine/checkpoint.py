@@ -6,7 +6,8 @@ A training checkpoint (written by trainer/engine/run_state.py) is a dict::
      supervision Linear), "optimizer", "scheduler", "scaler" (None without fp16 scaling),
      "rng": capture_rng_state(), "loader": sampler (epoch, position), "iteration",
      "config": resolved config dict, "num_classes", "log_window": partial logging window,
-     "frozen_backbone": {"prefix", "fingerprint"} or absent}
+     "frozen_backbone": {"prefix", "fingerprint"} or absent, "ema": the weight average's
+     {"decay", "updates", "state"} or None (trainer/engine/weight_average.py)}
 
 Everything in it is a tensor or a plain Python value, so it loads with ``weights_only=True``
 (no arbitrary unpickling of a file someone handed you).
@@ -201,7 +202,8 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:
 # Frozen backbones: stored as a fingerprint, rebuilt from the config
 
 
-def _frozen_backbone(knet: nn.Module) -> nn.Module | None:
+def frozen_backbone(knet: nn.Module) -> nn.Module | None:
+    """``knet.backbone`` when it has parameters and none of them trains, else None."""
     backbone = getattr(knet, "backbone", None)
     if not isinstance(backbone, nn.Module):
         return None
@@ -214,7 +216,7 @@ def strip_frozen(knet: nn.Module, model_state: dict[str, Any], fingerprint: str 
     None). ``fingerprint``: the backbone's, if already computed (it never changes)."""
     from pipeline.backbones.backbone import weights_fingerprint
 
-    backbone = _frozen_backbone(knet)
+    backbone = frozen_backbone(knet)
     if backbone is None:
         return model_state, None
     kept = {k: v for k, v in model_state.items() if not k.startswith("backbone.")}
@@ -222,15 +224,24 @@ def strip_frozen(knet: nn.Module, model_state: dict[str, Any], fingerprint: str 
     return kept, record
 
 
-def model_state(state: dict[str, Any], knet: nn.Module, path: str | Path) -> dict[str, Any]:
+def model_state(
+    state: dict[str, Any], knet: nn.Module, path: str | Path, *, averaged: bool = True
+) -> dict[str, Any]:
     """``state["model"]`` completed with ``knet``'s own backbone tensors when the checkpoint
     recorded a frozen backbone instead of storing it; UserError when ``knet``'s backbone is not
-    the one the checkpoint was trained with (other weights)."""
+    the one the checkpoint was trained with (other weights).
+
+    ``averaged``: where the run kept a weight average (``"ema"``, trainer/engine/weight_average.py)
+    its tensors replace the trained ones: the weights a finished run offers. A resume passes
+    False, since the optimiser continues from the trained weights."""
     from pipeline.backbones.backbone import weights_fingerprint
 
     model = state.get("model")
     if not isinstance(model, dict):
         raise UserError(f"{path} holds no 'model' state (not a trainer checkpoint)")
+    average = state.get("ema")
+    if averaged and average:
+        model = {**model, **average["state"]}
     frozen = state.get("frozen_backbone")
     if not frozen:
         return model

@@ -32,6 +32,7 @@ from trainer.engine.records import Recorder, has_eval
 from trainer.engine.run_state import Checkpointer, TrainingParts, resume_run
 from trainer.engine.schedule import Schedule
 from trainer.engine.step import OptimisationStep, to_device
+from trainer.engine.weight_average import WeightAverage
 
 __all__ = ["compile_network", "train"]
 
@@ -71,8 +72,9 @@ def _precision_and_scaler(schedule: Schedule, device: torch.device, is_main: boo
     return precision, scaler
 
 
-def _evaluate(objective, eval_fn, iteration: int, recorder: Recorder) -> None:
-    """``eval_fn`` on rank 0 in eval mode without gradients; every rank waits for it."""
+def _evaluate(objective, eval_fn, iteration: int, recorder: Recorder, average=None) -> None:
+    """``eval_fn`` on rank 0 in eval mode without gradients; every rank waits for it. With a
+    weight average the averaged weights are scored too, as the same metrics prefixed "ema_"."""
     if recorder.is_main:
         # The evaluation's loaders draw from the global RNGs; restoring them keeps training
         # after it identical to a run resumed from the checkpoint saved just before it.
@@ -80,6 +82,10 @@ def _evaluate(objective, eval_fn, iteration: int, recorder: Recorder) -> None:
         objective.eval()
         with torch.no_grad():
             metrics = eval_fn(iteration)
+            if average is not None:
+                restore_rng_state(rngs)  # both scored on the same draws
+                with average.applied():
+                    metrics.update({f"ema_{k}": v for k, v in eval_fn(iteration).items()})
         objective.train()
         restore_rng_state(rngs)
         recorder.log_eval(iteration, metrics)
@@ -137,7 +143,7 @@ def train(
             and start % schedule.eval_every == 0
             and not has_eval(recorder.metrics_path, start)
         ):
-            _evaluate(objective, eval_fn, start, recorder)  # the one a crash cut off
+            _evaluate(objective, eval_fn, start, recorder, run.average)  # a crash cut it off
         objective.train()
         _steps(run, loader, optimizer, eval_fn if evaluates else None, inputs)
     except KeyboardInterrupt:
@@ -174,6 +180,7 @@ class _Run:
     recorder: Recorder
     checkpoints: Checkpointer
     step: OptimisationStep
+    average: WeightAverage | None
     data_time: float = 0.0  # seconds waiting for batches, summed over this call's iterations
     step_time: float = 0.0  # seconds per iteration, summed
 
@@ -189,7 +196,12 @@ def _set_up(objective, loader, optimizer, scheduler, schedule: Schedule, out_dir
     precision, scaler = _precision_and_scaler(schedule, device, rank == 0)
     if schedule.compile:
         compile_network(objective)
-    parts = TrainingParts(objective, optimizer, scheduler, scaler, loader, rank, world)
+    average = None
+    if schedule.ema_decay > 0:  # of the network only: a pre-training's extras train it alone
+        network = getattr(objective, "knet", None)
+        average = WeightAverage(network if isinstance(network, nn.Module) else objective,
+                                schedule.ema_decay)  # fmt: skip
+    parts = TrainingParts(objective, optimizer, scheduler, scaler, loader, rank, world, average)
     resumed = resume_run(parts, out_dir, config, resume)
     start = resumed.start
     recorder = Recorder(out_dir, schedule.iters, start, resumed.log_window, rank == 0, desc)
@@ -207,7 +219,7 @@ def _set_up(objective, loader, optimizer, scheduler, schedule: Schedule, out_dir
     )  # fmt: skip
     return _Run(
         objective, schedule, device, rank, world, start, resumed.rng_state, recorder, checkpoints,
-        step,
+        step, average,
     )  # fmt: skip
 
 
@@ -225,6 +237,8 @@ def _steps(run: _Run, loader, optimizer, eval_fn, inputs) -> None:
         if inputs is not None:  # a frozen backbone's levels, from the feature cache or not
             images = inputs(images, batch.infos)
         named = run.step(images, targets, iteration)
+        if run.average is not None:
+            run.average.update()
         step_time = time.perf_counter() - t0
         run.data_time += data_time
         run.step_time += step_time
@@ -234,4 +248,4 @@ def _steps(run: _Run, loader, optimizer, eval_fn, inputs) -> None:
         if schedule.saves(iteration):
             run.checkpoints.save(iteration, recorder.window.state_dict())
         if eval_fn is not None and schedule.evaluates(iteration):
-            _evaluate(run.objective, eval_fn, iteration, recorder)
+            _evaluate(run.objective, eval_fn, iteration, recorder, run.average)

@@ -46,6 +46,7 @@ MEANING_KEYS = {
         "pretrain.precision",
         "pretrain.holdout",
         "pretrain.pseudo_",
+        "pretrain.ema_decay",  # a resume must find the average it continues
     ),
 }
 
@@ -103,7 +104,7 @@ def check_resume(
         )
     if knet is not None:
         try:
-            load_matching(knet, model_state(state, knet, path), allowed_skips=())
+            load_matching(knet, model_state(state, knet, path, averaged=False), allowed_skips=())
         except UserError as e:
             raise UserError(f"cannot resume {path}: {e}") from None
     return path

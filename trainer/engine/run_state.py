@@ -70,19 +70,23 @@ def _split_state(objective: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return model, extras
 
 
-def load_objective(objective: nn.Module, state: dict[str, Any], path: Path) -> None:
+def load_objective(
+    objective: nn.Module, state: dict[str, Any], path: Path, *, averaged: bool = False
+) -> None:
     """Load a checkpoint's model (its frozen backbone restored from ``objective``'s own) and
-    extras into ``objective``, strictly."""
+    extras into ``objective``, strictly. ``averaged``: the run's weight average where it kept
+    one (a new run starting from it), not the trained weights (a resume)."""
     knet = getattr(objective, "knet", None)
     if isinstance(knet, nn.Module):
-        full = {f"knet.{k}": v for k, v in model_state(state, knet, path).items()}
+        weights = model_state(state, knet, path, averaged=averaged)
+        full = {f"knet.{k}": v for k, v in weights.items()}
         full.update(state.get("extras") or {})
     else:
-        full = model_state(state, objective, path)
+        full = model_state(state, objective, path, averaged=averaged)
     objective.load_state_dict(full)
 
 
-def _restore(objective, optimizer, scheduler, scaler, loader, state, path: Path) -> None:
+def _restore(objective, optimizer, scheduler, scaler, loader, average, state, path: Path) -> None:
     """Load a checkpoint's states; a model or optimiser that does not fit (other settings) is
     one line naming the checkpoint, not load_state_dict's multi-line report."""
     try:
@@ -93,6 +97,10 @@ def _restore(objective, optimizer, scheduler, scaler, loader, state, path: Path)
             scaler.load_state_dict(state["scaler"])
         if hasattr(loader, "load_state_dict") and state.get("loader"):
             loader.load_state_dict(state["loader"])
+        if average is not None:
+            if not state.get("ema"):
+                raise KeyError("it kept no weight average (ema_decay was 0 then)")
+            average.load_state_dict(state["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -137,8 +145,9 @@ def resume_run(
             stacklevel=3,
         )
     _restore(
-        parts.objective, parts.optimizer, parts.scheduler, parts.scaler, parts.loader, state, path
-    )
+        parts.objective, parts.optimizer, parts.scheduler, parts.scaler, parts.loader,
+        parts.average, state, path,
+    )  # fmt: skip
     per_rank = state.get("rng_ranks")
     rng = per_rank[rank] if per_rank and len(per_rank) == world else state["rng"]
     return Resumed(int(state["iteration"]), path, state.get("log_window"), rng)
@@ -155,6 +164,7 @@ class TrainingParts:
     loader: Any
     rank: int = 0
     world: int = 1
+    average: Any = None  # a WeightAverage of the network, or None
 
 
 class Checkpointer:
@@ -218,6 +228,7 @@ class Checkpointer:
             "rng_ranks": all_rngs,
             "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
             "log_window": log_window,
+            "ema": parts.average.state_dict() if parts.average is not None else None,
             "iteration": iteration,
             "config": self.config,
             "pins": self.pins,

@@ -21,7 +21,9 @@ class Schedule:
     read when precision is fp32. compile: torch.compile the model (its ``knet`` when it has one).
     log_every, ckpt_every: a metrics.jsonl record / a checkpoint every so many iterations and at
     the end. eval_every: ``eval_fn`` every so many iterations and at the end (0: never).
-    keep_checkpoints: how many ``iter_*.pt`` to keep, newest first (<= 0: all).
+    keep_checkpoints: how many ``iter_*.pt`` to keep, newest first (<= 0: all). ema_decay: keep
+    an exponential moving average of the weights (trainer/engine/weight_average.py), scored
+    beside the trained weights at every evaluation (0: none).
     """
 
     iters: int
@@ -33,6 +35,7 @@ class Schedule:
     keep_checkpoints: int = 0
     precision: str = "fp32"
     compile: bool = False
+    ema_decay: float = 0.0
 
     @classmethod
     def from_section(cls, section: object, **changes: Any) -> Schedule:

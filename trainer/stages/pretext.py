@@ -38,6 +38,9 @@ from trainer.stages.evaluate import evaluate, ordered_loader, val_images
 AGNOSTIC_CATEGORY = {"id": 1, "name": "object"}
 # The scores written to metrics.jsonl at each evaluation, per source.
 CURVE_KEYS = ("AP", "AP50", "AP75")
+# What each evaluation scores: the held-out fit and the learner on val, for the trained weights
+# and, with pretrain.ema_decay, for their average (the engine prefixes those "ema_").
+SOURCES = ("heldout", "val", "ema_heldout", "ema_val")
 
 
 def held_out(file_name: str, share: float, seed: int) -> bool:
@@ -187,7 +190,7 @@ def learner_and_teacher(curve: list[dict[str, Any]], teacher: dict[str, float] |
     """The summary pretext.json holds: the last and best evaluation of each source, and the
     teacher's val scores beside the learner's."""
     summary: dict[str, Any] = {"evaluations": len(curve), "teacher_val": teacher}
-    for source in ("heldout", "val"):
+    for source in SOURCES:
         rows = [r for r in curve if f"{source}_AP" in r]
         if rows:
             best = max(rows, key=lambda r: r[f"{source}_AP"])
@@ -197,8 +200,10 @@ def learner_and_teacher(curve: list[dict[str, Any]], teacher: dict[str, float] |
                 "best": {k: best[f"{source}_{k}"] for k in CURVE_KEYS},
                 "best_iteration": best["iteration"],
             }
-    if teacher and "val" in summary:
-        summary["learner_minus_teacher_val_AP"] = summary["val"]["final"]["AP"] - teacher["AP"]
+    for weights in ("", "ema_"):  # the trained weights, and their average where one was kept
+        if teacher and f"{weights}val" in summary:
+            final = summary[f"{weights}val"]["final"]["AP"]
+            summary[f"{weights}learner_minus_teacher_val_AP"] = final - teacher["AP"]
     return summary
 
 
@@ -212,18 +217,18 @@ def plot_pretext(curve: list[dict[str, Any]], teacher: dict | None, png: Path) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for source, label, colour in (
-        ("heldout", "learner vs held-out pseudo masks", "tab:blue"),
-        ("val", "learner vs val ground truth", "tab:orange"),
-    ):
+    labels = {"heldout": "learner vs held-out pseudo masks", "val": "learner vs val ground truth"}
+    colours = {"heldout": "tab:blue", "val": "tab:orange"}
+    for source in SOURCES:
         rows = [r for r in curve if f"{source}_AP" in r]
+        plain = source.removeprefix("ema_")
         if rows:
             ax.plot(
                 [r["iteration"] for r in rows],
                 [100 * r[f"{source}_AP"] for r in rows],
-                "o-",
-                color=colour,
-                label=label,
+                "o-" if source == plain else "s:",
+                color=colours[plain],
+                label=labels[plain] + (" (weight average)" if source != plain else ""),
             )
     if teacher:
         ax.axhline(

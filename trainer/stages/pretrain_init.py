@@ -33,8 +33,9 @@ def init_pins(init: str) -> dict[str, str]:
 
 
 def start_from(objective: nn.Module, init: str) -> None:
-    """Load ``init``'s model and extras into ``objective``; every tensor must fit (same model
-    settings), and a fine-tuning checkpoint (it has classes) is refused."""
+    """Load ``init``'s model (its weight average where it kept one) and extras into
+    ``objective``; every tensor must fit (same model settings), and a fine-tuning checkpoint
+    (it has classes) is refused."""
     state = load_checkpoint(init)
     if state.get("categories"):
         raise UserError(
@@ -42,7 +43,7 @@ def start_from(objective: nn.Module, init: str) -> None:
             "pre-training's"
         )
     try:
-        load_objective(objective, state, Path(init))
+        load_objective(objective, state, Path(init), averaged=True)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
