@@ -116,3 +116,23 @@ def test_pretext_summary_reports_the_average_beside_the_trained_weights():
     assert summary["ema_val"]["final"]["AP"] == 0.3
     assert summary["learner_minus_teacher_val_AP"] == pytest.approx(-0.05)
     assert summary["ema_learner_minus_teacher_val_AP"] == pytest.approx(0.05)
+
+
+def test_pretrain_scores_and_stores_the_average_and_refuses_to_drop_it_on_resume(tmp_path):
+    import json
+
+    from tests.trainer.helpers import run_cli
+    from tests.trainer.test_pretrain import _args, make_shards
+
+    shards, out = make_shards(tmp_path), tmp_path / "pretrain"
+    extra = ["--set", "pretrain.holdout=0.5", "--set", "pretrain.holdout_seed=3",
+             "--set", "pretrain.eval_every=2",
+             "--set", "data.val_json=", "--set", "pretrain.ema_decay=0.9"]  # fmt: skip
+    code, _, stderr = run_cli(*_args(shards, out, 2, *extra))
+    assert code == 0, stderr
+    (row,) = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval"]
+    assert 0 <= row["ema_heldout_AP"] <= 1 and 0 <= row["heldout_AP"] <= 1
+    assert "ema_heldout" in json.loads((out / "pretext.json").read_text())
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["ema"]["updates"] == 2
+    code, _, stderr = run_cli(*_args(shards, out, 4, "--resume", *extra[:-2]))  # average off
+    assert code != 0 and "pretrain.ema_decay" in stderr and "Traceback" not in stderr

@@ -81,12 +81,17 @@ def stage_of(state: dict[str, Any], out: Path) -> str | None:
 
 
 def check_resume(
-    stage: str, out: Path, config: dict[str, Any], knet: nn.Module | None = None
+    stage: str,
+    out: Path,
+    config: dict[str, Any],
+    knet: nn.Module | None = None,
+    latest: tuple[Path | None, dict[str, Any] | None] | None = None,
 ) -> Path | None:
     """The checkpoint a ``--resume`` of ``stage`` into ``out`` would continue from (None for a
     fresh start), after checking that it may: written by the same stage, no meaning-changing
-    setting changed, and (given ``knet``) its tensors fit the model built now."""
-    path, state = load_latest(out)
+    setting changed, and (given ``knet``) its tensors fit the model built now. ``latest``:
+    ``load_latest(out)`` when the caller already loaded it (a checkpoint is read once)."""
+    path, state = latest if latest is not None else load_latest(out)
     if path is None:
         return None
     other = stage_of(state, out)

@@ -35,6 +35,7 @@ from trainer.data.feature_cache import cache_dir, describe, frozen_inputs
 from trainer.data.loader import build_loader
 from trainer.data.shard_dataset import PseudoMaskSelection, ShardDataset
 from trainer.data.transforms import Augment
+from trainer.engine.checkpoint import load_latest
 from trainer.engine.distributed import dist_info, init_distributed, shutdown_distributed
 from trainer.engine.loop import train
 from trainer.engine.optim import fit_schedule, optimizer_from_section
@@ -227,9 +228,10 @@ def _pretrain(
     resolved = dataclasses.asdict(cfg)
     pins = {"shards_digest": shards_digest(list_shards(shards)), **init}
     if resume:  # checked before record_run, so a refused resume leaves the run's records alone
-        check_resume("pretrain", out, resolved, objective.knet)
-        check_pinned_shards(out, shards, pins["shards_digest"])
-        check_pinned_init(out, pins)
+        latest = load_latest(out)  # read once for the three checks
+        check_resume("pretrain", out, resolved, objective.knet, latest)
+        check_pinned_shards(latest, shards, pins["shards_digest"])
+        check_pinned_init(latest, pins)
     if p.init and latest_checkpoint(out) is None:  # a resume's own checkpoint holds the weights
         start_from(objective, p.init)
         built.notes.append(f"initialised from {p.init} (sha256 {pins['init_sha256'][:12]})")

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.backbones.weight_files import file_sha256
 from pipeline.cli import UserError
-from trainer.engine.checkpoint import load_checkpoint, load_latest
+from trainer.engine.checkpoint import load_checkpoint
 from trainer.engine.run_state import load_objective
 
 PIN = "init_sha256"
@@ -52,9 +52,10 @@ def start_from(objective: nn.Module, init: str) -> None:
         ) from None
 
 
-def check_pinned_init(out: Path, pins: dict[str, Any]) -> None:
-    """A resume must continue from the init its checkpoint was started from (same bytes)."""
-    path, state = load_latest(out)
+def check_pinned_init(latest: tuple[Path | None, Any], pins: dict[str, Any]) -> None:
+    """A resume must continue from the init its checkpoint was started from (same bytes).
+    ``latest``: the run's ``load_latest`` (path, state)."""
+    path, state = latest
     pinned = ((state or {}).get("pins") or {}).get(PIN)
     if path is not None and pinned != pins.get(PIN):
         raise UserError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pipeline.backbones.backbone import Backbone, weights_fingerprint
 from pipeline.cli import UserError
@@ -13,7 +14,6 @@ from pipeline.config import ConfigError, ProposalConfig, from_dict
 from pipeline.shards.folder import folder_problems
 from trainer.config import Config
 from trainer.data.shard_dataset import ShardDataset
-from trainer.engine.checkpoint import load_latest
 from trainer.stages.self_training import claimed_stage_one
 
 
@@ -85,10 +85,11 @@ def check_shard_folder(shards: Path, partial: bool) -> list[str]:
     return [f"training on an unfinished proposals folder (--partial-shards): {problems[0]}"]
 
 
-def check_pinned_shards(out: Path, shards: Path, digest: str) -> None:
+def check_pinned_shards(latest: tuple[Path | None, Any], shards: Path, digest: str) -> None:
     """A resume must read the shards the checkpoint learnt from (their digest is pinned in it):
-    shards recomputed since, with other settings or images, are refused."""
-    path, state = load_latest(out)
+    shards recomputed since, with other settings or images, are refused. ``latest``: the run's
+    ``load_latest`` (path, state)."""
+    path, state = latest
     pinned = ((state or {}).get("pins") or {}).get("shards_digest")
     if path is not None and pinned is not None and pinned != digest:
         raise UserError(
