@@ -37,11 +37,16 @@ from trainer.engine.weight_average import WeightAverage
 __all__ = ["compile_network", "train"]
 
 
+def _network(objective: nn.Module) -> nn.Module:
+    """The model inside an objective (its ``knet``), or the objective when it is the model."""
+    knet = getattr(objective, "knet", None)
+    return knet if isinstance(knet, nn.Module) else objective
+
+
 def compile_network(objective: nn.Module) -> None:
     """Compile the network in place (state-dict keys unchanged); the objective's matching and
     losses stay eager (scipy's Hungarian solver would break the graph anyway)."""
-    target = getattr(objective, "knet", None)
-    (target if isinstance(target, nn.Module) else objective).compile(dynamic=True)
+    _network(objective).compile(dynamic=True)
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -198,9 +203,7 @@ def _set_up(objective, loader, optimizer, scheduler, schedule: Schedule, out_dir
         compile_network(objective)
     average = None
     if schedule.ema_decay > 0:  # of the network only: a pre-training's extras train it alone
-        network = getattr(objective, "knet", None)
-        average = WeightAverage(network if isinstance(network, nn.Module) else objective,
-                                schedule.ema_decay)  # fmt: skip
+        average = WeightAverage(_network(objective), schedule.ema_decay)
     parts = TrainingParts(objective, optimizer, scheduler, scaler, loader, rank, world, average)
     resumed = resume_run(parts, out_dir, config, resume)
     start = resumed.start

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.engine.checkpoint import frozen_backbone
+
 
 def _averaged_names(network: nn.Module) -> list[str]:
     """State-dict names of the floating tensors that training changes: a wholly frozen backbone
     is skipped (it never moves, and copying a ViT per step would cost time for nothing)."""
-    from trainer.engine.checkpoint import frozen_backbone
-
     skip = "backbone." if frozen_backbone(network) is not None else None
     return [
         name
