@@ -19,7 +19,13 @@ from pipeline.cli import UserError
 from pipeline.config import BackboneConfig
 from tests.trainer.helpers import TINY_MODEL_SETTINGS, run_cli, train_records, write_tiny_coco
 from tests.trainer.test_pretrain import _args, make_shards
-from trainer.data.feature_cache import CachedDataset, FeatureStore, check_exact, frozen_inputs
+from trainer.data.feature_cache import (
+    ENTRY_SUFFIX,
+    CachedDataset,
+    FeatureStore,
+    check_exact,
+    frozen_inputs,
+)
 from trainer.data.frozen_features import FrozenFeatures, per_image_levels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,10 +144,15 @@ def test_sigkill_while_writing_leaves_no_entry_and_resumes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env)
     folder = tmp_path / ("e" * 16)
-    deadline = time.time() + 60
-    while not list(folder.glob(".*.tmp")) and time.time() < deadline:
+    # Wait for the entry's own temporary: the marker's ".backbone.json.<pid>.tmp" also matches
+    # ".*.tmp" but lives only microseconds, so polling for it raced (a CI run caught it, then
+    # found nothing when it looked again).
+    entry_tmp = ".*" + ENTRY_SUFFIX + ".*.tmp"
+    deadline = time.time() + 120
+    while not list(folder.glob(entry_tmp)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    assert list(folder.glob(".*.tmp")), "the writer never started"
+    assert proc.poll() is None, f"the writer exited early with code {proc.returncode}"
+    assert list(folder.glob(entry_tmp)), "the writer never started its entry"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     info = {"content": "c", "image_size": (28, 28), "flipped": False}
