@@ -180,7 +180,7 @@ def _finetune(toml: Path, iters: int, *extra: str, sets: list[str] | None = None
     )
 
 
-def test_finetune_and_evaluate_end_to_end(tiny_project):
+def test_finetune_and_evaluate_end_to_end(tiny_project, monkeypatch):
     toml, ckpt = tiny_project
     code, out, err = _finetune(toml, 3)
     assert code == 0, err
@@ -238,8 +238,20 @@ def test_finetune_and_evaluate_end_to_end(tiny_project):
     # Without --resume an existing run is refused; with it a finished run is only re-read.
     code, _, err = _finetune(toml, 3)
     assert code == 2 and "--resume" in err
+    # The resume reads the run's checkpoint twice: once for the checks, once for the engine.
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, (str, Path)) and Path(f).resolve().parent == folder:
+            reads.append(Path(f).name)
+        return real_load(f, *args, **kwargs)
+
+    folder = (run / "checkpoints").resolve()
+    monkeypatch.setattr(torch, "load", counting_load)
     code, _, err = _finetune(toml, 3, "--resume")
     assert code == 0, err
+    assert reads == ["last.pt", "last.pt"]
     again = json.loads((run / "metrics.json").read_text())
     assert again["final"] == metrics["final"]
 

@@ -38,6 +38,7 @@ from pipeline.cli import record_run
 from pipeline.precision import stage_precision
 from trainer.config import Config, load_config
 from trainer.data.feature_cache import cache_dir, describe, frozen_inputs
+from trainer.engine.checkpoint import load_latest
 from trainer.engine.resume import check_resume, refuse_existing
 from trainer.stages.coco_metrics import format_table
 from trainer.stages.finetune_eval import make_eval_fn, no_eval, summarise
@@ -93,10 +94,12 @@ def _finetune(
     out = Path(ft.out)
     rank, world = dist_info()
     say = print if rank == 0 else (lambda *a, **k: None)
+    latest = None
     if resume:
         check_init(out, init)
+        latest = load_latest(out)  # read once for both checks below
         # Settings first (frac, split, model, ...): the error then names the setting.
-        check_resume("finetune", out, dataclasses.asdict(cfg))
+        check_resume("finetune", out, dataclasses.asdict(cfg), latest=latest)
     else:
         refuse_existing(out)
     _seed_everything(ft.seed)
@@ -115,7 +118,8 @@ def _finetune(
     )
     resolved = dataclasses.asdict(cfg)
     if resume:
-        check_resume("finetune", out, resolved, knet)
+        check_resume("finetune", out, resolved, knet, latest)
+        del latest  # the engine loads what it resumes; no second copy of the weights in memory
 
     loader = build_loader(
         dataset,
