@@ -20,16 +20,15 @@ Measured in one run, on one device, with the config's batch size (ratios, never 
    (bench/flops.py), and (1) at every ``--batch-sizes`` entry and ``--threads`` count (in the
    last precision setting).
 (3)-(5) run with the config's own precision.
+Parts (3), (5) and (6) live in bench/proposals_executors.py, bench/proposals_profile.py and
+bench/precisions.py, one question per file.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import dataclasses
 import json
-import math
-import pstats
 import resource
 import subprocess
 import sys
@@ -44,13 +43,14 @@ import torch  # noqa: E402
 
 from bench.flops import step_flops  # noqa: E402
 from bench.precisions import batch_size_runs, precision_runs, thread_runs  # noqa: E402
+from bench.proposals_executors import executor_runs  # noqa: E402
+from bench.proposals_profile import plan_batches, stage_profile, sync  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.atomic_files import write_json  # noqa: E402
 from pipeline.config import load_pipeline_config  # noqa: E402
-from pipeline.executors.dispatch import run_local, run_ray  # noqa: E402
-from pipeline.executors.ray_cluster import machine_cpus, ray_init  # noqa: E402
-from pipeline.executors.work_units import shard_batches  # noqa: E402
-from pipeline.executors.worker import ProposalWorker, masks_to_rles  # noqa: E402
+from pipeline.executors.dispatch import run_local  # noqa: E402
+from pipeline.executors.ray_cluster import machine_cpus  # noqa: E402
+from pipeline.executors.worker import ProposalWorker  # noqa: E402
 from pipeline.inputs.images import (  # noqa: E402
     decode_image,
     normalise,
@@ -59,23 +59,7 @@ from pipeline.inputs.images import (  # noqa: E402
 )
 from pipeline.inputs.listing import list_images  # noqa: E402
 from pipeline.precision import autocast  # noqa: E402
-from pipeline.saliency.propose import propose  # noqa: E402
 from pipeline.shards.plan import make_plan  # noqa: E402
-from pipeline.shards.schema import ImageRecord, write_shard  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _batches(items: list, shard_size: int, batch_size: int, by_shape: bool) -> list[list]:
-    """The batches the worker forms (work_units.shard_batches) in each shard of the plan."""
-    return [
-        [s[i] for i in positions]
-        for s in make_plan(items, shard_size)
-        for positions in shard_batches(s, batch_size, by_shape)
-    ]
 
 
 def bare_backbone(worker: ProposalWorker, items: list, shard_size: int) -> dict:
@@ -89,17 +73,17 @@ def bare_backbone(worker: ProposalWorker, items: list, shard_size: int) -> dict:
         tensors[it.file_name] = normalise(img)
     batches = [
         pad_batch([tensors[it.file_name] for it in b], net.size_divisor).to(dev)
-        for b in _batches(items, shard_size, cfg.batch_size, worker.by_shape)
+        for b in plan_batches(items, shard_size, cfg.batch_size, worker.by_shape)
     ]
     with torch.inference_mode(), autocast(worker.precision, dev):
         t0 = time.perf_counter()
         worker._features(batches[0])  # warm-up (allocator, kernels; compilation when asked)
-        _sync(dev)
+        sync(dev)
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         for x in batches:
             worker._features(x)
-        _sync(dev)
+        sync(dev)
         seconds = time.perf_counter() - t0
         with step_flops() as counted:  # every batch: grouped batches differ in padding
             for x in batches:
@@ -132,65 +116,6 @@ def end_to_end(worker: ProposalWorker, items: list, shard_size: int, out: Path) 
         "images_per_s": len(items) / seconds,
         "masks_per_image": masks / max(1, len(items)),
         "failed_shards": len(failed),
-    }
-
-
-def executor_runs(cfg, items: list, out: Path, worker_counts: list[int], fingerprint: str) -> dict:
-    """(3) local, then Ray at each worker count, over the same images and plan."""
-    jobs = list(enumerate(make_plan(items, cfg.proposals.shard_size)))
-    t0 = time.perf_counter()
-    worker = ProposalWorker(cfg.backbone, cfg.proposals, out / "cmp-local")
-    start = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    failed = run_local(worker, jobs, lambda s: None)
-    work = time.perf_counter() - t0
-    del worker
-    local = {
-        "start_s": start,
-        "seconds": work,
-        "images_per_s": len(items) / work,
-        "images_per_s_with_start": len(items) / (work + start),
-        "failed_shards": len(failed),
-    }
-    t0 = time.perf_counter()
-    ray, started = ray_init()
-    init_s = time.perf_counter() - t0
-    results = {}
-    try:
-        for n in worker_counts:
-            stats: dict = {}
-            t0 = time.perf_counter()
-            failed = run_ray(
-                cfg.backbone, cfg.proposals, out / f"ray{n}", jobs, n, fingerprint,
-                lambda s: None, stats,
-            )  # fmt: skip
-            wall = time.perf_counter() - t0
-            work = wall - stats["spawn_s"]
-            results[str(n)] = {
-                "actors": stats["actors"],
-                "threads_per_actor": stats["threads"],
-                "spawn_s": stats["spawn_s"],
-                "seconds": work,
-                "images_per_s": len(items) / work,
-                "images_per_s_with_start": len(items) / (wall + init_s),
-                "failed_shards": len(failed),
-            }
-    finally:
-        if started:
-            ray.shutdown()
-    ratios = {}
-    for n, r in results.items():
-        ratios[f"ray_{n}_over_local"] = round(r["images_per_s"] / local["images_per_s"], 4)
-        ratios[f"ray_{n}_over_local_with_start"] = round(
-            r["images_per_s_with_start"] / local["images_per_s_with_start"], 4
-        )
-    return {
-        "images": len(items),
-        "shards": len(jobs),
-        "ray_init_s": init_s,
-        "local": local,
-        "ray": results,
-        "ratios": ratios,
     }
 
 
@@ -243,79 +168,7 @@ def rss_child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_rss_mb": round(mb, 1)}))
 
 
-def stage_profile(worker: ProposalWorker, items: list, out: Path) -> dict:
-    """(5) each stage alone, sequentially, as fractions of their sum; then cProfile's view."""
-    cfg, net, dev = worker.cfg, worker.backbone, worker.device
-    t = dict.fromkeys(("decode", "resize_normalise", "forward", "saliency", "rle", "write"), 0.0)
-    records = []
-    for b in _batches(items, len(items), cfg.batch_size, worker.by_shape):
-        t0 = time.perf_counter()
-        imgs = [decode_image(it.path, worker.min_side) for it in b]
-        t1 = time.perf_counter()
-        resized = [resize_keep_ratio(im, cfg.short_side, cfg.max_side)[0] for im in imgs]
-        tensors = [normalise(r) for r in resized]
-        x = pad_batch(tensors, net.size_divisor).to(dev)
-        _sync(dev)
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            feats = net.saliency_features(x)
-            _sync(dev)
-            t3 = time.perf_counter()
-            stride = net.saliency_stride
-            sizes = [r.shape[:2] for r in resized]
-            valid = [(math.ceil(h / stride), math.ceil(w / stride)) for h, w in sizes]
-            props = propose(feats, valid, sizes, [im.shape[:2] for im in imgs], float(stride), cfg)
-            _sync(dev)
-        t4 = time.perf_counter()
-        rles = [masks_to_rles(p.masks.cpu().numpy()) for p in props]
-        t5 = time.perf_counter()
-        for it, im, p, r in zip(b, imgs, props, rles):
-            records.append(
-                ImageRecord(
-                    it.file_name,
-                    it.image_id,
-                    im.shape[0],
-                    im.shape[1],
-                    0 if r else 1,
-                    rles=r,
-                    boxes=p.boxes.cpu().numpy(),
-                    scores=p.scores.cpu().numpy(),
-                    seeds=p.seeds.cpu().numpy().astype("float16"),
-                    seed_pos=p.seed_pos.cpu().numpy().astype("int16"),
-                )
-            )
-        for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            t[k] += v
-    t0 = time.perf_counter()
-    write_shard(out / "profile" / "shard-00000.h5", records, worker.meta)
-    t["write"] = time.perf_counter() - t0
-    total = sum(t.values())
-    stages = {k: round(v / total, 4) for k, v in t.items()}
-
-    worker.out_dir = out / "cprofile"
-    prof = cProfile.Profile()
-    prof.enable()
-    worker.process_shard(0, items)
-    prof.disable()
-    st = pstats.Stats(prof)
-    whole = max(v[3] for v in st.stats.values())  # the outermost cumulative time
-    top = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]
-    entries = [
-        {
-            "function": f"{Path(f).name}:{line}({fn})",
-            "self_fraction": round(v[2] / whole, 4),
-            "cumulative_fraction": round(v[3] / whole, 4),
-        }
-        for (f, line, fn), v in top
-    ]
-    return {
-        "stage_seconds": {k: round(v, 4) for k, v in t.items()},
-        "stage_fractions": stages,
-        "cprofile_top_self": entries,
-    }
-
-
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -334,29 +187,16 @@ def main() -> int:
     p.add_argument("--note", default="", help="how the machine was shared, for the record")
     p.add_argument("--out", default="bench/results/proposals.json")
     p.add_argument("--_rss-child", dest="rss_child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.rss_child:
-        rss_child(args)
-        return 0
+    return p.parse_args()
 
-    cfg, _ = load_pipeline_config(args.config, args.overrides)
-    images = args.images or cfg.data.train_images
-    if not Path(images).is_dir():
-        print(f"bench: demo images not found at {images}; run `make data` first", file=sys.stderr)
-        return 2
-    try:
-        items = list_images(images)
-    except cli.UserError as e:
-        print(f"bench: {e}; run `make data` first", file=sys.stderr)
-        return 2
+
+def _measure(args: argparse.Namespace, cfg, images: str, items: list) -> dict:
+    """Parts (1)-(6) in order, into one report (the machine's description first)."""
     mem_sizes = [int(s) for s in args.mem_sizes.split(",") if s]
-    ray_workers = [int(s) for s in args.ray_workers.split(",") if s]
     bench_items = items[: args.num_images]
     shard_size = cfg.proposals.shard_size
-
     worker = ProposalWorker(cfg.backbone, cfg.proposals, "unused")
-    device = str(worker.device)
-    cuda = device.startswith("cuda")
+    cuda = str(worker.device).startswith("cuda")
     report = {
         "device": torch.cuda.get_device_name(worker.device) if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
@@ -378,6 +218,7 @@ def main() -> int:
         del worker
         if not args.no_ray:
             cmp_items = items[: args.compare_images]
+            ray_workers = [int(s) for s in args.ray_workers.split(",") if s]
             report["executors"] = executor_runs(cfg, cmp_items, out, ray_workers, fingerprint)
         report["peak_rss_mb"] = peak_rss(args, images, mem_sizes, out)
         settings = [s for s in args.precisions.split(",") if s]
@@ -393,7 +234,11 @@ def main() -> int:
         if args.threads:
             counts = [int(s) for s in args.threads.split(",")]
             report["threads"] = thread_runs(cfg, bench_items, settings[-1], counts, bare_backbone)
+    report["ratios"] = _ratios(report, mem_sizes)
+    return report
 
+
+def _ratios(report: dict, mem_sizes: list[int]) -> dict:
     bare = report["bare_backbone"]["images_per_s"]
     e2e = report["end_to_end_local"]["images_per_s"]
     ratios = {"end_to_end_over_bare": round(e2e / bare, 4)}
@@ -404,9 +249,13 @@ def main() -> int:
         ratios[f"rss_{mem_sizes[-1]}_over_{mem_sizes[0]}"] = round(
             rss[str(mem_sizes[-1])] / rss[str(mem_sizes[0])], 4
         )
-    report["ratios"] = ratios
+    return ratios
 
-    dest = write_json(args.out, report)
+
+def _print_summary(report: dict, batch_size: int, dest: Path) -> None:
+    bare = report["bare_backbone"]["images_per_s"]
+    e2e = report["end_to_end_local"]["images_per_s"]
+    ratios, rss = report["ratios"], report["peak_rss_mb"]
     fr = report["profile"]["stage_fractions"]
     top = max(fr, key=fr.get)
     ray_txt = ""
@@ -421,7 +270,7 @@ def main() -> int:
             )
         )
     print(
-        f"bench proposals on {report['device']} (batch {cfg.proposals.batch_size}, "
+        f"bench proposals on {report['device']} (batch {batch_size}, "
         f"{report['torch_threads']} threads): bare backbone {bare:.2f} img/s, end-to-end "
         f"{e2e:.2f} img/s (x{ratios['end_to_end_over_bare']:.2f}){ray_txt}; peak RSS "
         + ", ".join(f"{k} img {v:.0f} MB" for k, v in rss.items())
@@ -438,6 +287,25 @@ def main() -> int:
         print(f"  threads: {report['threads']}")
     if "batch_sizes" in report:
         print(f"  batch sizes: {report['batch_sizes']}")
+
+
+def main() -> int:
+    args = _arguments()
+    if args.rss_child:
+        rss_child(args)
+        return 0
+    cfg, _ = load_pipeline_config(args.config, args.overrides)
+    images = args.images or cfg.data.train_images
+    if not Path(images).is_dir():
+        print(f"bench: demo images not found at {images}; run `make data` first", file=sys.stderr)
+        return 2
+    try:
+        items = list_images(images)
+    except cli.UserError as e:
+        print(f"bench: {e}; run `make data` first", file=sys.stderr)
+        return 2
+    report = _measure(args, cfg, images, items)
+    _print_summary(report, cfg.proposals.batch_size, write_json(args.out, report))
     return 0
 
 
