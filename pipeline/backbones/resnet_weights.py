@@ -2,8 +2,7 @@
 
 The checkpoint's container (``state_dict``, ``teacher``...) and key prefix (``backbone.``,
 ``module.encoder_q.``...) are found by ``pipeline.backbones.weight_files.best_match``; what is left
-over
-(projection heads, prototypes, momentum encoders, classifiers) is reported as ignored.
+over (projection heads, prototypes, momentum encoders, classifiers) is reported as ignored.
 """
 
 from __future__ import annotations

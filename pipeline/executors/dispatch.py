@@ -2,13 +2,11 @@
 
 ``local`` runs one worker in this process, shard after shard. ``ray`` runs actors as
 ``pipeline.executors.ray_cluster.plan_actors`` sizes them (one per GPU, else CPU actors sharing the
-cores)
-and balances the work: shards are cut into batches (``pipeline.executors.work_units``) that any
-free actor
-takes, two in flight per actor so decoding overlaps the backbone; once no batch is left, an idle
-actor takes a copy of a batch still running elsewhere, and the first answer wins, so a slow actor
-does not hold the run's tail. The driver writes each shard when all its batches are in. A failed
-batch is retried (also when its actor died) before its shard is recorded as failed. Both
+cores) and balances the work: shards are cut into batches (``pipeline.executors.work_units``) that
+any free actor takes, two in flight per actor so decoding overlaps the backbone; once no batch is
+left, an idle actor takes a copy of a batch still running elsewhere, and the first answer wins, so a
+slow actor does not hold the run's tail. The driver writes each shard when all its batches are in. A
+failed batch is retried (also when its actor died) before its shard is recorded as failed. Both
 executors write identical shards.
 """
 

@@ -3,13 +3,13 @@
     python -m pipeline proposals [--images DIR|COCO_JSON] [--image-root DIR] [--out DIR]
                                  [--limit N] [--executor ray|local] [--workers N] [--overwrite]
 
-The sorted image list is cut into shards by a deterministic plan (shard i holds images
-[i * shard_size, (i + 1) * shard_size)). Each shard is computed by a :class:`ProposalWorker`
-(decode and resize in a prefetching thread pool, backbone forward, docs/method.md steps 2-8 in
+The sorted image list is cut into shards by a deterministic plan (shard i holds images [i *
+shard_size, (i + 1) * shard_size)). Each shard is computed by a :class:`ProposalWorker` (decode and
+resize in a prefetching thread pool, backbone forward, docs/method.md steps 2-8 in
 ``pipeline.saliency.propose.propose``, compressed RLE) and written atomically. A re-run skips every
-shard
-already on disk with the same fingerprint (backbone weights + result-changing settings + schema
-version) and the same images, so a killed run resumes where it stopped and recomputes nothing.
+shard already on disk with the same fingerprint (backbone weights + result-changing settings +
+schema version) and the same images, so a killed run resumes where it stopped and recomputes
+nothing.
 
 The pieces live in their own modules: the plan and fingerprint in ``pipeline.shards.plan``, the
 worker in ``pipeline.executors.worker``, the ``local`` and ``ray`` executors in

@@ -1,9 +1,9 @@
 """The per-shard proposal worker: a shard's images -> backbone -> saliency proposals -> shard file.
 
-Each shard is computed by a :class:`ProposalWorker`: decode and resize in a prefetching thread
-pool, frozen backbone forward, docs/method.md steps 2-8 in ``pipeline.saliency.propose.propose``,
-compressed
-RLE, written atomically. The executors (``pipeline.executors.dispatch``) decide where workers run.
+Each shard is computed by a :class:`ProposalWorker`: decode and resize in a prefetching thread pool,
+frozen backbone forward, docs/method.md steps 2-8 in ``pipeline.saliency.propose.propose``,
+compressed RLE, written atomically. The executors (``pipeline.executors.dispatch``) decide where
+workers run.
 """
 
 from __future__ import annotations

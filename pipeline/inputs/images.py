@@ -1,13 +1,12 @@
 """Stage-one image input: list an image source, decode robustly, resize, normalise, batch.
 
-A source is either a folder (searched recursively for common image extensions) or a COCO JSON
-file plus the folder its ``file_name`` entries are relative to; labels in the JSON are ignored,
-COCO ids are kept. Decoding goes through OpenCV (``cv2.imdecode`` on the file's bytes) and always
-returns an ``(H, W, 3)`` uint8 RGB array in the image's upright (EXIF-corrected) orientation, or
-raises :class:`UnreadableImage` whose message is the reason, so the proposals driver can record
-the file as unreadable and carry on. Files are untrusted: ``pipeline.inputs.image_files`` bounds
-what
-one may cost (regular files only, a size cap, a pixel limit read from the header) before decoding.
+A source is either a folder (searched recursively for common image extensions) or a COCO JSON file
+plus the folder its ``file_name`` entries are relative to; labels in the JSON are ignored, COCO ids
+are kept. Decoding goes through OpenCV (``cv2.imdecode`` on the file's bytes) and always returns an
+``(H, W, 3)`` uint8 RGB array in the image's upright (EXIF-corrected) orientation, or raises
+:class:`UnreadableImage` whose message is the reason, so the proposals driver can record the file as
+unreadable and carry on. Files are untrusted: ``pipeline.inputs.image_files`` bounds what one may
+cost (regular files only, a size cap, a pixel limit read from the header) before decoding.
 """
 
 from __future__ import annotations

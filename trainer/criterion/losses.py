@@ -12,9 +12,8 @@ Losses (weights in ``LOSS_WEIGHTS``, the one place they live):
 Targets: each mask area-downsampled from the padded input frame to the mask grid, used as a soft
 target. Normalisers are per process (not all-reduced across DDP ranks).
 
-``form`` "knet" (``model.criterion_form``) gives the matcher K-Net's linear mask cost and V-Net
-Dice cost, and the Dice loss the V-Net form (trainer/criterion/matcher.py); the mask loss is BCE in
-both.
+``form`` "knet" (``model.criterion_form``) gives the matcher K-Net's linear mask cost and V-Net Dice
+cost, and the Dice loss the V-Net form (trainer/criterion/matcher.py); the mask loss is BCE in both.
 ``drop_loss_iou`` > 0 applies CutLER's DropLoss to the update stages' class losses
 (trainer/criterion/drop_loss.py).
 """

@@ -31,9 +31,8 @@ is not a setting, so a compare's finished runs copied into ``frac-<f>/`` are reu
 ``cp -r runs/demo/compare-0.1/*-seed* runs/demo/efficiency/frac-0.1/`` (same budget only).
 
 Writes into the efficiency folder (trainer/experiments/efficiency_report.py): results.json (per
-fraction,
-init and seed: AP, AP50, labelled images, run folder; per fraction and init: mean ± sd; paired
-SP - baseline and SP - reference per seed with mean ± sd), results.md (one table: a row per
+fraction, init and seed: AP, AP50, labelled images, run folder; per fraction and init: mean ± sd;
+paired SP - baseline and SP - reference per seed with mean ± sd), results.md (one table: a row per
 fraction) and efficiency.png (mask AP against labelled images, log x, sd over seeds as bars).
 """
 

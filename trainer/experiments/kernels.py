@@ -11,12 +11,10 @@ checkpoints alike; the model runs as at test time (no prompts, no targets), one 
 The common canvas. Images differ in size and aspect ratio, so every map is brought to one square
 canvas of ``--canvas`` (64) cells in normalised image coordinates, the way evaluation brings masks
 to the image (trainer/stages/evaluate.py): sigmoid on the mask grid, bilinear up-sampling to the
-padded
-input size, crop of the resized image (top-left; the padding is dropped), bilinear resize of that
-crop to canvas x canvas (align_corners=False). Canvas cell (row i, column j) covers
-y in [i/64, (i+1)/64) and x in [j/64, (j+1)/64) of the image's height and width, so a wide and a
-tall image are both stretched to the square: positions and relative extents are comparable,
-aspect ratios are not.
+padded input size, crop of the resized image (top-left; the padding is dropped), bilinear resize of
+that crop to canvas x canvas (align_corners=False). Canvas cell (row i, column j) covers y in [i/64,
+(i+1)/64) and x in [j/64, (j+1)/64) of the image's height and width, so a wide and a tall image are
+both stretched to the square: positions and relative extents are comparable, aspect ratios are not.
 
 A kernel's mask on an image is confident when its canvas map's maximum is > ``--threshold`` (0.5);
 its centre is the mean (x, y) of the canvas cells > threshold (cell centres, in [0, 1]).

@@ -4,14 +4,13 @@
                                [--split-file FILE] [--split-fold K] [--tag NAME]
 
 Chooses the low-data split (trainer/data/splits.py) and writes it into the run folder, builds a
-plain
-K-Net with the dataset's classes (no prompts, no kernel supervision), initialises it from a
+plain K-Net with the dataset's classes (no prompts, no kernel supervision), initialises it from a
 pre-training checkpoint (default runs/<name>/pretrain/checkpoints/last.pt; every tensor but the
-class layers, and says which were skipped) or, with ``--init none``, from the backbone weights
-alone with fresh heads (the baseline). Backbone: stem and stages up to finetune.frozen_stages
-frozen, BatchNorm statistics frozen, learning rate x finetune.backbone_lr_mult. Trains with the
-shared engine, evaluating mask AP on the validation set every finetune.eval_every iterations and
-at the end.
+class layers, and says which were skipped) or, with ``--init none``, from the backbone weights alone
+with fresh heads (the baseline). Backbone: stem and stages up to finetune.frozen_stages frozen,
+BatchNorm statistics frozen, learning rate x finetune.backbone_lr_mult. Trains with the shared
+engine, evaluating mask AP on the validation set every finetune.eval_every iterations and at the
+end.
 
 Writes runs/<name>/finetune-<frac>[-<tag>]/: config.toml, version.json, split.json (the chosen
 images with all their annotations), metrics.jsonl (training and "eval" records), ap_curve.json

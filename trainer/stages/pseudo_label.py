@@ -11,8 +11,7 @@ round's), shard by shard in the same order, and keeps each image's masks scoring
 ``--score-threshold``: mask NMS at ``--nms`` IoU (0: off), then at most ``--max-masks``. Each kept
 mask gets the model's detection score, its box, and a seed embedding S_l with its position from
 the frozen backbone's stage-one feature map (trainer/stages/mask_seeds.py: the L2-normalised mean
-of the
-cell seeds under the mask, and the cell most similar to it). Images where nothing passes are
+of the cell seeds under the mask, and the cell most similar to it). Images where nothing passes are
 recorded empty with the reason ``score: ...``; unreadable images as unreadable. ``--merge``
 keeps SRC's masks beside the predictions, CutLER's merge (trainer/stages/pseudo_merge.py).
 
