@@ -241,13 +241,13 @@ def test_finetune_and_evaluate_end_to_end(tiny_project, monkeypatch):
     # The resume reads the run's checkpoint twice: once for the checks, once for the engine.
     reads = []
     real_load = torch.load
+    folder = (run / "checkpoints").resolve()
 
     def counting_load(f, *args, **kwargs):
         if isinstance(f, (str, Path)) and Path(f).resolve().parent == folder:
             reads.append(Path(f).name)
         return real_load(f, *args, **kwargs)
 
-    folder = (run / "checkpoints").resolve()
     monkeypatch.setattr(torch, "load", counting_load)
     code, _, err = _finetune(toml, 3, "--resume")
     assert code == 0, err
