@@ -47,6 +47,7 @@ pretrain: $(STAMP)
 # The pre-training behind the headline table (r6-long in docs/results.md): four times the demo's
 # schedule, lr steps scaled with it, into $(RUN)/pretrain-long (44 min on 2 AVX-512 cores in fp32, 55 on
 # 2 AVX2 cores). Then: make efficiency ARGS="--init $(RUN)/pretrain-long/checkpoints/last.pt --reference maskrcnn"
+# (add --iters 500 for the headline's budget; the config's are the baseline's choice, 1,000).
 pretrain-long: $(STAMP)
 	$(PY) -m trainer pretrain --config $(CONFIG) --set pretrain.iters=4000 \
 		--set 'pretrain.lr_steps=[3200,3800]' --set pretrain.eval_every=500 \

@@ -117,7 +117,9 @@ def test_budgets_per_fraction():
     assert budgets(cfg, [0.1], 7) == {0.1: 7}
     with pytest.raises(UserError, match="no budget for fraction 0.2"):
         budgets(cfg, [0.1, 0.2], None)
-    assert budgets(load_config(DEMO), [0.05, 0.2], None) == {0.05: 500, 0.2: 500}
+    # Without per-fraction budgets every fraction gets finetune.iters.
+    no_budgets = load_config(DEMO, ["efficiency.iters=[]"])
+    assert budgets(no_budgets, [0.05, 0.2], None) == {0.05: 500, 0.2: 500}
     assert parse_fracs(None, cfg.efficiency.fracs) == [0.05, 0.1]
     # The config section is checked when loaded, naming the key.
     code, _, err = run_cli("efficiency", "--config", str(DEMO), "--set", "efficiency.iters=[1]")
